@@ -1,0 +1,76 @@
+"""Softmax-GradCAM on the last CLIP ViT block: every class of every image in one backward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .vit import attention
+
+__all__ = ["CamPairs", "minmax_normalize", "image_features", "softmax_gradcam"]
+
+
+@dataclass(frozen=True)
+class CamPairs:
+    """Which (image, class) pairs to explain.
+
+    ``image[p]`` is the batch index of pair ``p`` and ``target[p]`` the column of its class in that
+    image's text set; ``text`` is (B, K, E) with each image's present classes first, then the
+    background prompts, and ``valid`` (B, K) masks the padding of images with fewer classes.
+    """
+
+    image: Tensor
+    target: Tensor
+    text: Tensor
+    valid: Tensor
+
+
+def minmax_normalize(x: Tensor, eps: float = 1e-7) -> Tensor:
+    """Per-map ``x - min`` then ``/ (max + eps)`` over all but the first dimension."""
+    flat = x.flatten(1)
+    flat = flat - flat.min(dim=1, keepdim=True).values
+    flat = flat / (flat.max(dim=1, keepdim=True).values + eps)
+    return flat.view_as(x)
+
+
+def image_features(visual: nn.Module, tokens: Tensor) -> Tensor:
+    """CLIP-ES image embedding: mean of the patch tokens (not CLS) after ``ln_post``, projected, unit norm."""
+    x = visual.ln_post(tokens)[:, 1:].mean(dim=1)
+    if visual.proj is not None:
+        x = x @ visual.proj
+    return F.normalize(x, dim=-1)
+
+
+def softmax_gradcam(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_scale: float,
+                    grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax-GradCAM for every pair, from the tokens entering the last block.
+
+    The target of a pair is its class's softmax probability over [present classes] + [background
+    prompts]; the CAM weights are its gradient with respect to the last block's ``ln_1`` output,
+    averaged over the patch tokens. Each pair runs the last block on its own copy of the tokens, so
+    one backward of the summed targets yields every pair's own gradient.
+
+    Returns the CAMs (P, h, w), normalised twice as the reference does, the probabilities (P, K)
+    and the last block's head-averaged attention (P, n + 1, n + 1).
+    """
+    block = visual.transformer.resblocks[-1]
+    x = tokens[pairs.image]
+    with torch.enable_grad():
+        a = block.ln_1(x).detach().requires_grad_(True)
+        out, last_attn = attention(block.attn, a, need_weights=True)
+        y = x + block.ls_1(out)
+        y = y + block.ls_2(block.mlp(block.ln_2(y)))
+        feats = image_features(visual, y)
+        text = pairs.text[pairs.image].to(feats.dtype)
+        logits = logit_scale * torch.einsum("pe,pke->pk", feats, text)
+        logits = logits.float().masked_fill(~pairs.valid[pairs.image], float("-inf"))
+        probs = logits.softmax(dim=-1)
+        target = probs.gather(1, pairs.target[:, None]).sum()
+        (grad,) = torch.autograd.grad(target, a)
+    weights = grad[:, 1:].float().mean(dim=1)
+    cam = torch.relu((a.detach()[:, 1:].float() * weights[:, None, :]).sum(dim=-1))
+    cam = minmax_normalize(minmax_normalize(cam))
+    return cam.view(-1, *grid), probs.detach(), last_attn.detach()

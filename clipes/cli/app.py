@@ -1,0 +1,74 @@
+"""``clipes``: CLIP-ES pseudo labels from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import ClipesError
+from ..model import MODEL_ENV
+from ..run import LabelConfig, label_folder
+
+app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _root() -> None:
+    """CLIP-ES pseudo segmentation labels from image-level labels (or none)."""
+
+
+@app.command()
+def label(
+    images: Annotated[Path, typer.Argument(help="Folder of images (searched recursively); never written to.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("clipes_out"),
+    classes: Annotated[str, typer.Option(help="Class set: voc, coco, or a YAML / text file.")] = "voc",
+    labels: Annotated[Optional[Path], typer.Option(
+        help="Image-level labels: JSON map, 'stem class ...' text, VOC Annotations/ folder or COCO "
+             "instances JSON. Without it, labels are inferred zero-shot.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
+                               "[default: ViT-B-16/openai].")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option(help="float32 (default), bfloat16 or float16.")] = None,
+    bg_power: Annotated[float, typer.Option(help="t in the background score (1 - max cam)^t.")] = 1.0,
+    box_threshold: Annotated[Optional[float], typer.Option(
+        help="CAA box threshold [default: the class set's, 0.4 VOC, 0.7 COCO].")] = None,
+    zero_shot_threshold: Annotated[float, typer.Option(
+        help="Without --labels: softmax score a class needs to count as present.")] = 0.1,
+    max_side: Annotated[int, typer.Option(
+        help="Larger images are scaled down to this longer side for the network (masks keep the "
+             "original size); 0 disables.")] = 1024,
+    ignore_exif: Annotated[bool, typer.Option(
+        "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation.")] = False,
+    save_cams: Annotated[bool, typer.Option("--save-cams", help="Also write cams/<stem>.npz.")] = False,
+    overlays: Annotated[bool, typer.Option("--overlays", help="Also write overlays/<stem>.jpg.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already labelled.")] = False,
+) -> None:
+    """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
+    console = Console(stderr=True)
+    cfg = LabelConfig(images=images, out=out, classes=classes, labels=labels, model=model, device=device,
+                      dtype=dtype, bg_power=bg_power, box_threshold=box_threshold,
+                      zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
+                      exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
+                      overwrite=overwrite)
+    try:
+        summary = label_folder(cfg, console)
+    except ClipesError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"labelled {summary.labelled} image(s) in {summary.seconds:.1f}s "
+                  f"({summary.images_per_second:.2f} img/s), {summary.skipped} already done, "
+                  f"{len(summary.failed)} unreadable -> {out}", highlight=False)
+    if summary.unlabelled:
+        console.print(f"[yellow]{len(summary.unlabelled)} image(s) have no entry in {labels}[/]: "
+                      + ", ".join(summary.unlabelled[:5]) + (" ..." if len(summary.unlabelled) > 5 else ""))
+    for path, why in summary.failed:
+        console.print(f"[yellow]unreadable[/] {why}", highlight=False)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,88 @@
+"""Reading images of any PIL mode and preparing them the way CLIP-ES does."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from .errors import ClipesError
+
+__all__ = ["ImageError", "IMAGE_SUFFIXES", "CLIP_MEAN", "CLIP_STD", "read_image", "to_rgb_or_gray",
+           "input_size", "preprocess"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(ClipesError):
+    """An image cannot be read or used; the message names the file."""
+
+
+def to_rgb_or_gray(img: Image.Image) -> Image.Image:
+    """Bring any PIL mode to 'RGB' or 'L' so that resizing then converting to RGB is well defined.
+
+    RGB and L pass untouched (the reference path). High bit-depth gray is scaled to 8 bits rather
+    than clipped; palette, alpha, CMYK and other modes are converted to RGB (alpha dropped).
+    """
+    if img.mode in ("RGB", "L"):
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode in ("I", "F") and (arr.min(initial=0) < 0 or arr.max(initial=0) > 65535):
+            lo, hi = arr.min(), arr.max()
+            arr, top = arr - lo, max(hi - lo, 1e-12)
+        return Image.fromarray(np.clip(np.rint(arr / top * 255), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("1", "LA"):
+        return img.convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def read_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
+    """Open and decode an image fully; an ``ImageError`` naming the file if that fails."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                if exif_transpose:
+                    img = ImageOps.exif_transpose(img)
+                img = to_rgb_or_gray(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: image too large to decode safely ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from e
+    if min(img.size) < 1:
+        raise ImageError(f"{path}: image has no pixels")
+    return img
+
+
+def input_size(height: int, width: int, patch: int, max_side: int | None = None) -> tuple[int, int]:
+    """Network input size: each side rounded up to a multiple of ``patch`` (after an optional cap)."""
+    scale = 1.0
+    if max_side and max(height, width) > max_side:
+        scale = max_side / max(height, width)
+    return (math.ceil(height * scale / patch) * patch, math.ceil(width * scale / patch) * patch)
+
+
+def preprocess(img: Image.Image, patch: int = 16, max_side: int | None = None) -> Tensor:
+    """PIL image -> normalised (3, H', W') float tensor, H' and W' multiples of ``patch``.
+
+    As the reference: bicubic resize of the PIL image, then RGB conversion, then CLIP's mean/std.
+    """
+    h, w = input_size(img.height, img.width, patch, max_side)
+    img = img.resize((w, h), Image.Resampling.BICUBIC).convert("RGB")
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std

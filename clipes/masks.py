@@ -1,0 +1,51 @@
+"""Pseudo masks from refined CAMs, VOC palette PNGs and overlays."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+__all__ = ["IGNORE", "pseudo_mask", "voc_palette", "mask_to_png", "overlay"]
+
+IGNORE = 255
+
+
+def pseudo_mask(cams: Tensor, labels: Tensor, bg_power: float = 1.0) -> Tensor:
+    """argmax over [(1 - max_k cam_k) ** t, cams]: 0 = background, ``labels[k] + 1`` for class map k."""
+    if cams.shape[0] == 0:
+        return torch.zeros(cams.shape[1:], dtype=torch.uint8, device=cams.device)
+    bg = (1 - cams.max(dim=0, keepdim=True).values).pow(bg_power)
+    index = torch.cat([bg, cams], dim=0).argmax(dim=0)
+    keys = torch.cat([labels.new_zeros(1), labels + 1]).to(cams.device)
+    return keys[index].to(torch.uint8)
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (bit-interleaved RGB), (n, 3) uint8; index 255 stays (224, 224, 192)."""
+    pal = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal[i] = (r, g, b)
+    return pal
+
+
+def mask_to_png(mask: np.ndarray) -> Image.Image:
+    """A (H, W) uint8 label map as a palette ('P') image with the VOC colours."""
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    img.putpalette(voc_palette().ravel().tolist())
+    return img
+
+
+def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """The image with the mask's VOC colours blended over labelled pixels (background left clear)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colours = voc_palette()[mask].astype(np.float32)
+    blend = np.where((mask > 0)[..., None], (1 - alpha) * rgb + alpha * colours, rgb)
+    return Image.fromarray(blend.round().astype(np.uint8), "RGB")

@@ -1,0 +1,205 @@
+"""Loading a frozen CLIP model: open_clip names, local checkpoints and Hugging Face hub ids."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from torch import nn
+
+from .errors import ClipesError
+
+__all__ = ["ClipModel", "ModelLoadError", "DEFAULT_MODEL", "MODEL_ENV", "load_clip", "resolve_device"]
+
+DEFAULT_MODEL = "ViT-B-16/openai"
+MODEL_ENV = "CLIPES_MODEL"
+_HOW_TO = (f"Pass --model with a local checkpoint (e.g. --model ~/weights/ViT-B-16.pt, an OpenAI or "
+           f"open_clip state dict, or ARCH:PATH such as ViT-B-16:/path/open_clip_model.safetensors), "
+           f"or set {MODEL_ENV} to one; or pre-download '{{name}}' into the Hugging Face cache "
+           f"(HF_HOME) on a machine with internet access.")
+
+
+class ModelLoadError(ClipesError):
+    """The requested CLIP weights cannot be found, downloaded or understood."""
+
+
+@dataclass
+class ClipModel:
+    """A frozen open_clip CLIP model with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    spec: str
+    arch: str
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.visual.conv1.kernel_size[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.visual.conv1.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.visual.conv1.weight.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error, not a silent fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from an OpenAI JIT archive or a (possibly wrapped) torch/safetensors file."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as load_error:  # noqa: BLE001 - maybe an OpenAI TorchScript archive
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            except Exception:  # noqa: BLE001 - report the plain load's error, the likelier format
+                raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({load_error})") from load_error
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _from_openai_state_dict(state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Build the architecture from the tensors' shapes (OpenAI layout, also open_clip's for ViTs)."""
+    if "visual.proj" not in state or "visual.conv1.weight" not in state:
+        raise ModelLoadError(
+            f"{path}: cannot infer a CLIP ViT from this state dict (no visual.proj / visual.conv1). "
+            "For other open_clip architectures pass --model ARCH:PATH, e.g. ViT-B-16:/path/to/ckpt.pt")
+    state = {k: v.float() for k, v in state.items()}
+    try:
+        model = open_clip.model.build_model_from_openai_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise ModelLoadError(f"{path}: state dict does not match the inferred CLIP layout ({e})") from e
+    return model.float()
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers at all (avoids minutes of download retries offline)."""
+    if _hub_offline():
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_pretrained(arch: str, tag: str) -> str | None:
+    """Local path of open_clip pretrained weights already in the Hugging Face cache, if any."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    hub = cfg.get("hf_hub", "")
+    if not hub:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    sub = hub.strip("/").split("/", 2)
+    repo = "/".join(sub[:2])
+    names = [sub[2]] if len(sub) > 2 and sub[2] else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    for name in names:
+        hit = try_to_load_from_cache(repo, name)
+        if isinstance(hit, str):
+            return hit
+    return None
+
+
+def _create_named(arch: str, tag: str | None) -> nn.Module:
+    if arch not in open_clip.list_models() and not arch.startswith("hf-hub:"):
+        raise ModelLoadError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    if tag is None:
+        return open_clip.create_model(arch)
+    if open_clip.get_pretrained_cfg(arch, tag) == {} and not Path(tag).expanduser().is_file():
+        tags = [t for a, t in open_clip.list_pretrained() if a == arch]
+        raise ModelLoadError(f"unknown pretrained tag {tag!r} for {arch}; known: {', '.join(tags)}")
+    if Path(tag).expanduser().is_file():
+        return open_clip.create_model(arch, pretrained=str(Path(tag).expanduser()))
+    cached = _cached_pretrained(arch, tag)
+    quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
+    if cached:
+        return open_clip.create_model(arch, pretrained=cached, force_quick_gelu=quick_gelu)
+    if not _hub_reachable():
+        raise ModelLoadError(f"weights for {arch}/{tag} are not cached and cannot be downloaded "
+                             "(no network). " + _HOW_TO.format(name=f"{arch}/{tag}"))
+    return open_clip.create_model(arch, pretrained=tag)
+
+
+def _tokenizer_for(arch: str) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for a named architecture; CLIP's BPE tokenizer for OpenAI-layout checkpoints."""
+    if arch.startswith("hf-hub:") or arch in open_clip.list_models():
+        return open_clip.get_tokenizer(arch)
+    return open_clip.tokenize
+
+
+def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> ClipModel:
+    """Load frozen CLIP weights from ``spec``.
+
+    ``spec`` is one of: ``ARCH/TAG`` (open_clip name and pretrained tag, e.g. ``ViT-B-16/openai``),
+    ``ARCH`` alone (random weights, for tests and benchmarks), ``hf-hub:org/repo``, a path to an
+    OpenAI-format or open_clip checkpoint (architecture inferred), or ``ARCH:PATH``.
+    ``None`` reads ``$CLIPES_MODEL`` and falls back to ``ViT-B-16/openai``.
+    """
+    spec = spec or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    arch_name, sep, arch_path = spec.partition(":")
+    try:
+        if path.is_file():
+            model, arch = _from_openai_state_dict(_read_checkpoint(path), path), "openai-state-dict"
+        elif sep and not spec.startswith("hf-hub:") and arch_name in open_clip.list_models():
+            ckpt = Path(arch_path).expanduser()
+            if not ckpt.is_file():
+                raise ModelLoadError(f"checkpoint file not found: {ckpt}. " + _HOW_TO.format(name=arch_name))
+            model, arch = open_clip.create_model(arch_name, pretrained=str(ckpt)), arch_name
+        elif spec.startswith("hf-hub:"):
+            if not _hub_offline() and not _hub_reachable():
+                raise ModelLoadError(f"cannot reach the Hugging Face hub to fetch {spec}; set HF_HUB_OFFLINE=1 "
+                                     "to use a cached copy. " + _HOW_TO.format(name=spec))
+            model, arch = open_clip.create_model(spec), spec
+        elif spec.startswith(("/", "./", "~", "..")) or spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise ModelLoadError(f"checkpoint file not found: {path}. " + _HOW_TO.format(name=DEFAULT_MODEL))
+        else:
+            arch, _, tag = spec.partition("/")
+            model = _create_named(arch, tag or None)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - open_clip/hub raise many types; one clear message instead
+        raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + _HOW_TO.format(name=spec)) from e
+    if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
+        raise ModelLoadError(f"{spec!r} is not a CLIP ViT (clipes needs a vision transformer)")
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return ClipModel(model=model, tokenizer=_tokenizer_for(arch), spec=spec, arch=arch)

@@ -1,0 +1,120 @@
+"""The output folder of a labelling run: atomic writes, a manifest, and resuming where a run stopped."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import ClipesError
+from .labeler import LabelResult
+from .masks import mask_to_png, overlay
+
+__all__ = ["OutputError", "atomic_write", "RunOutput"]
+
+
+class OutputError(ClipesError):
+    """The output folder cannot be used as asked."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class RunOutput:
+    """``masks/``, ``cams/``, ``overlays/``, ``labels.json`` and ``manifest.json`` under one folder.
+
+    The manifest records the settings that shape the masks; reusing a folder with other settings
+    is refused unless ``overwrite``, so results of different runs are never mixed.
+    """
+
+    MANIFEST = "manifest.json"
+    LABELS = "labels.json"
+
+    def __init__(self, root: Path, settings: dict[str, Any], *, save_cams: bool = False,
+                 overlays: bool = False, overwrite: bool = False) -> None:
+        self.root = root
+        self.save_cams = save_cams
+        self.overlays = overlays
+        self.overwrite = overwrite
+        self.settings = settings
+        manifest = root / self.MANIFEST
+        if manifest.exists() and not overwrite:
+            try:
+                previous = json.loads(manifest.read_text(encoding="utf-8")).get("settings", {})
+            except (json.JSONDecodeError, OSError) as e:
+                raise OutputError(f"{manifest}: unreadable manifest ({e}); use --overwrite or another --out") from e
+            changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+            if changed:
+                raise OutputError(f"{root} holds a run made with other settings ({', '.join(changed)}); "
+                                  "use --overwrite to redo it or choose another --out")
+        self.labels: dict[str, dict[str, Any]] = {}
+        labels_file = root / self.LABELS
+        if labels_file.exists() and not overwrite:
+            try:
+                self.labels = json.loads(labels_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, OSError):
+                self.labels = {}
+
+    def mask_path(self, stem: str) -> Path:
+        return self.root / "masks" / f"{stem}.png"
+
+    def cams_path(self, stem: str) -> Path:
+        return self.root / "cams" / f"{stem}.npz"
+
+    def overlay_path(self, stem: str) -> Path:
+        return self.root / "overlays" / f"{stem}.jpg"
+
+    def is_done(self, stem: str) -> bool:
+        """Whether a previous run already wrote everything this run would write for ``stem``."""
+        if self.overwrite or stem not in self.labels or not self.mask_path(stem).exists():
+            return False
+        if self.save_cams and not self.cams_path(stem).exists():
+            return False
+        return not (self.overlays and not self.overlay_path(stem).exists())
+
+    def write(self, stem: str, result: LabelResult, class_names: tuple[str, ...],
+              image: Image.Image | None = None) -> None:
+        """Write one image's outputs; the mask last, so that its presence means the image is done."""
+        if self.save_cams:
+            buf = io.BytesIO()
+            np.savez_compressed(buf, labels=result.labels.astype(np.int64), cam=result.cam.astype(np.float32),
+                                cam_refined=result.cam_refined.astype(np.float32))
+            atomic_write(self.cams_path(stem), buf.getvalue())
+        if self.overlays and image is not None:
+            buf = io.BytesIO()
+            overlay(image, result.mask).save(buf, format="JPEG", quality=90)
+            atomic_write(self.overlay_path(stem), buf.getvalue())
+        atomic_write(self.mask_path(stem), _png_bytes(mask_to_png(result.mask)))
+        entry: dict[str, Any] = {"labels": [class_names[i] for i in result.labels], "source": result.label_source}
+        if result.scores:
+            entry["scores"] = result.scores
+        self.labels[stem] = entry
+
+    def flush(self, manifest: dict[str, Any]) -> None:
+        """Write ``labels.json`` and the manifest (atomically)."""
+        ordered = dict(sorted(self.labels.items()))
+        atomic_write(self.root / self.LABELS, (json.dumps(ordered, indent=1) + "\n").encode())
+        atomic_write(self.root / self.MANIFEST,
+                     (json.dumps({**manifest, "settings": self.settings}, indent=1) + "\n").encode())

@@ -1,0 +1,159 @@
+"""Class sets as data: names, the prompt strings CLIP sees, background prompts and templates.
+
+Built-in sets live next to this file as YAML (``voc``, ``coco``). A user set is a YAML file of the
+same schema or a plain-text file with one class per line (``name`` or ``name: synonym, synonym``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..errors import ClipesError
+
+__all__ = ["ClassSet", "ClassSetError", "builtin_class_sets", "load_class_set"]
+
+DEFAULT_TEMPLATE = "a clean origami {}."
+# COCO's background prompts: the VOC list without the two that are objects elsewhere (keyboard, sign).
+DEFAULT_BACKGROUND = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
+    "railway", "railroad", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street",
+    "valley", "bridge",
+)
+
+
+class ClassSetError(ClipesError):
+    """A class set file is malformed, or a class name does not belong to the set."""
+
+
+def _key(name: str) -> str:
+    """Lookup key for a class name: case, underscores and spacing do not matter."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+@dataclass(frozen=True)
+class ClassSet:
+    """An ordered set of foreground classes; class ``c`` is written as value ``c + 1`` in masks."""
+
+    name: str
+    classes: tuple[str, ...]
+    prompts: tuple[str, ...]
+    background: tuple[str, ...]
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    box_threshold: float = 0.4
+    aliases: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise ClassSetError(f"class set {self.name!r} has no classes")
+        if len(self.prompts) != len(self.classes):
+            raise ClassSetError(f"class set {self.name!r}: one prompt per class is needed")
+        if not self.templates or any("{}" not in t for t in self.templates):
+            raise ClassSetError(f"class set {self.name!r}: every template needs a '{{}}' placeholder")
+        if len(self.classes) > 254:
+            raise ClassSetError(f"class set {self.name!r} has {len(self.classes)} classes; "
+                                "palette PNG masks hold at most 254 (255 is 'ignore')")
+        seen: dict[str, str] = {}
+        for n in self.classes:
+            k = _key(n)
+            if k in seen:
+                raise ClassSetError(f"class set {self.name!r} lists {n!r} twice"
+                                    + ("" if seen[k] == n else f" (as {seen[k]!r})"))
+            seen[k] = n
+        if len({_key(b) for b in self.background}) != len(self.background):
+            raise ClassSetError(f"class set {self.name!r} has duplicate background prompts")
+        lookup = {_key(n): i for i, n in enumerate(self.classes)}
+        for alias, i in dict(self.aliases).items():
+            lookup.setdefault(_key(alias), i)
+        object.__setattr__(self, "aliases", lookup)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def index(self, name: str) -> int:
+        """Index of a class given its name or an alias; a clear error with suggestions otherwise."""
+        i = self.aliases.get(_key(name))
+        if i is None:
+            close = difflib.get_close_matches(_key(name), list(self.aliases), n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ClassSetError(f"unknown class {name!r} for class set {self.name!r}{hint}")
+        return i
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "classes": list(self.classes), "prompts": list(self.prompts),
+                "background": list(self.background), "templates": list(self.templates),
+                "box_threshold": self.box_threshold}
+
+
+def _from_mapping(data: dict, name: str) -> ClassSet:
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
+        raise ClassSetError(f"{name}: expected a mapping with a 'classes' list")
+    classes, prompts, aliases = [], [], {}
+    for i, entry in enumerate(data["classes"]):
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise ClassSetError(f"{name}: class #{i + 1} needs a 'name'")
+        synonyms = [str(s) for s in entry.get("synonyms", [])]
+        prompt = entry.get("prompt") or ",".join([entry["name"], *synonyms])
+        classes.append(entry["name"])
+        prompts.append(str(prompt))
+        for alias in [*entry.get("aliases", []), *synonyms]:
+            aliases[str(alias)] = i
+    return ClassSet(
+        name=str(data.get("name", name)),
+        classes=tuple(classes),
+        prompts=tuple(prompts),
+        background=tuple(str(b) for b in data.get("background", DEFAULT_BACKGROUND)),
+        templates=tuple(str(t) for t in data.get("templates", [DEFAULT_TEMPLATE])),
+        box_threshold=float(data.get("box_threshold", 0.4)),
+        aliases=aliases,
+    )
+
+
+def _parse_text(text: str, name: str) -> dict:
+    """Plain text: one class per line, ``name`` or ``name: synonym, synonym``; ``#`` comments."""
+    classes = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        cls, _, syn = line.partition(":")
+        classes.append({"name": cls.strip(), "synonyms": [s.strip() for s in syn.split(",") if s.strip()]})
+    return {"name": name, "classes": classes}
+
+
+def builtin_class_sets() -> list[str]:
+    """Names of the class sets shipped with clipes."""
+    return sorted(p.name[:-5] for p in resources.files(__package__).iterdir() if p.name.endswith(".yaml"))
+
+
+def load_class_set(spec: str | Path) -> ClassSet:
+    """Load a built-in set by name (``voc``, ``coco``) or a user file (YAML or plain text)."""
+    spec_str = str(spec)
+    if spec_str in builtin_class_sets():
+        text = resources.files(__package__).joinpath(f"{spec_str}.yaml").read_text(encoding="utf-8")
+        return _from_mapping(yaml.safe_load(text), spec_str)
+    path = Path(spec_str)
+    if not path.is_file():
+        raise ClassSetError(f"--classes {spec_str!r} is neither a built-in class set "
+                            f"({', '.join(builtin_class_sets())}) nor an existing file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClassSetError(f"{path}: cannot read class set ({e})") from e
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ClassSetError(f"{path}: invalid YAML ({e})") from e
+    else:
+        data = _parse_text(text, path.stem)
+    try:
+        return _from_mapping(data, path.stem)
+    except ClassSetError as e:
+        raise ClassSetError(f"{path}: {e}") from e
