@@ -1,0 +1,62 @@
+"""Shared fixtures: the golden data beside the checkout and small random-weight CLIP models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from clipes import Labeler, load_class_set, load_clip
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("CLIPES_GOLDEN", REPO.parent / "shared" / "golden"))
+TINY_CKPT = GOLDEN / "tiny-clip-vit-b16-random.pt"
+
+
+def golden_or_skip() -> Path:
+    if not TINY_CKPT.is_file():
+        pytest.skip(f"golden data not found at {GOLDEN}")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    return golden_or_skip()
+
+
+@pytest.fixture(scope="session")
+def golden_labels(golden: Path) -> dict[str, list[str]]:
+    return json.loads((golden / "labels.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(golden: Path):
+    torch.manual_seed(0)
+    return load_clip(str(golden / "tiny-clip-vit-b16-random.pt"))
+
+
+@pytest.fixture(scope="session")
+def voc():
+    return load_class_set("voc")
+
+
+@pytest.fixture(scope="session")
+def labeler(tiny_clip, voc) -> Labeler:
+    return Labeler(tiny_clip, voc)
+
+
+def make_tiny_openclip(seed: int = 0, patch: int = 16, image: int = 64):
+    """A small open_clip CLIP (ViT, 4 blocks, 2 heads) with random weights, built in the test."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=open_clip.CLIPVisionCfg(layers=4, width=64, head_width=32, patch_size=patch, image_size=image),
+        text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=1, layers=2),
+        quick_gelu=True,
+    )
+    return model.eval()

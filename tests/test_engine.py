@@ -1,0 +1,147 @@
+"""The ViT pieces and softmax-GradCAM against open_clip's own modules and a per-class loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipes import Labeler, load_class_set
+from clipes.cam import CamPairs, image_features, minmax_normalize, softmax_gradcam
+from clipes.model import ClipModel
+from clipes.vit import attention, block_forward, embed, encode_trunk, interpolate_pos_embed
+
+from .conftest import make_tiny_openclip
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import open_clip
+
+    model = make_tiny_openclip().requires_grad_(False)
+    return ClipModel(model=model, tokenizer=open_clip.tokenize, spec="test", arch="test")
+
+
+def test_attention_matches_multihead_attention(tiny):
+    block = tiny.visual.transformer.resblocks[0]
+    x = torch.randn(2, 17, 64)
+    out, weights = attention(block.attn, x, need_weights=True)
+    ref_out, ref_w = block.attn(x, x, x, need_weights=True, average_attn_weights=True)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    np.testing.assert_allclose(weights, ref_w, atol=1e-6)
+    fast, none = attention(block.attn, x, need_weights=False)
+    assert none is None
+    np.testing.assert_allclose(fast, ref_out, atol=1e-5)
+
+
+def test_blocks_match_open_clip_at_native_size(tiny):
+    visual = tiny.visual
+    images = torch.randn(2, 3, 64, 64)
+    x = embed(visual, images)
+    np.testing.assert_allclose(x, visual._embeds(images), atol=1e-6)
+    ours = x
+    for block in visual.transformer.resblocks:
+        ours, _ = block_forward(block, ours)
+    np.testing.assert_allclose(ours, visual.transformer(x), atol=1e-5)
+
+
+def test_pos_embed_identity_at_native_grid_and_resized_elsewhere():
+    pos = torch.randn(1 + 14 * 14, 8)
+    assert interpolate_pos_embed(pos, (14, 14)) is pos
+    out = interpolate_pos_embed(pos, (20, 9))
+    assert out.shape == (1 + 20 * 9, 8)
+    np.testing.assert_array_equal(out[0], pos[0])
+    const = torch.ones(1 + 16, 3)
+    np.testing.assert_allclose(interpolate_pos_embed(const, (7, 5)), torch.ones(36, 3), atol=1e-6)
+
+
+def test_encode_trunk_attention_sum_covers_the_kept_blocks(tiny):
+    visual = tiny.visual
+    images = torch.randn(1, 3, 48, 80)
+    tokens, attn_sum = encode_trunk(visual, images, attn_blocks=3)
+    x = embed(visual, images)
+    maps = []
+    for block in visual.transformer.resblocks[:-1]:
+        x, w = block_forward(block, x, need_weights=True)
+        maps.append(w[:, 1:, 1:])
+    np.testing.assert_allclose(tokens, x, atol=1e-6)
+    np.testing.assert_allclose(attn_sum, maps[-2] + maps[-1], atol=1e-6)
+    assert attn_sum.shape == (1, 15, 15)
+
+
+def _per_class_reference(visual, tokens, text, k, logit_scale, grid):
+    """The authors' loop: one forward and one backward per class, GradCAM on ln_1's output."""
+    block = visual.transformer.resblocks[-1]
+    a = block.ln_1(tokens).detach().requires_grad_(True)
+    with torch.enable_grad():
+        q, _ = block.attn(a, a, a, need_weights=True)
+        y = tokens + q
+        y = y + block.mlp(block.ln_2(y))
+        feats = image_features(visual, y)
+        probs = (logit_scale * feats @ F.normalize(text, dim=-1).T).softmax(dim=-1)
+        probs[0, k].backward()
+    acts = a[0, 1:].detach()
+    weights = a.grad[0, 1:].mean(dim=0)
+    cam = torch.relu(acts @ weights).view(1, *grid)
+    return minmax_normalize(minmax_normalize(cam))[0], probs.detach()[0]
+
+
+def test_one_backward_equals_one_backward_per_class(tiny):
+    visual = tiny.visual
+    torch.manual_seed(3)
+    images = torch.randn(2, 3, 48, 64)
+    grid = (3, 4)
+    tokens, _ = encode_trunk(visual, images)
+    fg, bg = F.normalize(torch.randn(5, 32), dim=-1), F.normalize(torch.randn(4, 32), dim=-1)
+    labels = [[3, 0, 4], [1]]
+    text = torch.zeros(2, 7, 32)
+    valid = torch.zeros(2, 7, dtype=torch.bool)
+    for i, lab in enumerate(labels):
+        text[i, : len(lab)] = fg[lab]
+        text[i, len(lab): len(lab) + 4] = bg
+        valid[i, : len(lab) + 4] = True
+    pairs = CamPairs(image=torch.tensor([0, 0, 0, 1]), target=torch.tensor([0, 1, 2, 0]), text=text, valid=valid)
+    cams, probs, _ = softmax_gradcam(visual, tokens, pairs, 10.0, grid)
+    for p, (i, j) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0)]):
+        k = len(labels[i])
+        ref_cam, ref_probs = _per_class_reference(visual, tokens[i: i + 1], text[i, : k + 4], j, 10.0, grid)
+        np.testing.assert_allclose(cams[p], ref_cam, atol=1e-5)
+        np.testing.assert_allclose(probs[p, : k + 4], ref_probs, atol=1e-6)
+
+
+def test_label_batch_of_mixed_sizes_equals_one_at_a_time(tiny_clip):
+    labeler = Labeler(tiny_clip, load_class_set("voc"))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(40, 50), (33, 47), (40, 50), (64, 20)]]
+    labels = [["cat"], ["dog", "person"], ["bottle", "cat", "sofa"], []]
+    batched = labeler.label_batch(images, labels)
+    for img, lab, res in zip(images, labels, batched):
+        single = labeler.label(img, lab)
+        np.testing.assert_array_equal(res.labels, single.labels)
+        np.testing.assert_allclose(res.cam, single.cam, atol=1e-5)
+        np.testing.assert_allclose(res.cam_refined_lowres, single.cam_refined_lowres, atol=1e-6)
+        np.testing.assert_array_equal(res.mask, single.mask)
+    assert batched[3].mask.shape == (64, 20) and not batched[3].mask.any()
+
+
+def test_label_accepts_arrays_and_names_or_indices(labeler):
+    arr = np.random.default_rng(1).integers(0, 255, (37, 45, 3), dtype=np.uint8)
+    by_name = labeler.label(arr, ["cat", "dog"])
+    by_index = labeler.label(Image.fromarray(arr), [7, 11, 7])
+    np.testing.assert_array_equal(by_name.labels, [7, 11])
+    np.testing.assert_array_equal(by_index.labels, [7, 11])
+    np.testing.assert_array_equal(by_name.mask, by_index.mask)
+    assert by_name.mask.shape == (37, 45) and by_name.cam_refined.shape == (2, 37, 45)
+    assert by_name.cam.shape == (2, 3, 3) and set(np.unique(by_name.mask)) <= {0, 8, 12}
+
+
+def test_zero_shot_labels_are_recorded(labeler):
+    arr = np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    res = labeler.label(arr)
+    assert res.label_source == "zero-shot" and len(res.labels) >= 1
+    assert res.scores and all(0 <= v <= 1 for v in res.scores.values())
+    top = max(res.scores, key=res.scores.get)
+    assert labeler.class_set.index(top) in res.labels.tolist()
