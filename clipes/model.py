@@ -74,7 +74,9 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     else:
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # TorchScript archives are dispatched, fine
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as load_error:  # noqa: BLE001 - maybe an OpenAI TorchScript archive
             try:
                 with warnings.catch_warnings():
@@ -96,12 +98,16 @@ def _from_openai_state_dict(state: dict[str, torch.Tensor], path: Path) -> nn.Mo
         raise ModelLoadError(
             f"{path}: cannot infer a CLIP ViT from this state dict (no visual.proj / visual.conv1). "
             "For other open_clip architectures pass --model ARCH:PATH, e.g. ViT-B-16:/path/to/ckpt.pt")
-    state = {k: v.float() for k, v in state.items()}
+    # metadata and buffers that some exports carry (OpenAI's JIT archive, scripted open_clip models)
+    extra = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+    state = {k: v.float() for k, v in state.items() if k not in extra}
     try:
-        model = open_clip.model.build_model_from_openai_state_dict(state)
+        # the builder rounds weights to fp16 (OpenAI's own files are fp16); reload them at full precision
+        model = open_clip.model.build_model_from_openai_state_dict(dict(state)).float()
+        model.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ModelLoadError(f"{path}: state dict does not match the inferred CLIP layout ({e})") from e
-    return model.float()
+    return model
 
 
 def _hub_offline() -> bool:

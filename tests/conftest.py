@@ -49,14 +49,17 @@ def labeler(tiny_clip, voc) -> Labeler:
 
 
 def make_tiny_openclip(seed: int = 0, patch: int = 16, image: int = 64):
-    """A small open_clip CLIP (ViT, 4 blocks, 2 heads) with random weights, built in the test."""
+    """A small open_clip CLIP (ViT, 4 blocks, one 64-wide head) with random weights, built in the test.
+
+    Widths are multiples of 64 so that OpenAI-layout inference (heads = width // 64) recovers it.
+    """
     import open_clip
 
     torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=32,
-        vision_cfg=open_clip.CLIPVisionCfg(layers=4, width=64, head_width=32, patch_size=patch, image_size=image),
-        text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=1, layers=2),
+        vision_cfg=open_clip.CLIPVisionCfg(layers=4, width=64, head_width=64, patch_size=patch, image_size=image),
+        text_cfg=open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2),
         quick_gelu=True,
     )
     return model.eval()
