@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .cam import minmax_normalize
 
-__all__ = ["sinkhorn_affinity", "box_mask", "refine_cams", "upsample"]
+__all__ = ["box_mask", "refine_cams", "sinkhorn_affinity", "upsample"]
 
 
 def sinkhorn_affinity(attn: Tensor, rounds: int = 3) -> Tensor:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .vit import attention
 
-__all__ = ["CamPairs", "minmax_normalize", "image_features", "softmax_gradcam"]
+__all__ = ["CamPairs", "image_features", "minmax_normalize", "softmax_gradcam"]
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,16 @@ from torch import Tensor
 
 from .errors import ClipesError
 
-__all__ = ["ImageError", "IMAGE_SUFFIXES", "CLIP_MEAN", "CLIP_STD", "read_image", "to_rgb_or_gray",
-           "input_size", "preprocess"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IMAGE_SUFFIXES",
+    "ImageError",
+    "input_size",
+    "preprocess",
+    "read_image",
+    "to_rgb_or_gray",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

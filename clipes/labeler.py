@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from .caa import box_mask, refine_cams, sinkhorn_affinity, upsample
-from .cam import CamPairs, image_features, softmax_gradcam
+from .cam import CamPairs, softmax_gradcam
 from .images import preprocess, to_rgb_or_gray
 from .masks import pseudo_mask
 from .model import ClipModel
@@ -130,7 +130,7 @@ class Labeler:
             present = [int(i) for i in torch.nonzero(p >= self.zero_shot_threshold).flatten()]
             picked.append(present or [int(p.argmax())])
             top = torch.topk(p, min(5, p.numel()))
-            scores.append({self.class_set.classes[int(i)]: round(float(v), 6) for v, i in zip(*top)})
+            scores.append({self.class_set.classes[int(i)]: round(float(v), 6) for v, i in zip(*top, strict=False)})
         return picked, scores
 
     def _label_group(self, group: list[_Prepared]) -> list[LabelResult]:

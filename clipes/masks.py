@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["IGNORE", "pseudo_mask", "voc_palette", "mask_to_png", "overlay"]
+__all__ = ["IGNORE", "mask_to_png", "overlay", "pseudo_mask", "voc_palette"]
 
 IGNORE = 255
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import open_clip
@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ClipesError
 
-__all__ = ["ClipModel", "ModelLoadError", "DEFAULT_MODEL", "MODEL_ENV", "load_clip", "resolve_device"]
+__all__ = ["DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "load_clip", "resolve_device"]
 
 DEFAULT_MODEL = "ViT-B-16/openai"
 MODEL_ENV = "CLIPES_MODEL"
@@ -77,12 +77,12 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # TorchScript archives are dispatched, fine
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as load_error:  # noqa: BLE001 - maybe an OpenAI TorchScript archive
+        except Exception as load_error:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
                     state = torch.jit.load(str(path), map_location="cpu").state_dict()
-            except Exception:  # noqa: BLE001 - report the plain load's error, the likelier format
+            except Exception:
                 raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({load_error})") from load_error
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -203,7 +203,7 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
             model = _create_named(arch, tag or None)
     except ModelLoadError:
         raise
-    except Exception as e:  # noqa: BLE001 - open_clip/hub raise many types; one clear message instead
+    except Exception as e:
         raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + _HOW_TO.format(name=spec)) from e
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
         raise ModelLoadError(f"{spec!r} is not a CLIP ViT (clipes needs a vision transformer)")

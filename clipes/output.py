@@ -16,7 +16,7 @@ from .errors import ClipesError
 from .labeler import LabelResult
 from .masks import mask_to_png, overlay
 
-__all__ = ["OutputError", "atomic_write", "RunOutput"]
+__all__ = ["OutputError", "RunOutput", "atomic_write"]
 
 
 class OutputError(ClipesError):

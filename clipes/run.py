@@ -112,10 +112,9 @@ def _progress(console: Console) -> Progress:
 
 def _iterate(todo: list[tuple[str, Path]], progress: Progress) -> Iterator[tuple[str, Path]]:
     task = progress.add_task("label", total=len(todo), rate="-")
-    start, done = time.perf_counter(), 0
-    for item in todo:
+    start = time.perf_counter()
+    for done, item in enumerate(todo, 1):
         yield item
-        done += 1
         progress.update(task, advance=1, rate=f"{done / max(time.perf_counter() - start, 1e-9):.2f}")
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from .model import ClipModel
 from .prompts import ClassSet
 
-__all__ = ["TextFeatures", "encode_prompts", "encode_class_set"]
+__all__ = ["TextFeatures", "encode_class_set", "encode_prompts"]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["interpolate_pos_embed", "embed", "attention", "block_forward", "encode_trunk"]
+__all__ = ["attention", "block_forward", "embed", "encode_trunk", "interpolate_pos_embed"]
 
 
 def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:

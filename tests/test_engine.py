@@ -118,7 +118,7 @@ def test_label_batch_of_mixed_sizes_equals_one_at_a_time(tiny_clip):
               [(40, 50), (33, 47), (40, 50), (64, 20)]]
     labels = [["cat"], ["dog", "person"], ["bottle", "cat", "sofa"], []]
     batched = labeler.label_batch(images, labels)
-    for img, lab, res in zip(images, labels, batched):
+    for img, lab, res in zip(images, labels, batched, strict=False):
         single = labeler.label(img, lab)
         np.testing.assert_array_equal(res.labels, single.labels)
         np.testing.assert_allclose(res.cam, single.cam, atol=1e-5)

@@ -43,7 +43,8 @@ def test_coco_instances_json(tmp_path):
     f = tmp_path / "instances_val2014.json"
     f.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg"}, {"id": 2, "file_name": "b.jpg"}],
-        "categories": [{"id": 1, "name": "person"}, {"id": 64, "name": "potted plant"}, {"id": 90, "name": "toothbrush"}],
+        "categories": [{"id": 1, "name": "person"}, {"id": 64, "name": "potted plant"},
+                       {"id": 90, "name": "toothbrush"}],
         "annotations": [{"id": 3, "image_id": 1, "category_id": 64}, {"id": 4, "image_id": 1, "category_id": 1},
                         {"id": 5, "image_id": 1, "category_id": 64}],
     }))

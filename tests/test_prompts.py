@@ -15,7 +15,7 @@ def test_voc_matches_the_reference():
     voc = load_class_set("voc")
     assert len(voc) == 20 and len(voc.background) == 25 and voc.box_threshold == 0.4
     assert voc.templates == ("a clean origami {}.",)
-    fused = {c: p for c, p in zip(voc.classes, voc.prompts) if c != p}
+    fused = {c: p for c, p in zip(voc.classes, voc.prompts, strict=False) if c != p}
     assert fused == {"bird": "bird avian", "chair": "chair seat", "person": "person with clothes,people,human",
                      "tvmonitor": "tvmonitor screen"}
     assert voc.background[-2:] == ("bridge", "sign") and "keyboard" in voc.background
@@ -25,7 +25,7 @@ def test_coco_matches_the_reference():
     coco = load_class_set("coco")
     assert len(coco) == 80 and len(coco.background) == 23 and coco.box_threshold == 0.7
     assert not {"keyboard", "sign"} & set(coco.background)
-    prompt = dict(zip(coco.classes, coco.prompts))
+    prompt = dict(zip(coco.classes, coco.prompts, strict=False))
     assert prompt["snowboard"] == "sknowboard" and prompt["tv"] == "tvmonitor screen"
     assert prompt["hair drier"] == "hairdrier,blowdrier" and prompt["baseball glove"] == "glove"
     assert prompt["spoon"] == "dessertspoon" and prompt["tie"] == "necktie"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -26,16 +26,16 @@ def label(
     images: Annotated[Path, typer.Argument(help="Folder of images (searched recursively); never written to.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("clipes_out"),
     classes: Annotated[str, typer.Option(help="Class set: voc, coco, or a YAML / text file.")] = "voc",
-    labels: Annotated[Optional[Path], typer.Option(
+    labels: Annotated[Path | None, typer.Option(
         help="Image-level labels: JSON map, 'stem class ...' text, VOC Annotations/ folder or COCO "
              "instances JSON. Without it, labels are inferred zero-shot.")] = None,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
                                "[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[Optional[str], typer.Option(help="float32 (default), bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 (default), bfloat16 or float16.")] = None,
     bg_power: Annotated[float, typer.Option(help="t in the background score (1 - max cam)^t.")] = 1.0,
-    box_threshold: Annotated[Optional[float], typer.Option(
+    box_threshold: Annotated[float | None, typer.Option(
         help="CAA box threshold [default: the class set's, 0.4 VOC, 0.7 COCO].")] = None,
     zero_shot_threshold: Annotated[float, typer.Option(
         help="Without --labels: softmax score a class needs to count as present.")] = 0.1,
@@ -66,7 +66,7 @@ def label(
     if summary.unlabelled:
         console.print(f"[yellow]{len(summary.unlabelled)} image(s) have no entry in {labels}[/]: "
                       + ", ".join(summary.unlabelled[:5]) + (" ..." if len(summary.unlabelled) > 5 else ""))
-    for path, why in summary.failed:
+    for _path, why in summary.failed:
         console.print(f"[yellow]unreadable[/] {why}", highlight=False)
 
 
