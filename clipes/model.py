@@ -207,5 +207,8 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + _HOW_TO.format(name=spec)) from e
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
         raise ModelLoadError(f"{spec!r} is not a CLIP ViT (clipes needs a vision transformer)")
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        # matmul weights in low precision; layer norms and embeddings stay fp32, as open_clip does
+        open_clip.model.convert_weights_to_lp(model, dtype)
     return ClipModel(model=model, tokenizer=_tokenizer_for(arch), spec=spec, arch=arch)
