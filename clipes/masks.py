@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 __all__ = ["IGNORE", "mask_to_png", "overlay", "pseudo_mask", "voc_palette"]
@@ -43,9 +43,27 @@ def mask_to_png(mask: np.ndarray) -> Image.Image:
     return img
 
 
-def overlay(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The image with the mask's VOC colours blended over labelled pixels (background left clear)."""
+def overlay(image: Image.Image, mask: np.ndarray, names: dict[int, str] | None = None,
+            alpha: float = 0.5) -> Image.Image:
+    """The image with the mask's VOC colours blended over labelled pixels (background left clear).
+
+    With ``names`` (mask value -> class name) a legend strip of the values present is added below.
+    """
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     colours = voc_palette()[mask].astype(np.float32)
     blend = np.where((mask > 0)[..., None], (1 - alpha) * rgb + alpha * colours, rgb)
-    return Image.fromarray(blend.round().astype(np.uint8), "RGB")
+    out = Image.fromarray(blend.round().astype(np.uint8), "RGB")
+    present = [int(v) for v in np.unique(mask) if v != 0 and names and int(v) in names]
+    if not present:
+        return out
+    strip = Image.new("RGB", (out.width, 18), "white")
+    draw = ImageDraw.Draw(strip)
+    x = 4
+    for v in present:
+        draw.rectangle((x, 4, x + 10, 14), fill=tuple(int(c) for c in voc_palette()[v]))
+        draw.text((x + 14, 3), names[v], fill="black")
+        x += 24 + int(draw.textlength(names[v]))
+    canvas = Image.new("RGB", (out.width, out.height + strip.height), "white")
+    canvas.paste(out, (0, 0))
+    canvas.paste(strip, (0, out.height))
+    return canvas

@@ -104,7 +104,8 @@ class RunOutput:
             atomic_write(self.cams_path(stem), buf.getvalue())
         if self.overlays and image is not None:
             buf = io.BytesIO()
-            overlay(image, result.mask).save(buf, format="JPEG", quality=90)
+            names = {int(c) + 1: class_names[int(c)] for c in result.labels}
+            overlay(image, result.mask, names).save(buf, format="JPEG", quality=90)
             atomic_write(self.overlay_path(stem), buf.getvalue())
         atomic_write(self.mask_path(stem), _png_bytes(mask_to_png(result.mask)))
         entry: dict[str, Any] = {"labels": [class_names[i] for i in result.labels], "source": result.label_source}

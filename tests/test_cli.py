@@ -63,7 +63,7 @@ def test_full_run_writes_every_output(tmp_path, images, golden):
     cams = np.load(out / "cams" / "sub" / "coffee.npz")
     assert cams["labels"].tolist() == [10, 4]
     assert cams["cam"].shape == (2, 5, 8) and cams["cam_refined"].shape == (2, 80, 120)
-    assert Image.open(out / "overlays" / "chelsea.jpg").size == (150, 100)
+    assert Image.open(out / "overlays" / "chelsea.jpg").size == (150, 100 + 18)  # legend strip below
     labels = json.loads((out / "labels.json").read_text())
     assert labels["sub/coffee"] == {"labels": ["diningtable", "bottle"], "source": "given"}
     manifest = json.loads((out / "manifest.json").read_text())
