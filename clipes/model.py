@@ -93,7 +93,11 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_openai_state_dict(state: dict[str, torch.Tensor], path: Path) -> nn.Module:
-    """Build the architecture from the tensors' shapes (OpenAI layout, also open_clip's for ViTs)."""
+    """Build the architecture from the tensors' shapes (OpenAI layout, also open_clip's for ViTs).
+
+    Shapes cannot tell the activation: like OpenAI's models this uses QuickGELU. Checkpoints trained
+    with GELU (most open_clip/LAION ones) are loaded with ``ARCH:PATH`` (e.g. ``ViT-B-16:ckpt.pt``).
+    """
     if "visual.proj" not in state or "visual.conv1.weight" not in state:
         raise ModelLoadError(
             f"{path}: cannot infer a CLIP ViT from this state dict (no visual.proj / visual.conv1). "
@@ -145,19 +149,18 @@ def _cached_pretrained(arch: str, tag: str) -> str | None:
 
 
 def _create_named(arch: str, tag: str | None) -> nn.Module:
-    if arch not in open_clip.list_models() and not arch.startswith("hf-hub:"):
+    """An open_clip architecture, randomly initialised (no tag) or with a pretrained tag's weights."""
+    if arch not in open_clip.list_models():
         raise ModelLoadError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
     if tag is None:
         return open_clip.create_model(arch)
-    if open_clip.get_pretrained_cfg(arch, tag) == {} and not Path(tag).expanduser().is_file():
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
         tags = [t for a, t in open_clip.list_pretrained() if a == arch]
         raise ModelLoadError(f"unknown pretrained tag {tag!r} for {arch}; known: {', '.join(tags)}")
-    if Path(tag).expanduser().is_file():
-        return open_clip.create_model(arch, pretrained=str(Path(tag).expanduser()))
     cached = _cached_pretrained(arch, tag)
-    quick_gelu = bool(open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False))
     if cached:
-        return open_clip.create_model(arch, pretrained=cached, force_quick_gelu=quick_gelu)
+        return open_clip.create_model(arch, pretrained=cached, force_quick_gelu=bool(cfg.get("quick_gelu", False)))
     if not _hub_reachable():
         raise ModelLoadError(f"weights for {arch}/{tag} are not cached and cannot be downloaded "
                              "(no network). " + _HOW_TO.format(name=f"{arch}/{tag}"))
