@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .vit import attention
 
-__all__ = ["CamPairs", "image_features", "minmax_normalize", "softmax_gradcam"]
+__all__ = ["CamPairs", "image_features", "minmax_normalize", "softmax_gradcam", "softmax_gradcam_per_pair"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,12 @@ def softmax_gradcam(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_sc
     cam = torch.relu((a.detach()[:, 1:].float() * weights[:, None, :]).sum(dim=-1))
     cam = minmax_normalize(minmax_normalize(cam))
     return cam.view(-1, *grid), probs.detach(), last_attn.detach()
+
+
+def softmax_gradcam_per_pair(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_scale: float,
+                             grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Baseline with the reference's cost: one forward and one backward of the last block per pair."""
+    outs = [softmax_gradcam(visual, tokens, CamPairs(pairs.image[p:p + 1], pairs.target[p:p + 1], pairs.text,
+                                                     pairs.valid), logit_scale, grid)
+            for p in range(pairs.image.numel())]
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))  # type: ignore[return-value]

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 
 from .caa import box_mask, refine_cams, sinkhorn_affinity, upsample
-from .cam import CamPairs, softmax_gradcam
+from .cam import CamPairs, softmax_gradcam, softmax_gradcam_per_pair
 from .images import preprocess, to_rgb_or_gray
 from .masks import pseudo_mask
 from .model import ClipModel
@@ -19,7 +19,7 @@ from .prompts import ClassSet
 from .text import TextFeatures, encode_class_set
 from .vit import block_forward, encode_trunk
 
-__all__ = ["LabelResult", "Labeler"]
+__all__ = ["LabelResult", "Labeler", "PreparedImage"]
 
 
 @dataclass
@@ -47,7 +47,9 @@ class LabelResult:
 
 
 @dataclass
-class _Prepared:
+class PreparedImage:
+    """A network-ready image: normalised (3, H', W') tensor, original (H, W), class indices or None."""
+
     tensor: Tensor
     size: tuple[int, int]
     labels: list[int] | None
@@ -59,11 +61,13 @@ class Labeler:
     ``bg_power`` is t in the background score (1 - max)^t; ``box_threshold`` defaults to the class
     set's (0.4 VOC, 0.7 COCO); ``zero_shot_threshold`` is the softmax score over all classes plus
     background prompts above which a class counts as present when no labels are given.
+    ``per_pair_backward`` runs one backward per (image, class), the reference's cost: a baseline
+    for benchmarks, with the same results.
     """
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
-                 attn_blocks: int = 8, max_side: int | None = None) -> None:
+                 attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False) -> None:
         depth = len(clip.visual.transformer.resblocks)
         if not 1 <= attn_blocks <= depth:
             raise ValueError(f"attn_blocks must be in [1, {depth}]")
@@ -74,6 +78,7 @@ class Labeler:
         self.zero_shot_threshold = zero_shot_threshold
         self.attn_blocks = attn_blocks
         self.max_side = max_side
+        self._gradcam = softmax_gradcam_per_pair if per_pair_backward else softmax_gradcam
         self.text: TextFeatures = encode_class_set(clip, class_set)
         self.logit_scale = float(clip.model.logit_scale.exp())
 
@@ -88,13 +93,13 @@ class Labeler:
                 out.append(i)
         return out
 
-    def prepare(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> _Prepared:
+    def prepare(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> PreparedImage:
         """Resize and normalise one image (PIL image or HxW[x3] uint8 array) for the network."""
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         image = to_rgb_or_gray(image)
         tensor = preprocess(image, self.clip.patch_size, self.max_side)
-        return _Prepared(tensor, (image.height, image.width), None if labels is None else self.class_indices(labels))
+        return PreparedImage(tensor, (image.height, image.width), None if labels is None else self.class_indices(labels))
 
     def label(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> LabelResult:
         """Label one image; ``labels`` None infers the classes zero-shot."""
@@ -107,7 +112,7 @@ class Labeler:
         return self.label_prepared(prepared)
 
     @torch.no_grad()
-    def label_prepared(self, prepared: Sequence[_Prepared]) -> list[LabelResult]:
+    def label_prepared(self, prepared: Sequence[PreparedImage]) -> list[LabelResult]:
         """Label already prepared images, grouped by input size."""
         results: list[LabelResult | None] = [None] * len(prepared)
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -133,7 +138,7 @@ class Labeler:
             scores.append({self.class_set.classes[int(i)]: round(float(v), 6) for v, i in zip(*top, strict=False)})
         return picked, scores
 
-    def _label_group(self, group: list[_Prepared]) -> list[LabelResult]:
+    def _label_group(self, group: list[PreparedImage]) -> list[LabelResult]:
         clip, visual = self.clip, self.clip.visual
         images = torch.stack([p.tensor for p in group]).to(clip.device, clip.dtype)
         grid = (images.shape[-2] // clip.patch_size, images.shape[-1] // clip.patch_size)
@@ -149,32 +154,35 @@ class Labeler:
                 labels[i], scores[i] = lab, sc
 
         pairs = self._pairs(labels)
-        if pairs is None:
-            cams = probs = last_attn = None
-        else:
-            cams, probs, last_attn = softmax_gradcam(visual, tokens, pairs, self.logit_scale, grid)
-        first = 0
-        out = []
+        attn = attn_sum
+        n = grid[0] * grid[1]
+        cams = torch.zeros((0, *grid), device=clip.device)
+        probs = torch.zeros((0, 0), device=clip.device)
+        if pairs is not None:
+            cams, probs, last_attn = self._gradcam(visual, tokens, pairs, self.logit_scale, grid)
+            # the last block's attention is the same in every copy of an image: take its first pair's
+            starts = np.cumsum([0] + [len(lab) for lab in labels[:-1]])
+            with_classes = [i for i, lab in enumerate(labels) if lab]
+            first_pair = torch.as_tensor(starts[with_classes], device=clip.device)
+            attn = attn.index_add(0, torch.as_tensor(with_classes, device=clip.device),
+                                  last_attn[first_pair, 1:, 1:].float())
+        attn = attn / self.attn_blocks
+        affinity = sinkhorn_affinity(attn)
+        boxes = box_mask(cams, self.box_threshold) if len(cams) else cams.new_zeros((0, n))
+
+        out, first = [], 0
         for i, (p, lab) in enumerate(zip(group, labels, strict=True)):
             k = len(lab)
-            n = grid[0] * grid[1]
-            if k == 0:
-                attn = attn_sum[i] / self.attn_blocks
-                cam = torch.zeros((0, *grid))
-                prob = torch.zeros((0,))
-            else:
-                attn = (attn_sum[i] + last_attn[first, 1:, 1:].float()) / self.attn_blocks
-                cam, prob = cams[first:first + k], probs[first, : k + len(self.text.bg)]
-            affinity = sinkhorn_affinity(attn)
-            boxes = box_mask(cam, self.box_threshold) if k else torch.zeros((0, n))
-            refined_low = refine_cams(affinity, cam, boxes.to(affinity.device)) if k else torch.zeros((0, *grid))
+            cam, box = cams[first:first + k], boxes[first:first + k]
+            prob = probs[first, : k + len(self.text.bg)] if k else probs.new_zeros(0)
+            refined_low = refine_cams(affinity[i], cam, box)
             refined = upsample(refined_low, p.size)
-            lab_t = torch.tensor(lab, dtype=torch.long)
-            mask = pseudo_mask(refined, lab_t.to(refined.device), self.bg_power)
+            lab_t = torch.tensor(lab, dtype=torch.long, device=refined.device)
+            mask = pseudo_mask(refined, lab_t, self.bg_power)
             out.append(LabelResult(
-                labels=lab_t.numpy(), mask=mask.cpu().numpy(), cam=cam.float().cpu().numpy(),
+                labels=lab_t.cpu().numpy(), mask=mask.cpu().numpy(), cam=cam.float().cpu().numpy(),
                 cam_refined=refined.cpu().numpy(), cam_refined_lowres=refined_low.cpu().numpy(),
-                box_mask=boxes.cpu().numpy(), attention=attn.cpu().numpy(), probs=prob.cpu().numpy(),
+                box_mask=box.cpu().numpy(), attention=attn[i].cpu().numpy(), probs=prob.cpu().numpy(),
                 input_size=(images.shape[-2], images.shape[-1]), label_source=sources[i], scores=scores[i]))
             first += k
         return out
