@@ -99,7 +99,8 @@ class Labeler:
             image = Image.fromarray(image)
         image = to_rgb_or_gray(image)
         tensor = preprocess(image, self.clip.patch_size, self.max_side)
-        return PreparedImage(tensor, (image.height, image.width), None if labels is None else self.class_indices(labels))
+        indices = None if labels is None else self.class_indices(labels)
+        return PreparedImage(tensor, (image.height, image.width), indices)
 
     def label(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> LabelResult:
         """Label one image; ``labels`` None infers the classes zero-shot."""

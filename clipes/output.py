@@ -53,12 +53,13 @@ class RunOutput:
     LABELS = "labels.json"
 
     def __init__(self, root: Path, settings: dict[str, Any], *, save_cams: bool = False,
-                 overlays: bool = False, overwrite: bool = False) -> None:
+                 overlays: bool = False, overwrite: bool = False, rank: int = 0, world: int = 1) -> None:
         self.root = root
         self.save_cams = save_cams
         self.overlays = overlays
         self.overwrite = overwrite
         self.settings = settings
+        self.rank, self.world = rank, world
         manifest = root / self.MANIFEST
         if manifest.exists() and not overwrite:
             try:
@@ -70,12 +71,12 @@ class RunOutput:
                 raise OutputError(f"{root} holds a run made with other settings ({', '.join(changed)}); "
                                   "use --overwrite to redo it or choose another --out")
         self.labels: dict[str, dict[str, Any]] = {}
-        labels_file = root / self.LABELS
-        if labels_file.exists() and not overwrite:
-            try:
-                self.labels = json.loads(labels_file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, OSError):
-                self.labels = {}
+        if not overwrite:  # what earlier runs finished, including the per-rank files of a stopped torchrun job
+            for f in [root / self.LABELS, *sorted(root.glob(".labels.rank*.json"))]:
+                try:
+                    self.labels.update(json.loads(f.read_text(encoding="utf-8")))
+                except (json.JSONDecodeError, OSError):
+                    continue
 
     def mask_path(self, stem: str) -> Path:
         return self.root / "masks" / f"{stem}.png"
@@ -113,9 +114,23 @@ class RunOutput:
             entry["scores"] = result.scores
         self.labels[stem] = entry
 
+    def _labels_bytes(self, labels: dict[str, dict[str, Any]]) -> bytes:
+        return (json.dumps(dict(sorted(labels.items())), indent=1) + "\n").encode()
+
     def flush(self, manifest: dict[str, Any]) -> None:
-        """Write ``labels.json`` and the manifest (atomically)."""
-        ordered = dict(sorted(self.labels.items()))
-        atomic_write(self.root / self.LABELS, (json.dumps(ordered, indent=1) + "\n").encode())
+        """Save progress: ``labels.json`` and the manifest, or this rank's own file under torchrun."""
+        if self.world > 1:
+            atomic_write(self.root / f".labels.rank{self.rank}.json", self._labels_bytes(self.labels))
+            return
+        self.finalize([self.labels], manifest)
+
+    def finalize(self, labels: list[dict[str, dict[str, Any]]], manifest: dict[str, Any]) -> None:
+        """Write the merged ``labels.json`` and the manifest, then drop per-rank progress files."""
+        merged: dict[str, dict[str, Any]] = {}
+        for part in labels:
+            merged.update(part)
+        atomic_write(self.root / self.LABELS, self._labels_bytes(merged))
         atomic_write(self.root / self.MANIFEST,
                      (json.dumps({**manifest, "settings": self.settings}, indent=1) + "\n").encode())
+        for f in self.root.glob(".labels.rank*.json"):
+            f.unlink(missing_ok=True)

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
 
+from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
+from .distributed import DistInfo, gather_to_rank0, init_from_env, shutdown
 from .errors import ClipesError
-from .images import IMAGE_SUFFIXES, ImageError, read_image
-from .labeler import Labeler
+from .images import IMAGE_SUFFIXES
+from .labeler import Labeler, LabelResult, PreparedImage
 from .labels import read_labels
 from .model import load_clip, resolve_device
 from .output import RunOutput
@@ -29,7 +33,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class LabelConfig:
-    """Options of a labelling run (the CLI flags of ``clipes label``)."""
+    """Options of a labelling run (the CLI flags of ``clipes label``).
+
+    ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
+    """
 
     images: Path
     out: Path
@@ -46,6 +53,9 @@ class LabelConfig:
     save_cams: bool = False
     overlays: bool = False
     overwrite: bool = False
+    batch_size: int | None = None
+    workers: int = 2
+    per_pair_backward: bool = False
 
 
 @dataclass
@@ -105,36 +115,108 @@ def _lookup(labels: dict[str, list[int]], stem: str) -> list[int] | None:
     return labels.get(stem.rsplit("/", 1)[-1])
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]labelling"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console)
+                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console,
+                    disable=not enabled)
 
 
-def _iterate(todo: list[tuple[str, Path]], progress: Progress) -> Iterator[tuple[str, Path]]:
-    task = progress.add_task("label", total=len(todo), rate="-")
-    start = time.perf_counter()
-    for done, item in enumerate(todo, 1):
-        yield item
-        progress.update(task, advance=1, rate=f"{done / max(time.perf_counter() - start, 1e-9):.2f}")
+class _BatchSizer:
+    """Runs the engine on a batch, halving the batch size for good after an out-of-memory error."""
+
+    def __init__(self, labeler: Labeler, batch_size: int) -> None:
+        self.labeler = labeler
+        self.batch_size = batch_size
+
+    def __call__(self, prepared: list[PreparedImage]) -> list[LabelResult | str]:
+        """Results in order; for an image that does not fit even alone, the reason as a string."""
+        out: list[LabelResult | str] = []
+        start = 0
+        while start < len(prepared):
+            chunk = prepared[start:start + self.batch_size]
+            try:
+                out += self.labeler.label_prepared(chunk)
+            except torch.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if len(chunk) == 1:
+                    h, w = chunk[0].tensor.shape[-2:]
+                    out.append(f"out of memory at input size {h}x{w}; lower --max-side")
+                    start += 1
+                else:
+                    self.batch_size = max(1, len(chunk) // 2)
+                continue
+            start += len(chunk)
+        return out
+
+
+def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_names: tuple[str, ...],
+                 summary: RunSummary, progress: Progress, flush) -> None:
+    """Engine on the main thread, decoding in DataLoader workers, writing on a background thread."""
+    task = progress.add_task("label", total=len(loader.dataset), rate="-")
+    start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipes-writer") as writer:
+        for batch in loader:
+            batch: list[Sample]
+            good = [s for s in batch if s.prepared is not None]
+            for s in batch:
+                if s.error is not None:
+                    summary.failed.append((s.path, s.error))
+                    progress.console.print(f"[yellow]skipped[/] {s.error}", highlight=False)
+            for s, res in zip(good, sizer([s.prepared for s in good]), strict=True):
+                if isinstance(res, str):
+                    summary.failed.append((s.path, f"{s.path}: {res}"))
+                    continue
+                image = None if s.image is None else Image.fromarray(s.image)
+                pending.append(writer.submit(out.write, s.stem, res, class_names, image))
+                summary.labelled += 1
+            while len(pending) > 4 * max(1, len(batch)):  # bound memory held by queued writes
+                pending.pop(0).result()
+            done += len(batch)
+            progress.update(task, advance=len(batch), rate=f"{done / max(time.perf_counter() - start, 1e-9):.2f}")
+            if time.perf_counter() - last_flush > 10:
+                for f in pending:
+                    f.result()
+                pending.clear()
+                flush()
+                last_flush = time.perf_counter()
+        for f in pending:
+            f.result()
 
 
 def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary:
-    """Label every image of ``cfg.images`` into ``cfg.out``; images already done are skipped."""
+    """Label every image of ``cfg.images`` into ``cfg.out``; images already done are skipped.
+
+    Under ``torchrun`` each rank takes every world-th image and rank 0 merges the records, so the
+    output folder is the same as one process would write.
+    """
     console = console or Console(stderr=True)
     items = find_images(cfg.images)
     _check_out(cfg.images, cfg.out)
     class_set = load_class_set(cfg.classes)
     given = read_labels(cfg.labels, class_set) if cfg.labels else None
-    device = resolve_device(cfg.device)
     dtype_name = cfg.dtype or "float32"
     if dtype_name not in DTYPES:
         raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
+    device = resolve_device(cfg.device)
+    dist_info = init_from_env(device.type == "cuda")
+    if device.type == "cuda" and dist_info.world > 1:
+        device = torch.device("cuda", dist_info.local_rank)
+    try:
+        return _label_folder(cfg, console, items, class_set, given, dtype_name, device, dist_info)
+    finally:
+        shutdown(dist_info)
 
+
+def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,
+                  device: torch.device, dist_info: DistInfo) -> RunSummary:
     settings = {"model": cfg.model or "default", "classes": class_set.to_dict(), "labels": str(cfg.labels),
                 "dtype": dtype_name, "bg_power": cfg.bg_power, "zero_shot_threshold": cfg.zero_shot_threshold,
                 "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
                 "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose}
-    out = RunOutput(cfg.out, settings, save_cams=cfg.save_cams, overlays=cfg.overlays, overwrite=cfg.overwrite)
+    out = RunOutput(cfg.out, settings, save_cams=cfg.save_cams, overlays=cfg.overlays, overwrite=cfg.overwrite,
+                    rank=dist_info.rank, world=dist_info.world)
     summary = RunSummary()
     todo = []
     for stem, path in items:
@@ -143,40 +225,41 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
         elif given is not None and _lookup(given, stem) is None:
             summary.unlabelled.append(stem)
         else:
-            todo.append((stem, path))
+            todo.append((stem, path, None if given is None else _lookup(given, stem)))
+    todo = todo[dist_info.rank::dist_info.world]
     manifest = {"tool": "clipes label", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "input": str(cfg.images.resolve()), "options": {k: str(v) if isinstance(v, Path) else v
                                                                for k, v in asdict(cfg).items()},
-                "versions": _versions(), "device": str(device)}
-    if not todo:
-        out.flush(manifest)
-        return summary
+                "versions": _versions(), "device": str(device), "world_size": dist_info.world}
 
-    clip = load_clip(cfg.model, device=device, dtype=DTYPES[dtype_name])
-    manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
-    labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
-                      zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side)
     start = time.perf_counter()
-    last_flush = start
     try:
-        with _progress(console) as progress:
-            for stem, path in _iterate(todo, progress):
-                try:
-                    image = read_image(path, cfg.exif_transpose)
-                except ImageError as e:
-                    summary.failed.append((str(path), str(e)))
-                    progress.console.print(f"[yellow]skipped[/] {e}")
-                    continue
-                labels = None if given is None else _lookup(given, stem)
-                result = labeler.label(image, labels)
-                out.write(stem, result, class_set.classes, image if cfg.overlays else None)
-                summary.labelled += 1
-                if time.perf_counter() - last_flush > 10:
-                    out.flush(manifest)
-                    last_flush = time.perf_counter()
+        if todo:
+            clip = load_clip(cfg.model, device=device, dtype=DTYPES[dtype_name])
+            manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
+            labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
+                              zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side,
+                              per_pair_backward=cfg.per_pair_backward)
+            batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
+            sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
+            dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose, cfg.overlays)
+            loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
+                                num_workers=cfg.workers, pin_memory=device.type == "cuda")
+            with _progress(console, dist_info.is_main) as progress:
+                _run_batches(loader, _BatchSizer(labeler, batch_size), out, class_set.classes, summary, progress,
+                             lambda: out.flush(manifest))
     finally:
         summary.seconds = time.perf_counter() - start
-        manifest["summary"] = {"labelled": summary.labelled, "skipped": summary.skipped,
-                               "failed": summary.failed, "unlabelled": summary.unlabelled}
         out.flush(manifest)
+        parts = gather_to_rank0((out.labels, summary), dist_info)
+        if parts is not None:
+            total = RunSummary(seconds=max(p[1].seconds for p in parts), unlabelled=summary.unlabelled,
+                               skipped=summary.skipped)
+            for _, part in parts:
+                total.labelled += part.labelled
+                total.failed += part.failed
+            manifest["summary"] = {"labelled": total.labelled, "skipped": total.skipped,
+                                   "failed": total.failed, "unlabelled": total.unlabelled}
+            out.finalize([p[0] for p in parts], manifest)
+            summary = total
     return summary

@@ -160,3 +160,15 @@ def test_low_precision_runs_and_keeps_layer_norms_fp32(golden, golden_labels, dt
     # random weights make the refined maps nearly flat, so low precision moves some pixels;
     # bf16 accuracy targets belong to the fast path's own tests
     assert (res.mask == ref["pseudo_mask_t1"]).mean() > 0.9
+
+
+def test_per_pair_baseline_gives_the_same_results(tiny_clip, golden, golden_labels):
+    fast = Labeler(tiny_clip, load_class_set("voc"))
+    slow = Labeler(tiny_clip, load_class_set("voc"), per_pair_backward=True)
+    names = ["coffee.png", "2009_000573.png"]  # two classes each
+    images = [Image.open(golden / "images" / n) for n in names]
+    for a, b in zip(fast.label_batch(images, [golden_labels[n] for n in names]),
+                    slow.label_batch(images, [golden_labels[n] for n in names]), strict=True):
+        np.testing.assert_allclose(a.cam, b.cam, atol=1e-5)
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+        np.testing.assert_array_equal(a.mask, b.mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -47,19 +48,29 @@ def label(
     save_cams: Annotated[bool, typer.Option("--save-cams", help="Also write cams/<stem>.npz.")] = False,
     overlays: Annotated[bool, typer.Option("--overlays", help="Also write overlays/<stem>.jpg.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already labelled.")] = False,
+    batch_size: Annotated[str, typer.Option(
+        help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU, halved on "
+             "out-of-memory.")] = "auto",
+    workers: Annotated[int, typer.Option(help="DataLoader processes decoding and resizing images.")] = 2,
 ) -> None:
     """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
     console = Console(stderr=True)
+    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
+        console.print(f"[bold red]error:[/] --batch-size must be a positive integer or 'auto', not {batch_size!r}")
+        raise typer.Exit(2)
     cfg = LabelConfig(images=images, out=out, classes=classes, labels=labels, model=model, device=device,
                       dtype=dtype, bg_power=bg_power, box_threshold=box_threshold,
                       zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
-                      overwrite=overwrite)
+                      overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
+                      workers=workers)
     try:
         summary = label_folder(cfg, console)
     except ClipesError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         raise typer.Exit(2) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 reports for the whole job
     console.print(f"labelled {summary.labelled} image(s) in {summary.seconds:.1f}s "
                   f"({summary.images_per_second:.2f} img/s), {summary.skipped} already done, "
                   f"{len(summary.failed)} unreadable -> {out}", highlight=False)
