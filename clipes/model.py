@@ -16,7 +16,9 @@ from torch import nn
 
 from .errors import ClipesError
 
-__all__ = ["DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "load_clip", "resolve_device"]
+__all__ = [
+    "DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "cpu_has_fast_bf16", "load_clip", "resolve_device",
+]
 
 DEFAULT_MODEL = "ViT-B-16/openai"
 MODEL_ENV = "CLIPES_MODEL"
@@ -64,6 +66,15 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return dev
+
+
+def cpu_has_fast_bf16() -> bool | None:
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16); None when it cannot tell."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:

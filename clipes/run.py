@@ -22,7 +22,7 @@ from .errors import ClipesError
 from .images import IMAGE_SUFFIXES
 from .labeler import Labeler, LabelResult, PreparedImage
 from .labels import read_labels
-from .model import load_clip, resolve_device
+from .model import cpu_has_fast_bf16, load_clip, resolve_device
 from .output import RunOutput
 from .prompts import load_class_set
 
@@ -200,6 +200,9 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     if dtype_name not in DTYPES:
         raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)
+    if device.type == "cpu" and dtype_name != "float32" and cpu_has_fast_bf16() is False:
+        console.print(f"[yellow]warning:[/] this CPU has no low-precision matrix units (AMX / AVX512-BF16): "
+                      f"--dtype {dtype_name} will run far slower than float32 here")
     dist_info = init_from_env(device.type == "cuda")
     if device.type == "cuda" and dist_info.world > 1:
         device = torch.device("cuda", dist_info.local_rank)

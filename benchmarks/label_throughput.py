@@ -1,0 +1,125 @@
+"""Labelling throughput: the reference-style loop against the batched engine, side by side.
+
+    python benchmarks/label_throughput.py                        # CPU, fp32, random ViT-B/16
+    python benchmarks/label_throughput.py --device cuda --dtype bfloat16 --images 512
+    python benchmarks/label_throughput.py --model ../shared/golden/tiny-clip-vit-b16-random.pt
+
+Both modes run the same engine in memory (CAM + CAA + mask; no CRF, no disk): ``reference`` labels
+one image at a time with one backward pass per class, as the authors' code does; ``batched``
+groups images and backpropagates all their classes at once. Each mode runs in its own process so
+that peak memory is its own. Images are VOC-sized (513 x 513 by default) with 1.37 classes per
+image on average; they are the golden photos when available, else noise. Prints a table and
+writes JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def _images(n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[list[int]]]:
+    rng = np.random.default_rng(seed)
+    photos = sorted((GOLDEN / "images").glob("*.png")) if (GOLDEN / "images").is_dir() else []
+    images, labels = [], []
+    for i in range(n):
+        if photos:
+            img = Image.open(photos[i % len(photos)]).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        else:
+            img = Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+        images.append(img)
+        k = 2 if rng.random() < 0.37 else 1
+        labels.append([int(c) for c in rng.choice(20, size=k, replace=False)])
+    return images, labels
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    from clipes import Labeler, load_class_set, load_clip
+    from clipes.run import DTYPES
+
+    device = torch.device(args.device)
+    clip = load_clip(args.model, device=device, dtype=DTYPES[args.dtype])
+    reference = args.mode == "reference"
+    labeler = Labeler(clip, load_class_set("voc"), per_pair_backward=reference)
+    images, labels = _images(args.images + args.warmup, args.size)
+    prepared = [labeler.prepare(img, lab) for img, lab in zip(images, labels, strict=True)]
+    batch = 1 if reference else args.batch_size
+
+    def run(items) -> None:
+        for i in range(0, len(items), batch):
+            labeler.label_prepared(items[i:i + batch])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run(prepared[: args.warmup])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    run(prepared[args.warmup:])
+    seconds = time.perf_counter() - start
+    return {"mode": args.mode, "images": args.images, "batch_size": batch, "seconds": seconds,
+            "images_per_second": args.images / seconds, "peak_memory_mib": _peak_bytes(device) / 2**20,
+            "classes_per_image": float(np.mean([len(lab) for lab in labels[args.warmup:]]))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-16", help="default: random full-size ViT-B/16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--images", type=int, default=8, help="timed images per mode")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--size", type=int, default=513)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--modes", default="reference,batched")
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.mode:  # child process: one mode, JSON on stdout
+        print(json.dumps(run_mode(args)))
+        return
+
+    rows = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--mode", mode, *[a for a in sys.argv[1:] if a != "--json"]]
+        if args.json:
+            cmd = [c for c in cmd if c != str(args.json)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    result = {"model": args.model, "device": args.device, "hardware": gpu, "dtype": args.dtype,
+              "size": args.size, "threads": torch.get_num_threads(), "results": rows}
+    base = rows[0]["images_per_second"]
+    table = Table(title=f"clipes label throughput: {args.model}, {args.dtype}, {args.size}x{args.size}, {gpu}")
+    for col in ("mode", "batch", "images", "img/s", "speed-up", "peak MiB"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["mode"], str(r["batch_size"]), str(r["images"]), f"{r['images_per_second']:.3f}",
+                      f"{r['images_per_second'] / base:.2f}x", f"{r['peak_memory_mib']:.0f}")
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
