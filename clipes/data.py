@@ -23,7 +23,6 @@ class Sample:
     stem: str
     path: str
     prepared: PreparedImage | None = None
-    image: np.ndarray | None = None
     error: str | None = None
 
     def pin_memory(self) -> Sample:
@@ -74,8 +73,8 @@ class ImageFolderDataset(Dataset):
         except ImageError as e:
             return Sample(stem, str(path), error=str(e))
         tensor = preprocess(img, self.patch, self.max_side)
-        keep = np.asarray(img.convert("RGB")) if self.keep_image else None
-        return Sample(stem, str(path), PreparedImage(tensor, (img.height, img.width), labels), keep)
+        rgb = np.asarray(img.convert("RGB")) if self.keep_image else None
+        return Sample(stem, str(path), PreparedImage(tensor, (img.height, img.width), labels, rgb))
 
 
 def collate_samples(samples: list[Sample]) -> list[Sample]:

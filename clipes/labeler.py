@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .caa import box_mask, refine_cams, sinkhorn_affinity, upsample
 from .cam import CamPairs, softmax_gradcam, softmax_gradcam_per_pair
+from .crf import CrfParams, crf_labels
 from .images import preprocess, to_rgb_or_gray
 from .masks import pseudo_mask
 from .model import ClipModel
@@ -30,7 +31,9 @@ class LabelResult:
     grid, ``cam_refined`` (k, H, W) at the original size, ``mask`` (H, W) uint8 with 0 =
     background and c + 1 = class c. ``probs`` is the softmax over [labels] + [background prompts];
     ``attention`` (n, n) the head- and block-averaged patch attention CAA starts from; ``box_mask``
-    (k, n) the class boxes.
+    (k, n) the class boxes. With the CRF, ``mask`` is the CRF's label map (255 where its
+    probability is below the confidence threshold, if one is set) and ``confidence`` (H, W) that
+    probability.
     """
 
     labels: np.ndarray
@@ -44,15 +47,20 @@ class LabelResult:
     input_size: tuple[int, int]
     label_source: str = "given"
     scores: dict[str, float] = field(default_factory=dict)
+    confidence: np.ndarray | None = None
 
 
 @dataclass
 class PreparedImage:
-    """A network-ready image: normalised (3, H', W') tensor, original (H, W), class indices or None."""
+    """A network-ready image: normalised (3, H', W') tensor, original (H, W), class indices or None.
+
+    ``rgb`` keeps the original pixels (H, W, 3) uint8 when the CRF or an overlay needs them.
+    """
 
     tensor: Tensor
     size: tuple[int, int]
     labels: list[int] | None
+    rgb: np.ndarray | None = None
 
 
 class Labeler:
@@ -62,12 +70,14 @@ class Labeler:
     set's (0.4 VOC, 0.7 COCO); ``zero_shot_threshold`` is the softmax score over all classes plus
     background prompts above which a class counts as present when no labels are given.
     ``per_pair_backward`` runs one backward per (image, class), the reference's cost: a baseline
-    for benchmarks, with the same results.
+    for benchmarks, with the same results. ``crf`` refines masks with the reference's dense CRF;
+    ``confidence`` then marks pixels whose CRF probability is below it as 255.
     """
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
-                 attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False) -> None:
+                 attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False,
+                 crf: bool = False, confidence: float | None = None, crf_params: CrfParams | None = None) -> None:
         depth = len(clip.visual.transformer.resblocks)
         if not 1 <= attn_blocks <= depth:
             raise ValueError(f"attn_blocks must be in [1, {depth}]")
@@ -79,6 +89,9 @@ class Labeler:
         self.attn_blocks = attn_blocks
         self.max_side = max_side
         self._gradcam = softmax_gradcam_per_pair if per_pair_backward else softmax_gradcam
+        if confidence is not None and not crf:
+            raise ValueError("a confidence threshold needs the CRF (crf=True)")
+        self.crf, self.confidence, self.crf_params = crf, confidence, crf_params or CrfParams()
         self.text: TextFeatures = encode_class_set(clip, class_set)
         self.logit_scale = float(clip.model.logit_scale.exp())
 
@@ -100,7 +113,8 @@ class Labeler:
         image = to_rgb_or_gray(image)
         tensor = preprocess(image, self.clip.patch_size, self.max_side)
         indices = None if labels is None else self.class_indices(labels)
-        return PreparedImage(tensor, (image.height, image.width), indices)
+        rgb = np.asarray(image.convert("RGB")) if self.crf else None
+        return PreparedImage(tensor, (image.height, image.width), indices, rgb)
 
     def label(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> LabelResult:
         """Label one image; ``labels`` None infers the classes zero-shot."""
@@ -179,10 +193,18 @@ class Labeler:
             refined_low = refine_cams(affinity[i], cam, box)
             refined = upsample(refined_low, p.size)
             lab_t = torch.tensor(lab, dtype=torch.long, device=refined.device)
-            mask = pseudo_mask(refined, lab_t, self.bg_power)
+            refined_np = refined.cpu().numpy()
+            confidence = None
+            if self.crf:
+                if p.rgb is None:
+                    raise ValueError("the CRF needs the original pixels: prepare images with this Labeler")
+                mask_np, confidence = crf_labels(p.rgb, refined_np, lab, self.bg_power, self.confidence,
+                                                 self.crf_params)
+            else:
+                mask_np = pseudo_mask(refined, lab_t, self.bg_power).cpu().numpy()
             out.append(LabelResult(
-                labels=lab_t.cpu().numpy(), mask=mask.cpu().numpy(), cam=cam.float().cpu().numpy(),
-                cam_refined=refined.cpu().numpy(), cam_refined_lowres=refined_low.cpu().numpy(),
+                labels=lab_t.cpu().numpy(), mask=mask_np, cam=cam.float().cpu().numpy(),
+                cam_refined=refined_np, confidence=confidence, cam_refined_lowres=refined_low.cpu().numpy(),
                 box_mask=box.cpu().numpy(), attention=attn[i].cpu().numpy(), probs=prob.cpu().numpy(),
                 input_size=(images.shape[-2], images.shape[-1]), label_source=sources[i], scores=scores[i]))
             first += k

@@ -100,8 +100,11 @@ class RunOutput:
         """Write one image's outputs; the mask last, so that its presence means the image is done."""
         if self.save_cams:
             buf = io.BytesIO()
-            np.savez_compressed(buf, labels=result.labels.astype(np.int64), cam=result.cam.astype(np.float32),
-                                cam_refined=result.cam_refined.astype(np.float32))
+            arrays = {"labels": result.labels.astype(np.int64), "cam": result.cam.astype(np.float32),
+                      "cam_refined": result.cam_refined.astype(np.float32)}
+            if result.confidence is not None:
+                arrays["confidence"] = result.confidence.astype(np.float32)
+            np.savez_compressed(buf, **arrays)
             atomic_write(self.cams_path(stem), buf.getvalue())
         if self.overlays and image is not None:
             buf = io.BytesIO()

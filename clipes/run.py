@@ -55,6 +55,8 @@ class LabelConfig:
     overwrite: bool = False
     batch_size: int | None = None
     workers: int = 2
+    crf: bool = False
+    confidence: float | None = None
     per_pair_backward: bool = False
 
 
@@ -168,7 +170,7 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
                 if isinstance(res, str):
                     summary.failed.append((s.path, f"{s.path}: {res}"))
                     continue
-                image = None if s.image is None else Image.fromarray(s.image)
+                image = None if s.prepared.rgb is None or not out.overlays else Image.fromarray(s.prepared.rgb)
                 pending.append(writer.submit(out.write, s.stem, res, class_names, image))
                 summary.labelled += 1
             while len(pending) > 4 * max(1, len(batch)):  # bound memory held by queued writes
@@ -197,6 +199,13 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     class_set = load_class_set(cfg.classes)
     given = read_labels(cfg.labels, class_set) if cfg.labels else None
     dtype_name = cfg.dtype or "float32"
+    if cfg.confidence is not None and not cfg.crf:
+        raise ClipesError("--confidence needs --crf (it thresholds the CRF's probabilities)")
+    if cfg.crf:
+        try:
+            import pydensecrf.densecrf  # noqa: F401
+        except ImportError:
+            raise ClipesError("--crf needs pydensecrf: pip install 'clipes[crf]' (the pydensecrf2 package)") from None
     if dtype_name not in DTYPES:
         raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)
@@ -217,7 +226,8 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
     settings = {"model": cfg.model or "default", "classes": class_set.to_dict(), "labels": str(cfg.labels),
                 "dtype": dtype_name, "bg_power": cfg.bg_power, "zero_shot_threshold": cfg.zero_shot_threshold,
                 "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
-                "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose}
+                "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose, "crf": cfg.crf,
+                "confidence": cfg.confidence}
     out = RunOutput(cfg.out, settings, save_cams=cfg.save_cams, overlays=cfg.overlays, overwrite=cfg.overwrite,
                     rank=dist_info.rank, world=dist_info.world)
     summary = RunSummary()
@@ -242,10 +252,11 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
             manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
             labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                               zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side,
-                              per_pair_backward=cfg.per_pair_backward)
+                              per_pair_backward=cfg.per_pair_backward, crf=cfg.crf, confidence=cfg.confidence)
             batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
             sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
-            dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose, cfg.overlays)
+            dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose,
+                                         keep_image=cfg.overlays or cfg.crf)
             loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                                 num_workers=cfg.workers, pin_memory=device.type == "cuda")
             with _progress(console, dist_info.is_main) as progress:

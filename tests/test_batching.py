@@ -44,7 +44,7 @@ def test_dataset_turns_unreadable_files_into_errors(tmp_path):
                             keep_image=True)
     ok, bad = ds[0], ds[1]
     assert ok.error is None and ok.prepared.tensor.shape == (3, 32, 32) and ok.prepared.size == (30, 20)
-    assert ok.prepared.labels == [1] and ok.image.shape == (30, 20, 3)
+    assert ok.prepared.labels == [1] and ok.prepared.rgb.shape == (30, 20, 3)
     assert bad.prepared is None and "bad.png" in bad.error
 
 

@@ -103,3 +103,39 @@ def test_cli_writes_reference_masks(golden, tmp_path):
         np.testing.assert_array_equal(cams["labels"], ref["labels"])
         np.testing.assert_allclose(cams["cam"], ref["cam_lowres"], rtol=0, atol=ATOL)
         assert labels[stem]["source"] == "given"
+
+
+@pytest.fixture(scope="module")
+def crf_results(tiny_clip, voc, golden, golden_labels):
+    from clipes import Labeler
+
+    plain = Labeler(tiny_clip, voc, crf=True)
+    cgl = Labeler(tiny_clip, voc, crf=True, confidence=0.95)
+    out = {}
+    for name in IMAGES:
+        image = Image.open(golden / "images" / name)
+        out[name] = (plain.label(image, golden_labels[name]), cgl.label(image, golden_labels[name]))
+    return out
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_crf_and_confidence_labels_match_reference(crf_results, name):
+    ref = expected(name)
+    plain, cgl = crf_results[name]
+    agree = float((plain.mask == ref["crf_label"]).mean())
+    assert agree >= 0.995, f"crf_label {agree:.5f}"
+    agree = float((cgl.mask == ref["pseudo_label_cgl"]).mean())
+    assert agree >= 0.995, f"pseudo_label_cgl {agree:.5f}"
+    np.testing.assert_array_equal(plain.confidence, cgl.confidence)
+    assert ((cgl.mask == 255) == (cgl.confidence < 0.95)).all()
+
+
+@pytest.mark.parametrize("name", IMAGES)
+def test_crf_on_reference_cams_is_exact(golden, name):
+    """Given the reference's own refined CAMs, the CRF step reproduces its labels pixel for pixel."""
+    from clipes.crf import crf_labels
+
+    ref = expected(name)
+    rgb = np.asarray(Image.open(golden / "images" / name).convert("RGB"))
+    mask, _ = crf_labels(rgb, ref["cam_refined"], ref["labels"], confidence=0.95)
+    np.testing.assert_array_equal(mask, ref["pseudo_label_cgl"])

@@ -52,6 +52,11 @@ def label(
         help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU, halved on "
              "out-of-memory.")] = "auto",
     workers: Annotated[int, typer.Option(help="DataLoader processes decoding and resizing images.")] = 2,
+    crf: Annotated[bool, typer.Option("--crf", help="Refine masks with the reference's dense CRF "
+                                                   "(pip install 'clipes[crf]').")] = False,
+    confidence: Annotated[float | None, typer.Option(
+        help="With --crf: pixels whose CRF probability is below this (CLIP-ES: 0.95) become 255, "
+             "ignored by train-seg.")] = None,
 ) -> None:
     """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
     console = Console(stderr=True)
@@ -63,7 +68,7 @@ def label(
                       zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
-                      workers=workers)
+                      workers=workers, crf=crf, confidence=confidence)
     try:
         summary = label_folder(cfg, console)
     except ClipesError as e:
