@@ -13,7 +13,7 @@ from pathlib import Path, PurePosixPath
 from .errors import ClipesError
 from .prompts import ClassSet, ClassSetError
 
-__all__ = ["LabelsError", "read_labels"]
+__all__ = ["LabelsError", "read_labels", "read_voc_xml"]
 
 
 class LabelsError(ClipesError):
@@ -88,7 +88,7 @@ def _read_text(path: Path, class_set: ClassSet) -> dict[str, list[int]]:
     return out
 
 
-def _read_voc_xml(files: list[Path], class_set: ClassSet) -> dict[str, list[int]]:
+def read_voc_xml(files: list[Path], class_set: ClassSet) -> dict[str, list[int]]:
     """VOC ``Annotations/*.xml``: every ``<object><name>``, difficult ones included; key = file stem."""
     out = {}
     for f in files:
@@ -108,7 +108,7 @@ def read_labels(path: str | Path, class_set: ClassSet) -> dict[str, list[int]]:
         files = sorted(path.glob("*.xml"))
         if not files:
             raise LabelsError(f"{path}: no VOC annotation (.xml) files found")
-        return _read_voc_xml(files, class_set)
+        return read_voc_xml(files, class_set)
     if not path.is_file():
         raise LabelsError(f"--labels {path}: no such file or folder")
     if path.suffix.lower() == ".json":
@@ -122,7 +122,7 @@ def read_labels(path: str | Path, class_set: ClassSet) -> dict[str, list[int]]:
             raise LabelsError(f"{path}: expected a JSON object mapping image names to class lists")
         return _read_json_map(data, class_set, path)
     if path.suffix.lower() == ".xml":
-        return _read_voc_xml([path], class_set)
+        return read_voc_xml([path], class_set)
     try:
         return _read_text(path, class_set)
     except UnicodeDecodeError as e:

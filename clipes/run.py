@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
+from .datasets import load_split
 from .distributed import DistInfo, gather_to_rank0, init_from_env, shutdown
 from .errors import ClipesError
 from .images import IMAGE_SUFFIXES
@@ -38,7 +39,7 @@ class LabelConfig:
     ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
     """
 
-    images: Path
+    images: Path | None
     out: Path
     classes: str = "voc"
     labels: Path | None = None
@@ -57,6 +58,8 @@ class LabelConfig:
     workers: int = 2
     crf: bool = False
     confidence: float | None = None
+    dataset: str | None = None
+    split: str = "train"
     per_pair_backward: bool = False
 
 
@@ -194,10 +197,17 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     output folder is the same as one process would write.
     """
     console = console or Console(stderr=True)
-    items = find_images(cfg.images)
+    if cfg.images is None:
+        raise ClipesError("give a folder of images, or --dataset voc|coco with its root folder")
+    if cfg.dataset:
+        split = load_split(cfg.dataset, cfg.images, cfg.split)
+        items, class_set = split.items, split.class_set
+        given = read_labels(cfg.labels, class_set) if cfg.labels else split.labels
+    else:
+        items = find_images(cfg.images)
+        class_set = load_class_set(cfg.classes)
+        given = read_labels(cfg.labels, class_set) if cfg.labels else None
     _check_out(cfg.images, cfg.out)
-    class_set = load_class_set(cfg.classes)
-    given = read_labels(cfg.labels, class_set) if cfg.labels else None
     dtype_name = cfg.dtype or "float32"
     if cfg.confidence is not None and not cfg.crf:
         raise ClipesError("--confidence needs --crf (it thresholds the CRF's probabilities)")
@@ -223,7 +233,8 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
 
 def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,
                   device: torch.device, dist_info: DistInfo) -> RunSummary:
-    settings = {"model": cfg.model or "default", "classes": class_set.to_dict(), "labels": str(cfg.labels),
+    labels_source = str(cfg.labels) if cfg.labels else (f"{cfg.dataset}/{cfg.split}" if cfg.dataset else None)
+    settings = {"model": cfg.model or "default", "classes": class_set.to_dict(), "labels": labels_source,
                 "dtype": dtype_name, "bg_power": cfg.bg_power, "zero_shot_threshold": cfg.zero_shot_threshold,
                 "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
                 "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose, "crf": cfg.crf,

@@ -12,6 +12,7 @@ from rich.console import Console
 from ..errors import ClipesError
 from ..model import MODEL_ENV
 from ..run import LabelConfig, label_folder
+from .evaluate import eval_command
 
 app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -24,7 +25,9 @@ def _root() -> None:
 
 @app.command()
 def label(
-    images: Annotated[Path, typer.Argument(help="Folder of images (searched recursively); never written to.")],
+    images: Annotated[Path | None, typer.Argument(
+        help="Folder of images (searched recursively; never written to), or the dataset root with "
+             "--dataset.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("clipes_out"),
     classes: Annotated[str, typer.Option(help="Class set: voc, coco, or a YAML / text file.")] = "voc",
     labels: Annotated[Path | None, typer.Option(
@@ -54,6 +57,10 @@ def label(
     workers: Annotated[int, typer.Option(help="DataLoader processes decoding and resizing images.")] = 2,
     crf: Annotated[bool, typer.Option("--crf", help="Refine masks with the reference's dense CRF "
                                                    "(pip install 'clipes[crf]').")] = False,
+    dataset: Annotated[str | None, typer.Option(
+        help="voc or coco: IMAGES is the dataset root; images and labels come from --split.")] = None,
+    split: Annotated[str, typer.Option(help="Dataset split (voc: train, val, train_aug, ...; coco: train, val).")
+                     ] = "train",
     confidence: Annotated[float | None, typer.Option(
         help="With --crf: pixels whose CRF probability is below this (CLIP-ES: 0.95) become 255, "
              "ignored by train-seg.")] = None,
@@ -68,7 +75,7 @@ def label(
                       zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
-                      workers=workers, crf=crf, confidence=confidence)
+                      workers=workers, crf=crf, confidence=confidence, dataset=dataset, split=split)
     try:
         summary = label_folder(cfg, console)
     except ClipesError as e:
@@ -84,6 +91,9 @@ def label(
                       + ", ".join(summary.unlabelled[:5]) + (" ..." if len(summary.unlabelled) > 5 else ""))
     for _path, why in summary.failed:
         console.print(f"[yellow]unreadable[/] {why}", highlight=False)
+
+
+app.command("eval")(eval_command)
 
 
 def main() -> None:

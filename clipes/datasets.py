@@ -1,0 +1,142 @@
+"""Standard datasets: PASCAL VOC 2012 and MS COCO 2014 (images, image-level labels, ground truth).
+
+A dataset gives the images of a split with their image-level labels, so that ``clipes label
+--dataset voc --root R --split train`` runs without a labels file, and ground-truth masks for
+``clipes eval``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ClipesError
+from .labels import read_labels, read_voc_xml
+from .prompts import ClassSet, load_class_set
+
+__all__ = ["CocoGroundTruth", "DatasetError", "DatasetSplit", "coco_split", "load_split", "voc_split"]
+
+
+class DatasetError(ClipesError):
+    """A dataset folder does not have the expected layout."""
+
+
+@dataclass
+class DatasetSplit:
+    """The images of a split as (stem, path), their labels, and where ground truth lives."""
+
+    name: str
+    class_set: ClassSet
+    root: Path
+    items: list[tuple[str, Path]]
+    labels: dict[str, list[int]]
+    gt_dir: Path | None = None
+    coco_json: Path | None = None
+
+
+def _voc_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    raise DatasetError(f"{root}: no JPEGImages/ found (expected VOCdevkit/VOC2012 or a folder holding it)")
+
+
+def voc_split(root: str | Path, split: str) -> DatasetSplit:
+    """PASCAL VOC 2012: ``ImageSets/Segmentation[Aug]/<split>.txt``, labels from ``Annotations/``."""
+    voc = _voc_root(Path(root))
+    candidates = [voc / "ImageSets" / "Segmentation" / f"{split}.txt",
+                  voc / "ImageSets" / "SegmentationAug" / f"{split}.txt", voc / "ImageSets" / "Main" / f"{split}.txt"]
+    split_file = next((c for c in candidates if c.is_file()), None)
+    if split_file is None:
+        raise DatasetError(f"{voc}: no split file for {split!r} (looked for {', '.join(str(c) for c in candidates)})")
+    stems = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    stems = [s.rsplit("/", 1)[-1].removesuffix(".jpg") for s in stems]
+    class_set = load_class_set("voc")
+    ann = voc / "Annotations"
+    if not ann.is_dir():
+        raise DatasetError(f"{voc}: no Annotations/ folder for the image-level labels")
+    missing = [s for s in stems if not (ann / f"{s}.xml").is_file() or not (voc / "JPEGImages" / f"{s}.jpg").is_file()]
+    if missing:
+        raise DatasetError(f"{split_file}: {len(missing)} image(s) without JPEGImages/*.jpg or Annotations/*.xml, "
+                           f"e.g. {missing[0]}")
+    labels = read_voc_xml([ann / f"{s}.xml" for s in stems], class_set)
+    gt = next((voc / d for d in ("SegmentationClassAug", "SegmentationClass") if (voc / d).is_dir()), None)
+    return DatasetSplit(f"voc/{split}", class_set, voc, [(s, voc / "JPEGImages" / f"{s}.jpg") for s in stems],
+                        labels, gt_dir=gt)
+
+
+def coco_split(root: str | Path, split: str) -> DatasetSplit:
+    """MS COCO 2014: ``<split>2014/`` images and ``annotations/instances_<split>2014.json``."""
+    root = Path(root)
+    split = split.removesuffix("2014")
+    ann = root / "annotations" / f"instances_{split}2014.json"
+    images = root / f"{split}2014"
+    if not ann.is_file():
+        raise DatasetError(f"{root}: no annotations/instances_{split}2014.json")
+    if not images.is_dir():
+        raise DatasetError(f"{root}: no {split}2014/ image folder")
+    class_set = load_class_set("coco")
+    labels = read_labels(ann, class_set)
+    data = json.loads(ann.read_text())
+    items = [(Path(im["file_name"]).stem, images / im["file_name"]) for im in data["images"]]
+    missing = [p for _, p in items if not p.is_file()]
+    if missing:
+        raise DatasetError(f"{images}: {len(missing)} image(s) listed in {ann.name} are missing, "
+                           f"e.g. {missing[0].name}")
+    return DatasetSplit(f"coco/{split}", class_set, root, sorted(items), labels, coco_json=ann)
+
+
+def load_split(name: str, root: str | Path, split: str) -> DatasetSplit:
+    if name == "voc":
+        return voc_split(root, split)
+    if name == "coco":
+        return coco_split(root, split)
+    raise DatasetError(f"--dataset {name!r}: choose voc or coco")
+
+
+class CocoGroundTruth:
+    """Semantic ground truth rasterised from COCO instances (pycocotools): 0 background, c + 1 class c.
+
+    Objects are painted largest first so that small ones stay visible; crowd regions not covered by
+    an object are 255 (ignored), as are images' pixels nobody can label.
+    """
+
+    def __init__(self, instances_json: str | Path, class_set: ClassSet | None = None) -> None:
+        try:
+            from pycocotools.coco import COCO
+        except ImportError as e:
+            raise ClipesError("COCO ground truth needs pycocotools: pip install 'clipes[coco]'") from e
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.coco = COCO(str(instances_json))
+        self.class_set = class_set or load_class_set("coco")
+        self.cat_to_value = {c["id"]: self.class_set.index(c["name"]) + 1 for c in self.coco.dataset["categories"]}
+        self.by_stem = {Path(im["file_name"]).stem: im["id"] for im in self.coco.dataset["images"]}
+
+    def __contains__(self, stem: str) -> bool:
+        return stem in self.by_stem
+
+    def stems(self) -> list[str]:
+        return sorted(self.by_stem)
+
+    def mask(self, stem: str) -> np.ndarray:
+        image_id = self.by_stem[stem]
+        info = self.coco.imgs[image_id]
+        out = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=[image_id]))
+        crowd = np.zeros_like(out, dtype=bool)
+        covered = np.zeros_like(out, dtype=bool)
+        for ann in sorted(anns, key=lambda a: -a.get("area", 0)):
+            m = self.coco.annToMask(ann).astype(bool)
+            if ann.get("iscrowd", 0):
+                crowd |= m
+            else:
+                out[m] = self.cat_to_value[ann["category_id"]]
+                covered |= m
+        out[crowd & ~covered] = 255
+        return out
