@@ -96,7 +96,7 @@ class RunOutput:
         return not (self.overlays and not self.overlay_path(stem).exists())
 
     def write(self, stem: str, result: LabelResult, class_names: tuple[str, ...],
-              image: Image.Image | None = None) -> None:
+              image: Image.Image | None = None, file: str | None = None) -> None:
         """Write one image's outputs; the mask last, so that its presence means the image is done."""
         if self.save_cams:
             buf = io.BytesIO()
@@ -113,6 +113,8 @@ class RunOutput:
             atomic_write(self.overlay_path(stem), buf.getvalue())
         atomic_write(self.mask_path(stem), _png_bytes(mask_to_png(result.mask)))
         entry: dict[str, Any] = {"labels": [class_names[i] for i in result.labels], "source": result.label_source}
+        if file is not None:
+            entry["file"] = file
         if result.scores:
             entry["scores"] = result.scores
         self.labels[stem] = entry

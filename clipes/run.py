@@ -174,7 +174,7 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
                     summary.failed.append((s.path, f"{s.path}: {res}"))
                     continue
                 image = None if s.prepared.rgb is None or not out.overlays else Image.fromarray(s.prepared.rgb)
-                pending.append(writer.submit(out.write, s.stem, res, class_names, image))
+                pending.append(writer.submit(out.write, s.stem, res, class_names, image, s.file))
                 summary.labelled += 1
             while len(pending) > 4 * max(1, len(batch)):  # bound memory held by queued writes
                 pending.pop(0).result()
@@ -267,7 +267,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
             batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
             sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
             dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose,
-                                         keep_image=cfg.overlays or cfg.crf)
+                                         keep_image=cfg.overlays or cfg.crf, root=cfg.images.resolve())
             loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                                 num_workers=cfg.workers, pin_memory=device.type == "cuda")
             with _progress(console, dist_info.is_main) as progress:

@@ -13,6 +13,7 @@ from ..errors import ClipesError
 from ..model import MODEL_ENV
 from ..run import LabelConfig, label_folder
 from .evaluate import eval_command
+from .view import view_command
 
 app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -94,6 +95,7 @@ def label(
 
 
 app.command("eval")(eval_command)
+app.command("view")(view_command)
 
 
 def main() -> None:

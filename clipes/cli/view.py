@@ -1,0 +1,37 @@
+"""``clipes view``: a static HTML page of a run, sortable by per-image IoU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import ClipesError
+from ..evaluate import open_ground_truth
+from ..prompts import load_class_set
+from ..view import build_view
+
+
+def view_command(
+    out: Annotated[Path, typer.Argument(help="A clipes output folder (from clipes label).")],
+    gt: Annotated[Path | None, typer.Option(help="Ground truth (label PNG folder or COCO JSON) for per-image IoU.")
+                  ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+) -> None:
+    """Write OUT/view/index.html: photo, pseudo mask, CAMs per class and, with --gt, IoU per image."""
+    console = Console(stderr=True)
+    try:
+        truth = None
+        if gt is not None:
+            manifest = out / "manifest.json"
+            name = json.loads(manifest.read_text()).get("settings", {}).get("classes", {}).get("name", "voc") \
+                if manifest.is_file() else "voc"
+            truth = open_ground_truth(gt, load_class_set(name if name in ("voc", "coco") else "voc"))
+        page = build_view(out, truth, limit)
+    except ClipesError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"wrote {page}", highlight=False)
