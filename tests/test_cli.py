@@ -65,7 +65,7 @@ def test_full_run_writes_every_output(tmp_path, images, golden):
     assert cams["cam"].shape == (2, 5, 8) and cams["cam_refined"].shape == (2, 80, 120)
     assert Image.open(out / "overlays" / "chelsea.jpg").size == (150, 100 + 18)  # legend strip below
     labels = json.loads((out / "labels.json").read_text())
-    assert labels["sub/coffee"] == {"labels": ["diningtable", "bottle"], "source": "given"}
+    assert labels["sub/coffee"] == {"labels": ["diningtable", "bottle"], "source": "given", "file": "sub/coffee.png"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["classes"]["name"] == "voc" and manifest["versions"]["torch"]
     assert manifest["summary"]["labelled"] == 4
