@@ -13,6 +13,7 @@ from ..errors import ClipesError
 from ..model import MODEL_ENV
 from ..run import LabelConfig, label_folder
 from .evaluate import eval_command
+from .train import segment_command, train_seg_command
 from .view import view_command
 
 app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).",
@@ -96,6 +97,8 @@ def label(
 
 app.command("eval")(eval_command)
 app.command("view")(view_command)
+app.command("train-seg")(train_seg_command)
+app.command("segment")(segment_command)
 
 
 def main() -> None:

@@ -1,0 +1,100 @@
+"""``clipes train-seg`` and ``clipes segment``: the segmenter stage of CLIP-ES."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from ..errors import ClipesError
+from ..model import resolve_device
+
+
+def train_seg_command(
+    config: Annotated[Path | None, typer.Option(help="YAML config; flags given here override it.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder: checkpoints, log, config.")] = None,
+    images: Annotated[str | None, typer.Option(help="Training images.")] = None,
+    masks: Annotated[str | None, typer.Option(help="Pseudo masks (clipes label's masks/), 255 ignored.")] = None,
+    val_images: Annotated[str | None, typer.Option(help="Validation images.")] = None,
+    val_masks: Annotated[str | None, typer.Option(help="Validation ground truth.")] = None,
+    confidence: Annotated[str | None, typer.Option(
+        help="A clipes label run made with --crf --save-cams: weight pixels by its CRF confidence.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="voc or coco (images from --root/--split).")] = None,
+    root: Annotated[str | None, typer.Option(help="Dataset root.")] = None,
+    split: Annotated[str | None, typer.Option(help="Training split [train].")] = None,
+    val_split: Annotated[str | None, typer.Option(help="Validation split [val], scored on its ground truth.")
+                         ] = None,
+    classes: Annotated[str | None, typer.Option(help="Class set [voc].")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="clip-linear, clip-segmenter, deeplabv3-resnet50, deeplabv3-resnet101 or tiny [clip-linear].")] = None,
+    clip_model: Annotated[str | None, typer.Option(help="CLIP weights for clip-* models (as clipes label --model).")
+                          ] = None,
+    finetune: Annotated[bool | None, typer.Option("--finetune/--freeze", help="Train the backbone too.")] = None,
+    backbone_weights: Annotated[str | None, typer.Option(
+        help="DeepLab: a torchvision ResNet state dict, 'imagenet' (download) or 'random'.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw [preset].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [preset].")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[preset]")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps [preset: 20000].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size [preset].")] = None,
+    crop: Annotated[int | None, typer.Option(help="Random crop size [preset: 321 DeepLab, 448 ViT].")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", help="bf16 autocast.")] = None,
+    seed: Annotated[int | None, typer.Option(help="[0]")] = None,
+    val_every: Annotated[int | None, typer.Option(help="Validate and checkpoint every N steps [500].")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader processes [2].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+    stop_at: Annotated[int | None, typer.Option(help="Stop after this step (resume later).")] = None,
+) -> None:
+    """Train a segmenter on pseudo masks with the confidence-guided loss."""
+    from ..segment.train import load_config, train
+
+    console = Console(stderr=True)
+    overrides = dict(out=out, images=images, masks=masks, val_images=val_images, val_masks=val_masks,
+                     confidence=confidence, dataset=dataset, root=root, split=split, val_split=val_split,
+                     classes=classes, model=model, clip_model=clip_model,
+                     freeze_backbone=None if finetune is None else not finetune, backbone_weights=backbone_weights,
+                     optimizer=optimizer, lr=lr, weight_decay=weight_decay, steps=steps, batch_size=batch_size,
+                     crop=crop, bf16=bf16, seed=seed, val_every=val_every, workers=workers, device=device,
+                     resume=resume or None, stop_at=stop_at)
+    try:
+        result = train(load_config(config, overrides), console)
+    except ClipesError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = result["best_miou"]
+        console.print(f"step {result['step']}, loss {result['loss']:.4f}"
+                      + (f", best val mIoU {100 * best:.2f}" if best is not None else ""), highlight=False)
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}))
+
+
+def segment_command(
+    images: Annotated[Path, typer.Argument(help="Folder of images.")],
+    checkpoint: Annotated[Path, typer.Option(help="A train-seg checkpoint (best.pt or last.pt).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predicted label PNGs.")],
+    scales: Annotated[str, typer.Option(help="Comma-separated test scales, e.g. 0.75,1,1.25.")] = "1",
+    flip: Annotated[bool, typer.Option("--flip", help="Also average horizontally flipped predictions.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already predicted.")] = False,
+) -> None:
+    """Predict segmentation masks (VOC palette PNGs) with a trained segmenter."""
+    from ..segment.infer import segment_folder
+
+    console = Console(stderr=True)
+    try:
+        with Progress(console=console) as progress:
+            done, skipped, failed = segment_folder(checkpoint, images, out, resolve_device(device),
+                                                   tuple(float(s) for s in scales.split(",")), flip, overwrite,
+                                                   progress)
+    except (ClipesError, ValueError) as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"segmented {done} image(s), {skipped} already done -> {out}", highlight=False)
+    for why in failed:
+        console.print(f"[yellow]unreadable[/] {why}", highlight=False)

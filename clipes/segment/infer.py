@@ -1,0 +1,91 @@
+"""``clipes segment``: predictions of a trained segmenter as palette PNGs (multi-scale, flip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ClipesError
+from ..images import CLIP_MEAN, CLIP_STD, ImageError, read_image
+from ..masks import mask_to_png
+from ..output import atomic_write
+from .models import SEGMENTERS, build_segmenter
+from .train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, load_checkpoint, predict_logits
+
+__all__ = ["load_segmenter", "segment_image"]
+
+
+def _skeleton_clip_spec(spec: str | None) -> str | None:
+    """The CLIP spec to rebuild the architecture: ``ARCH/TAG`` needs no download, the checkpoint has the weights."""
+    if spec and "/" in spec and not Path(spec).expanduser().exists() and not spec.startswith("hf-hub:"):
+        return spec.split("/", 1)[0]
+    return spec
+
+
+def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, TrainConfig, list[str]]:
+    """A trained segmenter from a ``train-seg`` checkpoint, in eval mode."""
+    ckpt = load_checkpoint(checkpoint)
+    if "model" not in ckpt or "config" not in ckpt:
+        raise ClipesError(f"{checkpoint}: not a clipes train-seg checkpoint")
+    cfg = TrainConfig(**ckpt["config"])
+    classes = ckpt["classes"]
+    backbone = "random" if cfg.model.startswith("deeplab") else cfg.backbone_weights
+    model = build_segmenter(cfg.model, len(classes) + 1, clip_model=_skeleton_clip_spec(cfg.clip_model),
+                            freeze_backbone=True, backbone_weights=backbone)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), cfg, classes
+
+
+@torch.no_grad()
+def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: torch.device,
+                  scales: tuple[float, ...] = (1.0,), flip: bool = False) -> np.ndarray:
+    """Label map (H, W) uint8: softmax averaged over scales (and horizontal flips), then argmax."""
+    mean, std = (CLIP_MEAN, CLIP_STD) if not cfg.model.startswith("deeplab") else (IMAGENET_MEAN, IMAGENET_STD)
+    x = (torch.tensor(rgb, dtype=torch.float32).div(255) - torch.tensor(mean)) / torch.tensor(std)
+    x = x.permute(2, 0, 1)[None].to(device)
+    h, w = x.shape[-2:]
+    stride = SEGMENTERS[cfg.model].stride
+    total = None
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        variants = [xs, xs.flip(-1)] if flip else [xs]
+        for k, v in enumerate(variants):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = predict_logits(model, v, stride).float()
+            if k:
+                logits = logits.flip(-1)
+            probs = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+            total = probs if total is None else total + probs
+    return total[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],
+                   flip: bool, overwrite: bool, progress) -> tuple[int, int, list[str]]:
+    """Predict every image under ``images`` into ``out/<stem>.png``; returns done, skipped, failures."""
+    from ..run import _check_out, find_images
+
+    items = find_images(images)
+    _check_out(images, out)
+    model, cfg, _ = load_segmenter(checkpoint, device)
+    done, skipped, failed = 0, 0, []
+    for stem, path in progress.track(items, description="segmenting"):
+        target = out / f"{stem}.png"
+        if target.exists() and not overwrite:
+            skipped += 1
+            continue
+        try:
+            rgb = np.asarray(read_image(path).convert("RGB"))
+        except ImageError as e:
+            failed.append(str(e))
+            continue
+        import io
+
+        buf = io.BytesIO()
+        mask_to_png(segment_image(model, cfg, rgb, device, scales, flip)).save(buf, format="PNG")
+        atomic_write(target, buf.getvalue())
+        done += 1
+    return done, skipped, failed

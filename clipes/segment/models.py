@@ -1,0 +1,198 @@
+"""Segmenters chosen by name: CLIP ViT with a linear or mask-transformer head, DeepLabV3, a tiny net.
+
+Every model maps (B, 3, H, W) normalised images to (B, C, H, W) logits for any H, W (multiples
+of 16 for the ViTs, which interpolate their positional embedding as ``clipes label`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ClipesError
+from ..vit import block_forward, embed
+
+__all__ = [
+    "SEGMENTERS",
+    "ClipDenseEncoder",
+    "LinearHead",
+    "MaskTransformerHead",
+    "SegmenterSpec",
+    "TinySegmenter",
+    "build_segmenter",
+]
+
+
+class TinySegmenter(nn.Module):
+    """A few strided convolutions with GroupNorm (no batch statistics, so DDP matches one process)."""
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(4, cout), nn.ReLU(inplace=True))
+
+        self.encoder = nn.Sequential(block(3, width, 2), block(width, width, 1), block(width, 2 * width, 2),
+                                     block(2 * width, 2 * width, 1))
+        self.head = nn.Conv2d(2 * width, num_classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.head(self.encoder(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ClipDenseEncoder(nn.Module):
+    """Patch features of a CLIP ViT: every block, then ``ln_post``; (B, D, H/p, W/p)."""
+
+    def __init__(self, visual: nn.Module, frozen: bool = True) -> None:
+        super().__init__()
+        self.visual = visual
+        self.frozen = frozen
+        self.visual.requires_grad_(not frozen)
+        self.dim = int(visual.ln_post.weight.shape[0])
+        self.patch = int(visual.conv1.kernel_size[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            t = embed(self.visual, x)
+            for blk in self.visual.transformer.resblocks:
+                t, _ = block_forward(blk, t)
+            t = self.visual.ln_post(t[:, 1:])
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        return t.transpose(1, 2).reshape(x.shape[0], self.dim, h, w)
+
+
+class LinearHead(nn.Module):
+    """Per-patch linear classifier (Segmenter's linear baseline)."""
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.proj(feats)
+
+
+class MaskTransformerHead(nn.Module):
+    """Segmenter's mask transformer (Strudel et al., 2021): learnable class tokens attend jointly with
+    the patch tokens; masks are the scalar products of normalised patch and class embeddings."""
+
+    def __init__(self, dim: int, num_classes: int, d_model: int = 256, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.proj_in = nn.Linear(dim, d_model)
+        self.cls = nn.Parameter(torch.randn(1, num_classes, d_model) * d_model ** -0.5)
+        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers)
+        self.proj_patch = nn.Linear(d_model, d_model, bias=False)
+        self.proj_cls = nn.Linear(d_model, d_model, bias=False)
+        self.norm = nn.LayerNorm(num_classes)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        b, _, h, w = feats.shape
+        x = self.proj_in(feats.flatten(2).transpose(1, 2))
+        x = self.blocks(torch.cat([x, self.cls.expand(b, -1, -1)], dim=1))
+        patches, cls = x[:, : h * w], x[:, h * w:]
+        patches = F.normalize(self.proj_patch(patches), dim=-1)
+        cls = F.normalize(self.proj_cls(cls), dim=-1)
+        masks = self.norm(patches @ cls.transpose(1, 2))
+        return masks.transpose(1, 2).reshape(b, -1, h, w)
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder features -> head logits at feature resolution -> bilinear upsampling to the input."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.head(self.encoder(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class DeepLab(nn.Module):
+    """torchvision's DeepLabV3, returning the main output only."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)["out"]
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """What ``train-seg`` needs to know about a model family: its optimiser preset and input stride."""
+
+    build: Callable[..., nn.Module]
+    preset: str
+    stride: int
+
+
+def _clip(head: str):
+    def build(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = True,
+              backbone_weights: str | None = None) -> nn.Module:
+        from ..model import load_clip
+
+        visual = load_clip(clip_model).model.visual
+        encoder = ClipDenseEncoder(visual, frozen=freeze_backbone)
+        module = LinearHead(encoder.dim, num_classes) if head == "linear" else MaskTransformerHead(
+            encoder.dim, num_classes)
+        return EncoderDecoder(encoder, module)
+    return build
+
+
+def _deeplab(depth: int):
+    def build(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
+              backbone_weights: str | None = None) -> nn.Module:
+        from torchvision.models import ResNet50_Weights, ResNet101_Weights
+        from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
+
+        factory = deeplabv3_resnet50 if depth == 50 else deeplabv3_resnet101
+        imagenet = ResNet50_Weights.IMAGENET1K_V1 if depth == 50 else ResNet101_Weights.IMAGENET1K_V1
+        if backbone_weights in (None, "imagenet"):
+            try:
+                model = factory(weights=None, weights_backbone=imagenet, num_classes=num_classes, aux_loss=False)
+            except Exception as e:
+                raise ClipesError(f"cannot download ImageNet weights for ResNet-{depth} ({e}). Pass "
+                                  f"--backbone-weights with a local torchvision ResNet-{depth} state dict, or "
+                                  "--backbone-weights random") from None
+        else:
+            model = factory(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+            if backbone_weights != "random":
+                state = torch.load(backbone_weights, map_location="cpu", weights_only=True)
+                state = {k: v for k, v in state.get("state_dict", state).items() if not k.startswith("fc.")}
+                missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+                if unexpected or len(missing) > 0:
+                    raise ClipesError(f"{backbone_weights}: not a torchvision ResNet-{depth} state dict "
+                                      f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        if freeze_backbone:
+            model.backbone.requires_grad_(False)
+        return DeepLab(model)
+    return build
+
+
+def _tiny(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
+          backbone_weights: str | None = None) -> nn.Module:
+    return TinySegmenter(num_classes)
+
+
+SEGMENTERS: dict[str, SegmenterSpec] = {
+    "clip-linear": SegmenterSpec(_clip("linear"), "vit", 16),
+    "clip-segmenter": SegmenterSpec(_clip("mask"), "vit", 16),
+    "deeplabv3-resnet50": SegmenterSpec(_deeplab(50), "deeplab", 8),
+    "deeplabv3-resnet101": SegmenterSpec(_deeplab(101), "deeplab", 8),
+    "tiny": SegmenterSpec(_tiny, "vit", 4),
+}
+
+
+def build_segmenter(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """A segmenter by registry name (see ``SEGMENTERS``)."""
+    if name not in SEGMENTERS:
+        raise ClipesError(f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTERS)}")
+    return SEGMENTERS[name].build(num_classes, **kwargs)
