@@ -1,0 +1,63 @@
+"""Seconds per training step of a segmenter (forward, CGL loss, backward, optimiser step).
+
+    python benchmarks/train_step.py --model tiny --batch-size 8 --crop 64
+    python benchmarks/train_step.py --model clip-linear --clip-model ViT-B-16 --batch-size 16 --crop 448 --bf16
+
+Random images and masks in memory (no data loading), so the figure is the model's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from clipes.model import resolve_device
+from clipes.segment.models import build_segmenter
+from clipes.segment.train import PRESETS, SEGMENTERS, TrainConfig, _optimizer, cgl_loss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--clip-model", default="ViT-B-16")
+    ap.add_argument("--finetune", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    cfg = TrainConfig(model=args.model, clip_model=args.clip_model, freeze_backbone=not args.finetune).resolved()
+    model = build_segmenter(args.model, 21, clip_model=args.clip_model, freeze_backbone=not args.finetune,
+                            backbone_weights="random").to(device).train()
+    opt = _optimizer(model, cfg)
+    x = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device)
+    y = torch.randint(0, 21, (args.batch_size, args.crop, args.crop), device=device)
+    w = torch.ones(y.shape, device=device)
+    times = []
+    for i in range(args.steps + 1):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(x)
+        loss = cgl_loss(logits, y, w, w.numel())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - start)
+    s = sum(times) / len(times)
+    print(json.dumps({"model": args.model, "preset": SEGMENTERS[args.model].preset, "device": str(device),
+                      "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                      "batch_size": args.batch_size, "crop": args.crop, "bf16": args.bf16, "finetune": args.finetune,
+                      "seconds_per_step": round(s, 4), "steps_per_second": round(1 / s, 3),
+                      "optimizer": PRESETS[SEGMENTERS[args.model].preset]["optimizer"]}))
+
+
+if __name__ == "__main__":
+    main()
