@@ -148,3 +148,18 @@ def test_train_seg_errors_are_clear(synthetic, tmp_path):
                               "--masks", str(synthetic / "noisy"), "--out", str(tmp_path / "d"), "--steps", "1",
                               "--device", "cpu", "--workers", "0"])
     assert res.exit_code == 2 and "--backbone-weights" in _said(res)
+
+
+@pytest.mark.parametrize("model", ["clip-linear", "clip-segmenter"])
+def test_clip_heads_train_and_segment(synthetic, golden, tmp_path, model):
+    ckpt = str(golden / "tiny-clip-vit-b16-random.pt")
+    result = train(_config(synthetic, tmp_path / "run", model=model, clip_model=ckpt, steps=3, val_every=3))
+    assert result["step"] == 3 and np.isfinite(result["loss"]) and result["best_miou"] is not None
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert saved["config"]["clip_model"] == ckpt and saved["config"]["freeze_backbone"]
+    frozen = [k for k in saved["model"] if k.startswith("encoder.visual.")]
+    assert frozen  # the encoder's weights travel in the checkpoint
+    res = runner.invoke(app, ["segment", str(synthetic / "val_images"), "--checkpoint",
+                              str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 12

@@ -20,10 +20,22 @@ __all__ = ["load_segmenter", "segment_image"]
 
 
 def _skeleton_clip_spec(spec: str | None) -> str | None:
-    """The CLIP spec to rebuild the architecture: ``ARCH/TAG`` needs no download, the checkpoint has the weights."""
-    if spec and "/" in spec and not Path(spec).expanduser().exists() and not spec.startswith("hf-hub:"):
-        return spec.split("/", 1)[0]
-    return spec
+    """The CLIP spec that rebuilds the architecture without downloading: the checkpoint has the weights.
+
+    ``ARCH/TAG`` becomes ``ARCH`` (random init), or ``ARCH-quickgelu`` where the tag's weights use
+    QuickGELU (OpenAI's), so the activation matches the trained model.
+    """
+    import open_clip
+
+    from ..model import DEFAULT_MODEL
+
+    spec = spec or DEFAULT_MODEL
+    if "/" not in spec or Path(spec).expanduser().exists() or spec.startswith("hf-hub:"):
+        return spec
+    arch, tag = spec.split("/", 1)
+    if open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu") and f"{arch}-quickgelu" in open_clip.list_models():
+        return f"{arch}-quickgelu"
+    return arch
 
 
 def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, TrainConfig, list[str]]:

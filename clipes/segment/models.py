@@ -86,7 +86,7 @@ class MaskTransformerHead(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, num_classes, d_model) * d_model ** -0.5)
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0, batch_first=True,
                                            norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, layers)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.proj_patch = nn.Linear(d_model, d_model, bias=False)
         self.proj_cls = nn.Linear(d_model, d_model, bias=False)
         self.norm = nn.LayerNorm(num_classes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import random
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..errors import ClipesError
 from ..evaluate import confusion, scores
 from ..images import CLIP_MEAN, CLIP_STD
 from ..masks import IGNORE
-from ..model import resolve_device
+from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
 from ..output import atomic_write
 from ..prompts import load_class_set
 from .data import PositionSampler, SegDataset, SegItem, pair_folders
@@ -214,6 +215,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the final step, loss and best validation mIoU."""
     console = console or Console(stderr=True)
     cfg = cfg.resolved()
+    if cfg.model.startswith("clip") and cfg.clip_model is None:  # record what was used, for `clipes segment`
+        cfg.clip_model = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     device = resolve_device(cfg.device)
     info = init_from_env(device.type == "cuda")
     if device.type == "cuda" and info.world > 1:
