@@ -18,6 +18,7 @@ __all__ = [
     "CLIP_STD",
     "IMAGE_SUFFIXES",
     "ImageError",
+    "find_images",
     "input_size",
     "preprocess",
     "read_image",
@@ -94,3 +95,22 @@ def preprocess(img: Image.Image, patch: int = 16, max_side: int | None = None) -
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def find_images(folder: Path) -> list[tuple[str, Path]]:
+    """Images under ``folder`` (recursively, sorted) as (stem relative to the folder, path)."""
+    if not folder.exists():
+        raise ImageError(f"input folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ImageError(f"input {folder} is not a folder")
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file() or path.name.startswith("."):
+            continue
+        stem = path.relative_to(folder).with_suffix("").as_posix()
+        if stem in found:
+            raise ImageError(f"{found[stem]} and {path} would both write masks/{stem}.png; rename one")
+        found[stem] = path
+    if not found:
+        raise ImageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {folder}")
+    return list(found.items())

@@ -139,3 +139,10 @@ class RunOutput:
                      (json.dumps({**manifest, "settings": self.settings}, indent=1) + "\n").encode())
         for f in self.root.glob(".labels.rank*.json"):
             f.unlink(missing_ok=True)
+
+
+def check_outside(images: Path, out: Path) -> None:
+    """Refuse an output folder that is the input folder or inside it: clipes never writes into its input."""
+    src, dst = images.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise OutputError(f"--out {out} is inside the input folder {images}; clipes never writes there")

@@ -20,14 +20,14 @@ from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size,
 from .datasets import load_split
 from .distributed import DistInfo, gather_to_rank0, init_from_env, shutdown
 from .errors import ClipesError
-from .images import IMAGE_SUFFIXES
+from .images import find_images
 from .labeler import Labeler, LabelResult, PreparedImage
 from .labels import read_labels
 from .model import cpu_has_fast_bf16, load_clip, resolve_device
-from .output import RunOutput
+from .output import RunOutput, check_outside
 from .prompts import load_class_set
 
-__all__ = ["LabelConfig", "RunSummary", "find_images", "label_folder"]
+__all__ = ["LabelConfig", "RunSummary", "label_folder"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,31 +76,6 @@ class RunSummary:
     @property
     def images_per_second(self) -> float:
         return self.labelled / self.seconds if self.seconds > 0 else 0.0
-
-
-def find_images(folder: Path) -> list[tuple[str, Path]]:
-    """Images under ``folder`` (recursively, sorted) as (stem relative to the folder, path)."""
-    if not folder.exists():
-        raise ClipesError(f"input folder {folder} does not exist")
-    if not folder.is_dir():
-        raise ClipesError(f"input {folder} is not a folder")
-    found: dict[str, Path] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file() or path.name.startswith("."):
-            continue
-        stem = path.relative_to(folder).with_suffix("").as_posix()
-        if stem in found:
-            raise ClipesError(f"{found[stem]} and {path} would both write masks/{stem}.png; rename one")
-        found[stem] = path
-    if not found:
-        raise ClipesError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {folder}")
-    return list(found.items())
-
-
-def _check_out(images: Path, out: Path) -> None:
-    src, dst = images.resolve(), out.resolve()
-    if dst == src or src in dst.parents:
-        raise ClipesError(f"--out {out} is inside the input folder {images}; clipes never writes there")
 
 
 def _versions() -> dict[str, str]:
@@ -207,7 +182,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
         items = find_images(cfg.images)
         class_set = load_class_set(cfg.classes)
         given = read_labels(cfg.labels, class_set) if cfg.labels else None
-    _check_out(cfg.images, cfg.out)
+    check_outside(cfg.images, cfg.out)
     dtype_name = cfg.dtype or "float32"
     if cfg.confidence is not None and not cfg.crf:
         raise ClipesError("--confidence needs --crf (it thresholds the CRF's probabilities)")

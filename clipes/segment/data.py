@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ClipesError
-from ..images import read_image
+from ..images import find_images, read_image
 
 __all__ = ["PositionSampler", "SegDataset", "SegItem", "pair_folders"]
 
@@ -33,8 +33,6 @@ class SegItem:
 def pair_folders(images: Path, masks: Path | None, confidence: Path | None = None) -> list[SegItem]:
     """Images under ``images`` with a mask ``<stem>.png`` under ``masks`` (and ``<stem>.npz`` with a
     ``confidence`` array under ``confidence``); images without a mask are an error naming them."""
-    from ..run import find_images
-
     items, missing = [], []
     for stem, path in find_images(images):
         mask = masks / f"{stem}.png" if masks else None

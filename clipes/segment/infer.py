@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipesError
-from ..images import CLIP_MEAN, CLIP_STD, ImageError, read_image
+from ..images import CLIP_MEAN, CLIP_STD, ImageError, find_images, read_image
 from ..masks import mask_to_png
-from ..output import atomic_write
+from ..output import atomic_write, check_outside
 from .models import SEGMENTERS, build_segmenter
 from .train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, load_checkpoint, predict_logits
 
@@ -78,10 +78,8 @@ def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: t
 def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],
                    flip: bool, overwrite: bool, progress) -> tuple[int, int, list[str]]:
     """Predict every image under ``images`` into ``out/<stem>.png``; returns done, skipped, failures."""
-    from ..run import _check_out, find_images
-
     items = find_images(images)
-    _check_out(images, out)
+    check_outside(images, out)
     model, cfg, _ = load_segmenter(checkpoint, device)
     done, skipped, failed = 0, 0, []
     for stem, path in progress.track(items, description="segmenting"):
