@@ -13,7 +13,8 @@ import numpy as np
 from .errors import ClipesError
 from .masks import IGNORE
 
-__all__ = ["CrfParams", "CrfUnavailableError", "bilateral_image", "crf_labels", "crf_unary", "dense_crf"]
+__all__ = ["CrfParams", "CrfUnavailableError", "bilateral_image", "crf_labels", "crf_unary", "dense_crf",
+           "require_pydensecrf"]
 
 # Caffe's BGR means that the reference subtracts before casting the bilateral image to uint8.
 _BGR_MEAN = (104.008, 116.669, 122.675)
@@ -55,12 +56,18 @@ def crf_unary(cams: np.ndarray, bg_power: float = 1.0) -> np.ndarray:
     return np.ascontiguousarray((-np.log(probs)).reshape(probs.shape[0], -1).astype(np.float32))
 
 
-def dense_crf(rgb: np.ndarray, unary: np.ndarray, params: CrfParams | None = None) -> np.ndarray:
-    """Mean-field inference of the dense CRF: (H, W, 3) uint8 image, (C, H*W) unary -> (C, H, W) marginals."""
+def require_pydensecrf():
+    """The ``pydensecrf.densecrf`` module, or a clear error naming the extra to install."""
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError as e:
         raise CrfUnavailableError("--crf needs pydensecrf: pip install 'clipes[crf]' (the pydensecrf2 package)") from e
+    return dcrf
+
+
+def dense_crf(rgb: np.ndarray, unary: np.ndarray, params: CrfParams | None = None) -> np.ndarray:
+    """Mean-field inference of the dense CRF: (H, W, 3) uint8 image, (C, H*W) unary -> (C, H, W) marginals."""
+    dcrf = require_pydensecrf()
     params = params or CrfParams()
     h, w = rgb.shape[:2]
     crf = dcrf.DenseCRF2D(w, h, unary.shape[0])

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from .crf import require_pydensecrf
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import load_split
 from .distributed import DistInfo, gather_to_rank0, init_from_env, shutdown
@@ -187,10 +188,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     if cfg.confidence is not None and not cfg.crf:
         raise ClipesError("--confidence needs --crf (it thresholds the CRF's probabilities)")
     if cfg.crf:
-        try:
-            import pydensecrf.densecrf  # noqa: F401
-        except ImportError:
-            raise ClipesError("--crf needs pydensecrf: pip install 'clipes[crf]' (the pydensecrf2 package)") from None
+        require_pydensecrf()
     if dtype_name not in DTYPES:
         raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)
