@@ -58,9 +58,10 @@ def run_mode(args: argparse.Namespace) -> dict:
     from clipes.run import DTYPES
 
     device = torch.device(args.device)
-    clip = load_clip(args.model, device=device, dtype=DTYPES[args.dtype])
+    clip = load_clip(args.model, device=device)
     reference = args.mode == "reference"
-    labeler = Labeler(clip, load_class_set("voc"), per_pair_backward=reference)
+    labeler = Labeler(clip, load_class_set("voc"), per_pair_backward=reference,
+                      autocast=None if args.dtype == "float32" else DTYPES[args.dtype])
     images, labels = _images(args.images + args.warmup, args.size)
     prepared = [labeler.prepare(img, lab) for img, lab in zip(images, labels, strict=True)]
     batch = 1 if reference else args.batch_size

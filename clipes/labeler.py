@@ -71,13 +71,16 @@ class Labeler:
     background prompts above which a class counts as present when no labels are given.
     ``per_pair_backward`` runs one backward per (image, class), the reference's cost: a baseline
     for benchmarks, with the same results. ``crf`` refines masks with the reference's dense CRF;
-    ``confidence`` then marks pixels whose CRF probability is below it as 255.
+    ``confidence`` then marks pixels whose CRF probability is below it as 255. ``autocast``
+    (bf16 or fp16) runs the transformer's matrix products in low precision while the residual
+    stream, layer norms, softmaxes and CAA stay fp32 (``torch.autocast``).
     """
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
                  attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False,
-                 crf: bool = False, confidence: float | None = None, crf_params: CrfParams | None = None) -> None:
+                 crf: bool = False, confidence: float | None = None, crf_params: CrfParams | None = None,
+                 autocast: torch.dtype | None = None) -> None:
         depth = len(clip.visual.transformer.resblocks)
         if not 1 <= attn_blocks <= depth:
             raise ValueError(f"attn_blocks must be in [1, {depth}]")
@@ -92,6 +95,7 @@ class Labeler:
         if confidence is not None and not crf:
             raise ValueError("a confidence threshold needs the CRF (crf=True)")
         self.crf, self.confidence, self.crf_params = crf, confidence, crf_params or CrfParams()
+        self.autocast = autocast
         self.text: TextFeatures = encode_class_set(clip, class_set)
         self.logit_scale = float(clip.model.logit_scale.exp())
 
@@ -157,14 +161,17 @@ class Labeler:
         clip, visual = self.clip, self.clip.visual
         images = torch.stack([p.tensor for p in group]).to(clip.device, clip.dtype)
         grid = (images.shape[-2] // clip.patch_size, images.shape[-1] // clip.patch_size)
-        tokens, attn_sum = encode_trunk(visual, images, self.attn_blocks)
+        low = torch.autocast(clip.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        with low:
+            tokens, attn_sum = encode_trunk(visual, images, self.attn_blocks)
 
         labels = [p.labels for p in group]
         sources = ["given" if lab is not None else "zero-shot" for lab in labels]
         scores: list[dict[str, float]] = [{} for _ in group]
         if any(lab is None for lab in labels):
             todo = [i for i, lab in enumerate(labels) if lab is None]
-            picked, found = self._zero_shot(visual, tokens[todo])
+            with low:
+                picked, found = self._zero_shot(visual, tokens[todo])
             for i, lab, sc in zip(todo, picked, found, strict=True):
                 labels[i], scores[i] = lab, sc
 
@@ -174,7 +181,9 @@ class Labeler:
         cams = torch.zeros((0, *grid), device=clip.device)
         probs = torch.zeros((0, 0), device=clip.device)
         if pairs is not None:
-            cams, probs, last_attn = self._gradcam(visual, tokens, pairs, self.logit_scale, grid)
+            with low:
+                cams, probs, last_attn = self._gradcam(visual, tokens, pairs, self.logit_scale, grid)
+            cams, last_attn = cams.float(), last_attn.float()
             # the last block's attention is the same in every copy of an image: take its first pair's
             starts = np.cumsum([0] + [len(lab) for lab in labels[:-1]])
             with_classes = [i for i, lab in enumerate(labels) if lab]

@@ -232,11 +232,12 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
     start = time.perf_counter()
     try:
         if todo:
-            clip = load_clip(cfg.model, device=device, dtype=DTYPES[dtype_name])
+            clip = load_clip(cfg.model, device=device)
             manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
             labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                               zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side,
-                              per_pair_backward=cfg.per_pair_backward, crf=cfg.crf, confidence=cfg.confidence)
+                              per_pair_backward=cfg.per_pair_backward, crf=cfg.crf, confidence=cfg.confidence,
+                              autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
             batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
             sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
             dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose,

@@ -39,7 +39,9 @@ def label(
         envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
                                "[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str | None, typer.Option(help="float32 (default), bfloat16 or float16.")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="float32 (default, exact), or bfloat16 / float16 autocast for the transformer's matrix products.")
+    ] = None,
     bg_power: Annotated[float, typer.Option(help="t in the background score (1 - max cam)^t.")] = 1.0,
     box_threshold: Annotated[float | None, typer.Option(
         help="CAA box threshold [default: the class set's, 0.4 VOC, 0.7 COCO].")] = None,
