@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torch import Tensor
 
 from .cam import minmax_normalize
@@ -23,30 +21,62 @@ def sinkhorn_affinity(attn: Tensor, rounds: int = 3) -> Tensor:
     return t @ t
 
 
-def _boxes_mask(binary: np.ndarray) -> np.ndarray:
-    """1 inside the bounding box of every 8-connected region, with the reference's border clipping."""
-    h, w = binary.shape
-    mask = np.zeros((h, w), dtype=np.float32)
-    labelled, count = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
-    for ys, xs in ndimage.find_objects(labelled)[:count]:
-        # cv2.boundingRect gives x0, x0 + w; the reference then clips x1 to W - 1 (and y1 to H - 1).
-        mask[ys.start:min(ys.stop, h - 1), xs.start:min(xs.stop, w - 1)] = 1.0
-    return mask
+def _components(binary: Tensor) -> Tensor:
+    """8-connected components of (P, h, w) booleans: every pixel of a region carries the region's
+    largest flat index + 1 (0 on background). Label propagation by 3x3 max-pooling, on any device."""
+    h, w = binary.shape[1:]
+    ids = torch.arange(1, h * w + 1, device=binary.device, dtype=torch.float32).view(1, h, w)
+    mask = binary.float()
+    labels = ids * mask
+    while True:
+        grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * mask
+        if torch.equal(grown, labels):
+            return labels.long()
+        labels = grown
+
+
+def _boxes_mask(binary: Tensor) -> Tensor:
+    """1 inside the bounding box of every 8-connected region, with the reference's border clipping.
+
+    As cv2.boundingRect then ``x1 = min(x0 + w, W - 1)``, ``y1 = min(y0 + h, H - 1)``: a region
+    touching the last row or column loses it. Boxes are painted with 2-D prefix sums.
+    """
+    p, h, w = binary.shape
+    n = h * w + 1
+    labels = _components(binary).view(p, -1)
+    rows = torch.arange(h, device=binary.device).repeat_interleave(w).expand(p, -1)
+    cols = torch.arange(w, device=binary.device).repeat(h).expand(p, -1)
+    key = (labels + torch.arange(p, device=binary.device)[:, None] * n).flatten()
+
+    def reduce(values: Tensor, how: str, init: int) -> Tensor:
+        out = torch.full((p * n,), init, device=binary.device, dtype=torch.long)
+        return out.scatter_reduce(0, key, values.flatten(), how, include_self=True).view(p, n)
+
+    y0, y1 = reduce(rows, "amin", h), (reduce(rows, "amax", -1) + 1).clamp(max=h - 1)
+    x0, x1 = reduce(cols, "amin", w), (reduce(cols, "amax", -1) + 1).clamp(max=w - 1)
+    keep = (y1 > y0) & (x1 > x0)
+    keep[:, 0] = False  # background
+    pi, ci = torch.nonzero(keep, as_tuple=True)
+    diff = torch.zeros((p, h + 1, w + 1), device=binary.device, dtype=torch.long)
+    for (ys, xs), sign in (((y0, x0), 1), ((y0, x1), -1), ((y1, x0), -1), ((y1, x1), 1)):
+        diff.index_put_((pi, ys[pi, ci], xs[pi, ci]), torch.full_like(pi, sign), accumulate=True)
+    return (diff.cumsum(1).cumsum(2)[:, :h, :w] > 0).float()
 
 
 def box_mask(cam: Tensor, threshold: float) -> Tensor:
-    """Per-class box masks (k, h*w) from CAMs (k, h, w) in [0, 1].
+    """Per-class box masks (k, h*w) from CAMs (k, h, w) in [0, 1], on the CAMs' device.
 
     A pixel is foreground when ``uint8(cam * 255) > int(threshold * max(uint8(cam * 255)))``; the
     mask is 1 inside the bounding box of each connected foreground region, 0 elsewhere.
     """
-    quantised = (cam.detach().float() * 255).to(torch.uint8).cpu().numpy()
-    masks = []
-    for q in quantised:
-        binary = q > int(threshold * int(q.max()))
-        masks.append(_boxes_mask(binary))
-    out = np.stack(masks) if masks else np.zeros((0, *cam.shape[1:]), dtype=np.float32)
-    return torch.from_numpy(out.reshape(len(masks), -1)).to(cam.device)
+    if cam.shape[0] == 0:
+        return cam.new_zeros((0, cam.shape[1] * cam.shape[2]))
+    quantised = (cam.detach().float() * 255).to(torch.uint8).long()
+    top = quantised.flatten(1).max(dim=1).values
+    # int(threshold * max) in float64, as the reference computes it in numpy
+    thr = torch.floor(top.double() * threshold).long()
+    binary = quantised > thr[:, None, None]
+    return _boxes_mask(binary).flatten(1).to(cam.dtype if cam.dtype.is_floating_point else torch.float32)
 
 
 def refine_cams(affinity: Tensor, cam: Tensor, mask: Tensor) -> Tensor:

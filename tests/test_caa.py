@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -97,3 +98,40 @@ def test_upsample_normalises_then_resizes_with_half_pixel_centres():
     # half-pixel centres: the corner keeps the corner value, the next pixel is a 3:1 blend
     assert abs(float(up[0, 0, 0]) - 0.0) < 1e-7
     assert abs(float(up[0, 0, 1]) - 0.25 * 0.25) < 1e-6
+
+
+def _scipy_boxes(binary: np.ndarray) -> np.ndarray:
+    """Oracle: scipy's 8-connected labelling and bounding slices, clipped as the reference does."""
+    from scipy import ndimage
+
+    h, w = binary.shape
+    out = np.zeros((h, w), dtype=np.float32)
+    labelled, count = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
+    for ys, xs in ndimage.find_objects(labelled)[:count]:
+        out[ys.start:min(ys.stop, h - 1), xs.start:min(xs.stop, w - 1)] = 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_box_mask_matches_scipy_labelling_on_random_maps(seed):
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 40, size=2)
+    # smooth random fields give blobs, spirals and touching regions of many shapes
+    field = torch.from_numpy(rng.random((3, h, w)).astype(np.float32))
+    field = F.avg_pool2d(field[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+    cams = (field - field.amin(dim=(1, 2), keepdim=True)) / (field.amax(dim=(1, 2), keepdim=True)
+                                                              - field.amin(dim=(1, 2), keepdim=True) + 1e-7)
+    masks = box_mask(cams, 0.4).view(3, h, w).numpy()
+    q = (cams.numpy() * 255).astype(np.uint8)
+    for k in range(3):
+        binary = q[k] > int(0.4 * int(q[k].max()))
+        np.testing.assert_array_equal(masks[k], _scipy_boxes(binary))
+
+
+def test_box_mask_handles_a_serpentine_region():
+    cam = np.zeros((9, 9))
+    cam[0, :8] = cam[2, 1:] = cam[4, :8] = cam[6, 1:] = 1.0  # rows joined at alternating ends
+    cam[1, 7] = cam[3, 1] = cam[5, 7] = 1.0
+    expected = np.zeros((9, 9))
+    expected[0:7, 0:8] = 1  # one region: rows 0..6, cols 0..8 -> clipped to [0, 8)
+    np.testing.assert_array_equal(_mask(cam), expected)
