@@ -176,6 +176,8 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     if cfg.images is None:
         raise ClipesError("give a folder of images, or --dataset voc|coco with its root folder")
     if cfg.dataset:
+        if cfg.classes not in ("voc", cfg.dataset):
+            raise ClipesError(f"--dataset {cfg.dataset} comes with its own class set; drop --classes {cfg.classes}")
         split = load_split(cfg.dataset, cfg.images, cfg.split)
         items, class_set = split.items, split.class_set
         given = read_labels(cfg.labels, class_set) if cfg.labels else split.labels

@@ -159,3 +159,10 @@ def test_bad_input_is_a_clear_error(tmp_path, images, golden, case):
     assert res.exit_code == 2, res.output
     assert expect in " ".join(res.output.split()), res.output
     assert "Traceback" not in res.output
+
+
+def test_version_and_dataset_class_clash(tmp_path):
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.startswith("clipes ")
+    res = runner.invoke(app, ["label", str(tmp_path), "--dataset", "voc", "--classes", "coco"])
+    assert res.exit_code == 2 and "comes with its own class set" in res.output

@@ -20,8 +20,19 @@ app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labe
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"clipes {version('clipes')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """CLIP-ES pseudo segmentation labels from image-level labels (or none)."""
 
 
