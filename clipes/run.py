@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import platform
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .crf import require_pydensecrf
+from .crf import crf_labels, require_pydensecrf
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import load_split
 from .distributed import DistInfo, gather_to_rank0, init_from_env, shutdown
@@ -38,6 +42,8 @@ class LabelConfig:
     """Options of a labelling run (the CLI flags of ``clipes label``).
 
     ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
+    ``crf_workers`` 0 is automatic: a process pool on the CPU cores that the DataLoader and the main
+    process leave, when at least two are left; else the CRF runs in the main process.
     """
 
     images: Path | None
@@ -59,6 +65,7 @@ class LabelConfig:
     workers: int = 2
     crf: bool = False
     confidence: float | None = None
+    crf_workers: int = 0
     dataset: str | None = None
     split: str = "train"
     per_pair_backward: bool = False
@@ -131,9 +138,19 @@ class _BatchSizer:
         return out
 
 
+def _crf_then_write(out: RunOutput, crf: Future, stem: str, result: LabelResult, class_names: tuple[str, ...],
+                    image: Image.Image | None, file: str | None) -> None:
+    mask, confidence = crf.result()
+    out.write(stem, replace(result, mask=mask, confidence=confidence), class_names, image, file)
+
+
 def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_names: tuple[str, ...],
-                 summary: RunSummary, progress: Progress, flush) -> None:
-    """Engine on the main thread, decoding in DataLoader workers, writing on a background thread."""
+                 summary: RunSummary, progress: Progress, flush, crf=None) -> None:
+    """Engine on the main thread, decoding in DataLoader workers, writing on a background thread.
+
+    ``crf(rgb, result)``, when given, returns a future of (mask, confidence) computed in a process
+    pool; the writer waits for it, so the dense CRF never holds up the network.
+    """
     task = progress.add_task("label", total=len(loader.dataset), rate="-")
     start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
     pending: list[Future] = []
@@ -150,7 +167,11 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
                     summary.failed.append((s.path, f"{s.path}: {res}"))
                     continue
                 image = None if s.prepared.rgb is None or not out.overlays else Image.fromarray(s.prepared.rgb)
-                pending.append(writer.submit(out.write, s.stem, res, class_names, image, s.file))
+                if crf is None:
+                    pending.append(writer.submit(out.write, s.stem, res, class_names, image, s.file))
+                else:
+                    pending.append(writer.submit(_crf_then_write, out, crf(s.prepared.rgb, res), s.stem, res,
+                                                 class_names, image, s.file))
                 summary.labelled += 1
             while len(pending) > 4 * max(1, len(batch)):  # bound memory held by queued writes
                 pending.pop(0).result()
@@ -164,6 +185,42 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
                 last_flush = time.perf_counter()
         for f in pending:
             f.result()
+
+
+@contextmanager
+def _crf_pool(cfg: LabelConfig) -> Iterator[ProcessPoolExecutor | None]:
+    """Processes for the dense CRF (CPU-bound, one image each), or None without ``--crf``."""
+    workers = cfg.crf_workers or (os.cpu_count() or 1) - cfg.workers - 1
+    if not cfg.crf or workers < (1 if cfg.crf_workers else 2):
+        yield None  # no CRF, or too few spare cores for a pool to pay off: the engine runs it in-process
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def _label_todo(cfg: LabelConfig, console: Console, todo, class_set, dtype_name: str, device: torch.device,
+                dist_info: DistInfo, out: RunOutput, manifest: dict, summary: RunSummary) -> None:
+    """Load the model and run the batched engine over ``todo``, the CRF in a process pool if it pays."""
+    clip = load_clip(cfg.model, device=device)
+    manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
+    batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
+    sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
+    dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose,
+                                 keep_image=cfg.overlays or cfg.crf, root=cfg.images.resolve())
+    loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    with _crf_pool(cfg) as pool, _progress(console, dist_info.is_main) as progress:
+        labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
+                          zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side,
+                          per_pair_backward=cfg.per_pair_backward, crf=cfg.crf and pool is None,
+                          confidence=cfg.confidence if pool is None else None,
+                          autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
+
+        def crf(rgb, result: LabelResult) -> Future:
+            return pool.submit(crf_labels, rgb, result.cam_refined, result.labels, cfg.bg_power, cfg.confidence)
+
+        _run_batches(loader, _BatchSizer(labeler, batch_size), out, class_set.classes, summary, progress,
+                     lambda: out.flush(manifest), None if pool is None else crf)
 
 
 def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary:
@@ -234,21 +291,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
     start = time.perf_counter()
     try:
         if todo:
-            clip = load_clip(cfg.model, device=device)
-            manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
-            labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
-                              zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side,
-                              per_pair_backward=cfg.per_pair_backward, crf=cfg.crf, confidence=cfg.confidence,
-                              autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
-            batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
-            sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
-            dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose,
-                                         keep_image=cfg.overlays or cfg.crf, root=cfg.images.resolve())
-            loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
-                                num_workers=cfg.workers, pin_memory=device.type == "cuda")
-            with _progress(console, dist_info.is_main) as progress:
-                _run_batches(loader, _BatchSizer(labeler, batch_size), out, class_set.classes, summary, progress,
-                             lambda: out.flush(manifest))
+            _label_todo(cfg, console, todo, class_set, dtype_name, device, dist_info, out, manifest, summary)
     finally:
         summary.seconds = time.perf_counter() - start
         out.flush(manifest)

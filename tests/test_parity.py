@@ -139,3 +139,20 @@ def test_crf_on_reference_cams_is_exact(golden, name):
     rgb = np.asarray(Image.open(golden / "images" / name).convert("RGB"))
     mask, _ = crf_labels(rgb, ref["cam_refined"], ref["labels"], confidence=0.95)
     np.testing.assert_array_equal(mask, ref["pseudo_label_cgl"])
+
+
+def test_cli_crf_in_worker_processes_writes_reference_labels(golden, tmp_path):
+    """``clipes label --crf --confidence 0.95`` (CRF in a process pool) against ``pseudo_label_cgl``."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "clipes", "label", str(golden / "images"), "--labels", str(golden / "labels.json"),
+           "--model", str(golden / "tiny-clip-vit-b16-random.pt"), "--out", str(out), "--device", "cpu",
+           "--crf", "--confidence", "0.95", "--crf-workers", "2", "--save-cams"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    for name in IMAGES:
+        ref = expected(name)
+        stem = Path(name).stem
+        mask = np.asarray(Image.open(out / "masks" / f"{stem}.png"))
+        agree = float((mask == ref["pseudo_label_cgl"]).mean())
+        assert agree >= 0.995, f"{name}: {agree:.5f}"
+        conf = np.load(out / "cams" / f"{stem}.npz")["confidence"]
+        assert ((mask == 255) == (conf < 0.95)).all()

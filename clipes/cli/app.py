@@ -72,6 +72,9 @@ def label(
     workers: Annotated[int, typer.Option(help="DataLoader processes decoding and resizing images.")] = 2,
     crf: Annotated[bool, typer.Option("--crf", help="Refine masks with the reference's dense CRF "
                                                    "(pip install 'clipes[crf]').")] = False,
+    crf_workers: Annotated[int, typer.Option(
+        help="Processes running the CRF [0: the cores the DataLoader and main process leave, if two or more; "
+             "else in-process].")] = 0,
     dataset: Annotated[str | None, typer.Option(
         help="voc or coco: IMAGES is the dataset root; images and labels come from --split.")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (voc: train, val, train_aug, ...; coco: train, val).")
@@ -90,7 +93,8 @@ def label(
                       zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
-                      workers=workers, crf=crf, confidence=confidence, dataset=dataset, split=split)
+                      workers=workers, crf=crf, confidence=confidence, crf_workers=crf_workers, dataset=dataset,
+                      split=split)
     try:
         summary = label_folder(cfg, console)
     except ClipesError as e:
