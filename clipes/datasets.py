@@ -7,6 +7,8 @@ A dataset gives the images of a split with their image-level labels, so that ``c
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +111,6 @@ class CocoGroundTruth:
             from pycocotools.coco import COCO
         except ImportError as e:
             raise ClipesError("COCO ground truth needs pycocotools: pip install 'clipes[coco]'") from e
-        import contextlib
-        import io
-
         with contextlib.redirect_stdout(io.StringIO()):
             self.coco = COCO(str(instances_json))
         self.class_set = class_set or load_class_set("coco")

@@ -36,9 +36,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _png_bytes(img: Image.Image) -> bytes:
+def encode_image(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    """An image file's bytes (PNG by default), ready for ``atomic_write``."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -107,11 +108,9 @@ class RunOutput:
             np.savez_compressed(buf, **arrays)
             atomic_write(self.cams_path(stem), buf.getvalue())
         if self.overlays and image is not None:
-            buf = io.BytesIO()
             names = {int(c) + 1: class_names[int(c)] for c in result.labels}
-            overlay(image, result.mask, names).save(buf, format="JPEG", quality=90)
-            atomic_write(self.overlay_path(stem), buf.getvalue())
-        atomic_write(self.mask_path(stem), _png_bytes(mask_to_png(result.mask)))
+            atomic_write(self.overlay_path(stem), encode_image(overlay(image, result.mask, names), "JPEG", quality=90))
+        atomic_write(self.mask_path(stem), encode_image(mask_to_png(result.mask)))
         entry: dict[str, Any] = {"labels": [class_names[i] for i in result.labels], "source": result.label_source}
         if file is not None:
             entry["file"] = file

@@ -14,7 +14,7 @@ from .errors import ClipesError
 from .evaluate import confusion, scores
 from .images import ImageError, read_image
 from .masks import overlay, voc_palette
-from .output import atomic_write
+from .output import atomic_write, encode_image
 
 __all__ = ["build_view", "heatmap"]
 
@@ -34,11 +34,7 @@ def _thumb(arr: np.ndarray | Image.Image, size: int) -> bytes:
     img = Image.fromarray(arr) if isinstance(arr, np.ndarray) else arr
     img = img.convert("RGB")
     img.thumbnail((size, size))
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
+    return encode_image(img, "JPEG", quality=85)
 
 
 _PAGE = """<!doctype html>

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..errors import ClipesError
 from ..model import MODEL_ENV
 from ..run import LabelConfig, label_folder
+from .common import reported_errors
 from .evaluate import eval_command
 from .train import segment_command, train_seg_command
 from .view import view_command
@@ -95,11 +95,8 @@ def label(
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
                       workers=workers, crf=crf, confidence=confidence, crf_workers=crf_workers, dataset=dataset,
                       split=split)
-    try:
+    with reported_errors(console):
         summary = label_folder(cfg, console)
-    except ClipesError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for the whole job
     console.print(f"labelled {summary.labelled} image(s) in {summary.seconds:.1f}s "

@@ -17,6 +17,7 @@ from ..errors import ClipesError
 from ..evaluate import bar_chart, evaluate, open_ground_truth, read_label_png
 from ..masks import pseudo_mask
 from ..prompts import ClassSet, load_class_set
+from .common import reported_errors
 
 
 def _class_set(pred: Path, classes: str | None, gt: Path) -> ClassSet:
@@ -73,7 +74,7 @@ def eval_command(
 ) -> None:
     """Score masks against ground truth: per-class IoU, mIoU, pixel accuracy, precision and recall."""
     console = Console(stderr=True)
-    try:
+    with reported_errors(console):
         class_set = _class_set(pred, classes, gt)
         names = ["background", *class_set.classes]
         truth = open_ground_truth(gt, class_set)
@@ -93,9 +94,6 @@ def eval_command(
                 ev = evaluate(_mask_reader(pred / "masks" if is_run else pred), truth, stems, len(names), progress)
         if not ev.per_image:
             raise ClipesError(f"no prediction in {pred} matches a ground-truth image in {gt}")
-    except ClipesError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
 
     if search_bg_power:
         table = Table(title="background power search")

@@ -11,8 +11,8 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
-from ..errors import ClipesError
 from ..model import resolve_device
+from .common import reported_errors
 
 
 def train_seg_command(
@@ -62,11 +62,8 @@ def train_seg_command(
                      optimizer=optimizer, lr=lr, weight_decay=weight_decay, steps=steps, batch_size=batch_size,
                      crop=crop, bf16=bf16, seed=seed, val_every=val_every, workers=workers, device=device,
                      resume=resume or None, stop_at=stop_at)
-    try:
+    with reported_errors(console):
         result = train(load_config(config, overrides), console)
-    except ClipesError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
     if int(os.environ.get("RANK", "0")) == 0:
         best = result["best_miou"]
         console.print(f"step {result['step']}, loss {result['loss']:.4f}"
@@ -87,14 +84,10 @@ def segment_command(
     from ..segment.infer import segment_folder
 
     console = Console(stderr=True)
-    try:
-        with Progress(console=console) as progress:
-            done, skipped, failed = segment_folder(checkpoint, images, out, resolve_device(device),
-                                                   tuple(float(s) for s in scales.split(",")), flip, overwrite,
-                                                   progress)
-    except (ClipesError, ValueError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
+    with reported_errors(console, ValueError), Progress(console=console) as progress:
+        done, skipped, failed = segment_folder(checkpoint, images, out, resolve_device(device),
+                                               tuple(float(s) for s in scales.split(",")), flip, overwrite,
+                                               progress)
     console.print(f"segmented {done} image(s), {skipped} already done -> {out}", highlight=False)
     for why in failed:
         console.print(f"[yellow]unreadable[/] {why}", highlight=False)

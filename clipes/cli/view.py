@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..errors import ClipesError
 from ..evaluate import open_ground_truth
 from ..prompts import load_class_set
 from ..view import build_view
+from .common import reported_errors
 
 
 def view_command(
@@ -23,7 +23,7 @@ def view_command(
 ) -> None:
     """Write OUT/view/index.html: photo, pseudo mask, CAMs per class and, with --gt, IoU per image."""
     console = Console(stderr=True)
-    try:
+    with reported_errors(console):
         truth = None
         if gt is not None:
             manifest = out / "manifest.json"
@@ -31,7 +31,4 @@ def view_command(
                 if manifest.is_file() else "voc"
             truth = open_ground_truth(gt, load_class_set(name if name in ("voc", "coco") else "voc"))
         page = build_view(out, truth, limit)
-    except ClipesError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
     console.print(f"wrote {page}", highlight=False)

@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import ClipesError
 from ..images import CLIP_MEAN, CLIP_STD, ImageError, find_images, read_image
 from ..masks import mask_to_png
-from ..output import atomic_write, check_outside
+from ..output import atomic_write, check_outside, encode_image
 from .models import SEGMENTERS, build_segmenter
 from .train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, load_checkpoint, predict_logits
 
@@ -92,10 +92,6 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
         except ImageError as e:
             failed.append(str(e))
             continue
-        import io
-
-        buf = io.BytesIO()
-        mask_to_png(segment_image(model, cfg, rgb, device, scales, flip)).save(buf, format="PNG")
-        atomic_write(target, buf.getvalue())
+        atomic_write(target, encode_image(mask_to_png(segment_image(model, cfg, rgb, device, scales, flip))))
         done += 1
     return done, skipped, failed
