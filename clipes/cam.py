@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .vit import attention
+from .vit import head_mean_attention, merge_heads, project_heads
 
 __all__ = ["CamPairs", "image_features", "minmax_normalize", "softmax_gradcam", "softmax_gradcam_per_pair"]
 
@@ -44,6 +44,13 @@ def image_features(visual: nn.Module, tokens: Tensor) -> Tensor:
     return F.normalize(x, dim=-1)
 
 
+def first_pair_of_each_image(image: Tensor) -> Tensor:
+    """Indices of the first pair of each image in ``image`` (pairs are grouped by image)."""
+    change = torch.ones_like(image, dtype=torch.bool)
+    change[1:] = image[1:] != image[:-1]
+    return torch.nonzero(change).flatten()
+
+
 def softmax_gradcam(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_scale: float,
                     grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax-GradCAM for every pair, from the tokens entering the last block.
@@ -51,17 +58,20 @@ def softmax_gradcam(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_sc
     The target of a pair is its class's softmax probability over [present classes] + [background
     prompts]; the CAM weights are its gradient with respect to the last block's ``ln_1`` output,
     averaged over the patch tokens. Each pair runs the last block on its own copy of the tokens, so
-    one backward of the summed targets yields every pair's own gradient.
+    one backward of the summed targets yields every pair's own gradient. The attention inside runs
+    as SDPA; its head-averaged weights, which CAA needs but the gradient does not, are computed
+    apart, once per image.
 
     Returns the CAMs (P, h, w), normalised twice as the reference does, the probabilities (P, K)
-    and the last block's head-averaged attention (P, n + 1, n + 1).
+    and the last block's head-averaged attention (I, n + 1, n + 1) for the I images that have
+    pairs, in the order of ``pairs.image``.
     """
     block = visual.transformer.resblocks[-1]
     x = tokens[pairs.image]
     with torch.enable_grad():
         a = block.ln_1(x).detach().requires_grad_(True)
-        out, last_attn = attention(block.attn, a, need_weights=True)
-        y = x + block.ls_1(out)
+        q, k, v = project_heads(block.attn, a)
+        y = x + block.ls_1(merge_heads(block.attn, F.scaled_dot_product_attention(q, k, v)))
         y = y + block.ls_2(block.mlp(block.ln_2(y)))
         feats = image_features(visual, y)
         text = pairs.text[pairs.image].to(feats.dtype)
@@ -70,10 +80,12 @@ def softmax_gradcam(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_sc
         probs = logits.softmax(dim=-1)
         target = probs.gather(1, pairs.target[:, None]).sum()
         (grad,) = torch.autograd.grad(target, a)
+    first = first_pair_of_each_image(pairs.image)
+    last_attn = head_mean_attention(q.detach()[first], k.detach()[first])
     weights = grad[:, 1:].float().mean(dim=1)
     cam = torch.relu((a.detach()[:, 1:].float() * weights[:, None, :]).sum(dim=-1))
     cam = minmax_normalize(minmax_normalize(cam))
-    return cam.view(-1, *grid), probs.detach(), last_attn.detach()
+    return cam.view(-1, *grid), probs.detach(), last_attn
 
 
 def softmax_gradcam_per_pair(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_scale: float,
@@ -82,4 +94,5 @@ def softmax_gradcam_per_pair(visual: nn.Module, tokens: Tensor, pairs: CamPairs,
     outs = [softmax_gradcam(visual, tokens, CamPairs(pairs.image[p:p + 1], pairs.target[p:p + 1], pairs.text,
                                                      pairs.valid), logit_scale, grid)
             for p in range(pairs.image.numel())]
-    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))  # type: ignore[return-value]
+    cams, probs, attn = (torch.cat(parts) for parts in zip(*outs, strict=True))
+    return cams, probs, attn[first_pair_of_each_image(pairs.image)]

@@ -183,13 +183,9 @@ class Labeler:
         if pairs is not None:
             with low:
                 cams, probs, last_attn = self._gradcam(visual, tokens, pairs, self.logit_scale, grid)
-            cams, last_attn = cams.float(), last_attn.float()
-            # the last block's attention is the same in every copy of an image: take its first pair's
-            starts = np.cumsum([0] + [len(lab) for lab in labels[:-1]])
-            with_classes = [i for i, lab in enumerate(labels) if lab]
-            first_pair = torch.as_tensor(starts[with_classes], device=clip.device)
-            attn = attn.index_add(0, torch.as_tensor(with_classes, device=clip.device),
-                                  last_attn[first_pair, 1:, 1:].float())
+            cams = cams.float()
+            with_classes = torch.tensor([i for i, lab in enumerate(labels) if lab], device=clip.device)
+            attn = attn.index_add(0, with_classes, last_attn[:, 1:, 1:].float())
         attn = attn / self.attn_blocks
         affinity = sinkhorn_affinity(attn)
         boxes = box_mask(cams, self.box_threshold) if len(cams) else cams.new_zeros((0, n))

@@ -11,7 +11,8 @@ from PIL import Image
 from clipes import Labeler, load_class_set
 from clipes.cam import CamPairs, image_features, minmax_normalize, softmax_gradcam
 from clipes.model import ClipModel
-from clipes.vit import attention, block_forward, embed, encode_trunk, interpolate_pos_embed
+from clipes.vit import (attention, block_forward, embed, encode_trunk, head_mean_attention, interpolate_pos_embed,
+                        project_heads)
 
 from .conftest import make_tiny_openclip
 
@@ -34,6 +35,20 @@ def test_attention_matches_multihead_attention(tiny):
     fast, none = attention(block.attn, x, need_weights=False)
     assert none is None
     np.testing.assert_allclose(fast, ref_out, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 17])
+def test_attention_weights_chunk_by_chunk_match_multihead_attention(tiny, monkeypatch, rows):
+    """Any split of the query rows gives the weights and output of one whole pass."""
+    monkeypatch.setattr("clipes.vit.row_chunk", lambda q, length: rows)
+    block = tiny.visual.transformer.resblocks[0]
+    x = torch.randn(3, 17, 64)
+    ref_out, ref_w = block.attn(x, x, x, need_weights=True, average_attn_weights=True)
+    out, weights = attention(block.attn, x, need_weights=True)
+    np.testing.assert_allclose(out, ref_out, atol=1e-5)
+    np.testing.assert_allclose(weights, ref_w, atol=1e-6)
+    q, k, _ = project_heads(block.attn, x)
+    np.testing.assert_allclose(head_mean_attention(q, k), ref_w, atol=1e-6)
 
 
 def test_blocks_match_open_clip_at_native_size(tiny):
@@ -185,5 +200,6 @@ def test_per_pair_baseline_gives_the_same_results(tiny_clip, golden, golden_labe
                     slow.label_batch(images, [golden_labels[n] for n in names]), strict=True):
         np.testing.assert_allclose(a.cam, b.cam, atol=1e-5)
         np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+        np.testing.assert_allclose(a.attention, b.attention, atol=1e-7)
         # the near-flat refined maps of random weights turn float noise into a few flipped pixels
         assert (a.mask == b.mask).mean() >= 0.999
