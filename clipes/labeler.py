@@ -30,7 +30,8 @@ class LabelResult:
     ``labels`` are 0-based class indices in the order given; ``cam`` is (k, h, w) on the patch
     grid, ``cam_refined`` (k, H, W) at the original size, ``mask`` (H, W) uint8 with 0 =
     background and c + 1 = class c. ``probs`` is the softmax over [labels] + [background prompts];
-    ``attention`` (n, n) the head- and block-averaged patch attention CAA starts from; ``box_mask``
+    ``attention`` (n, n) the head- and block-averaged patch attention CAA starts from (None unless
+    the Labeler keeps it: 4.6 MB an image at 513 x 513); ``box_mask``
     (k, n) the class boxes. With the CRF, ``mask`` is the CRF's label map (255 where its
     probability is below the confidence threshold, if one is set) and ``confidence`` (H, W) that
     probability.
@@ -42,7 +43,7 @@ class LabelResult:
     cam_refined: np.ndarray
     cam_refined_lowres: np.ndarray
     box_mask: np.ndarray
-    attention: np.ndarray
+    attention: np.ndarray | None
     probs: np.ndarray
     input_size: tuple[int, int]
     label_source: str = "given"
@@ -73,14 +74,15 @@ class Labeler:
     for benchmarks, with the same results. ``crf`` refines masks with the reference's dense CRF;
     ``confidence`` then marks pixels whose CRF probability is below it as 255. ``autocast``
     (bf16 or fp16) runs the transformer's matrix products in low precision while the residual
-    stream, layer norms, softmaxes and CAA stay fp32 (``torch.autocast``).
+    stream, layer norms, softmaxes and CAA stay fp32 (``torch.autocast``). ``keep_attention``
+    returns the attention CAA starts from in every result.
     """
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
                  attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False,
                  crf: bool = False, confidence: float | None = None, crf_params: CrfParams | None = None,
-                 autocast: torch.dtype | None = None) -> None:
+                 autocast: torch.dtype | None = None, keep_attention: bool = False) -> None:
         depth = len(clip.visual.transformer.resblocks)
         if not 1 <= attn_blocks <= depth:
             raise ValueError(f"attn_blocks must be in [1, {depth}]")
@@ -96,6 +98,7 @@ class Labeler:
             raise ValueError("a confidence threshold needs the CRF (crf=True)")
         self.crf, self.confidence, self.crf_params = crf, confidence, crf_params or CrfParams()
         self.autocast = autocast
+        self.keep_attention = keep_attention
         self.text: TextFeatures = encode_class_set(clip, class_set)
         self.logit_scale = float(clip.model.logit_scale.exp())
 
@@ -190,14 +193,21 @@ class Labeler:
         affinity = sinkhorn_affinity(attn)
         boxes = box_mask(cams, self.box_threshold) if len(cams) else cams.new_zeros((0, n))
 
-        out, first = [], 0
-        for i, (p, lab) in enumerate(zip(group, labels, strict=True)):
-            k = len(lab)
-            cam, box = cams[first:first + k], boxes[first:first + k]
-            prob = probs[first, : k + len(self.text.bg)] if k else probs.new_zeros(0)
-            refined_low = refine_cams(affinity[i], cam, box)
+        # queue every image's device work first and copy to the host after: on a GPU the copies
+        # then wait once for the batch instead of once per image
+        class_ids = torch.tensor([c for lab in labels for c in lab], dtype=torch.long).to(clip.device)
+        spans = np.cumsum([0] + [len(lab) for lab in labels])
+        queued = []
+        for i, p in enumerate(group):
+            span = slice(spans[i], spans[i + 1])
+            refined_low = refine_cams(affinity[i], cams[span], boxes[span])
             refined = upsample(refined_low, p.size)
-            lab_t = torch.tensor(lab, dtype=torch.long, device=refined.device)
+            mask = None if self.crf else pseudo_mask(refined, class_ids[span], self.bg_power)
+            queued.append((refined_low, refined, mask))
+
+        out = []
+        for i, (p, lab, (refined_low, refined, mask)) in enumerate(zip(group, labels, queued, strict=True)):
+            span, k = slice(spans[i], spans[i + 1]), len(lab)
             refined_np = refined.cpu().numpy()
             confidence = None
             if self.crf:
@@ -206,13 +216,14 @@ class Labeler:
                 mask_np, confidence = crf_labels(p.rgb, refined_np, lab, self.bg_power, self.confidence,
                                                  self.crf_params)
             else:
-                mask_np = pseudo_mask(refined, lab_t, self.bg_power).cpu().numpy()
+                mask_np = mask.cpu().numpy()
+            prob = probs[spans[i], : k + len(self.text.bg)] if k else probs.new_zeros(0)
             out.append(LabelResult(
-                labels=lab_t.cpu().numpy(), mask=mask_np, cam=cam.float().cpu().numpy(),
+                labels=np.asarray(lab, dtype=np.int64), mask=mask_np, cam=cams[span].cpu().numpy(),
                 cam_refined=refined_np, confidence=confidence, cam_refined_lowres=refined_low.cpu().numpy(),
-                box_mask=box.cpu().numpy(), attention=attn[i].cpu().numpy(), probs=prob.cpu().numpy(),
-                input_size=(images.shape[-2], images.shape[-1]), label_source=sources[i], scores=scores[i]))
-            first += k
+                box_mask=boxes[span].cpu().numpy(), attention=attn[i].cpu().numpy() if self.keep_attention else None,
+                probs=prob.cpu().numpy(), input_size=(images.shape[-2], images.shape[-1]),
+                label_source=sources[i], scores=scores[i]))
         return out
 
     def _pairs(self, labels: list[list[int]]) -> CamPairs | None:

@@ -45,7 +45,7 @@ def voc():
 
 @pytest.fixture(scope="session")
 def labeler(tiny_clip, voc) -> Labeler:
-    return Labeler(tiny_clip, voc)
+    return Labeler(tiny_clip, voc, keep_attention=True)
 
 
 def make_tiny_openclip(seed: int = 0, patch: int = 16, image: int = 64):

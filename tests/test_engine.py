@@ -11,8 +11,15 @@ from PIL import Image
 from clipes import Labeler, load_class_set
 from clipes.cam import CamPairs, image_features, minmax_normalize, softmax_gradcam
 from clipes.model import ClipModel
-from clipes.vit import (attention, block_forward, embed, encode_trunk, head_mean_attention, interpolate_pos_embed,
-                        project_heads)
+from clipes.vit import (
+    attention,
+    block_forward,
+    embed,
+    encode_trunk,
+    head_mean_attention,
+    interpolate_pos_embed,
+    project_heads,
+)
 
 from .conftest import make_tiny_openclip
 
@@ -192,8 +199,8 @@ def test_bf16_autocast_masks_agree_with_fp32(tiny_clip, golden, golden_labels):
 
 
 def test_per_pair_baseline_gives_the_same_results(tiny_clip, golden, golden_labels):
-    fast = Labeler(tiny_clip, load_class_set("voc"))
-    slow = Labeler(tiny_clip, load_class_set("voc"), per_pair_backward=True)
+    fast = Labeler(tiny_clip, load_class_set("voc"), keep_attention=True)
+    slow = Labeler(tiny_clip, load_class_set("voc"), per_pair_backward=True, keep_attention=True)
     names = ["coffee.png", "2009_000573.png"]  # two classes each
     images = [Image.open(golden / "images" / n) for n in names]
     for a, b in zip(fast.label_batch(images, [golden_labels[n] for n in names]),
