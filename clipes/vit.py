@@ -65,8 +65,12 @@ def row_chunk(q: Tensor, length: int) -> int:
 
 
 def _attention_probs(q: Tensor, k: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(d)) for a block of query rows, scaling q first as nn.MultiheadAttention does."""
-    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
+    """softmax(q k^T / sqrt(d)) for a block of query rows, scaling q first as nn.MultiheadAttention does.
+
+    The softmax is fp32 whatever the scores' dtype: CUDA's autocast does that by itself, the CPU's
+    would keep bf16.
+    """
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1, dtype=torch.float32)
 
 
 def head_mean_attention(q: Tensor, k: Tensor) -> Tensor:
@@ -90,7 +94,7 @@ def attention(attn: nn.MultiheadAttention, x: Tensor, need_weights: bool) -> tup
     outs, weights = [], []
     for s in range(0, q.shape[-2], step):
         probs = _attention_probs(q[:, :, s:s + step], k)
-        outs.append(probs @ v)
+        outs.append(probs.to(v.dtype) @ v)
         weights.append(probs.mean(dim=1))
     return merge_heads(attn, torch.cat(outs, dim=2)), torch.cat(weights, dim=1)
 
