@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -22,8 +24,12 @@ def pseudo_mask(cams: Tensor, labels: Tensor, bg_power: float = 1.0) -> Tensor:
     return keys[index].to(torch.uint8)
 
 
+@functools.cache
 def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (bit-interleaved RGB), (n, 3) uint8; index 255 stays (224, 224, 192)."""
+    """The PASCAL VOC colour map (bit-interleaved RGB), (n, 3) uint8, read-only; index 255 is (224, 224, 192).
+
+    Computed once: every mask PNG and overlay needs it.
+    """
     pal = np.zeros((n, 3), dtype=np.uint8)
     for i in range(n):
         c, r, g, b = i, 0, 0, 0
@@ -33,6 +39,7 @@ def voc_palette(n: int = 256) -> np.ndarray:
             b |= ((c >> 2) & 1) << (7 - j)
             c >>= 3
         pal[i] = (r, g, b)
+    pal.setflags(write=False)
     return pal
 
 

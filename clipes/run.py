@@ -146,7 +146,7 @@ def _crf_then_write(out: RunOutput, crf: Future, stem: str, result: LabelResult,
 
 def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_names: tuple[str, ...],
                  summary: RunSummary, progress: Progress, flush, crf=None) -> None:
-    """Engine on the main thread, decoding in DataLoader workers, writing on a background thread.
+    """Engine on the main thread, decoding in DataLoader workers, writing on background threads.
 
     ``crf(rgb, result)``, when given, returns a future of (mask, confidence) computed in a process
     pool; the writer waits for it, so the dense CRF never holds up the network.
@@ -154,7 +154,8 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
     task = progress.add_task("label", total=len(loader.dataset), rate="-")
     start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
     pending: list[Future] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipes-writer") as writer:
+    # PIL lets go of the GIL while it compresses, so a few threads write PNGs in parallel
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="clipes-writer") as writer:
         for batch in loader:
             batch: list[Sample]
             good = [s for s in batch if s.prepared is not None]
