@@ -10,9 +10,7 @@ per image and over all pixels the share of pseudo-mask pixels that agree (the is
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -23,14 +21,11 @@ from rich.table import Table
 from clipes import Labeler, load_class_set, load_clip
 from clipes.run import DTYPES
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from _common import GOLDEN, hardware, parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(GOLDEN / "tiny-clip-vit-b16-random.pt"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap = parser(__doc__, str(GOLDEN / "tiny-clip-vit-b16-random.pt"), ("bfloat16", "float16"))
     ap.add_argument("--images", type=Path, default=GOLDEN / "images")
     ap.add_argument("--labels", type=Path, default=GOLDEN / "labels.json", help="JSON map: file name -> classes")
     ap.add_argument("--json", type=Path, default=None)
@@ -47,8 +42,8 @@ def main() -> None:
         agree = int((a.mask == b.mask).sum())
         rows.append({"image": name, "agreement": agree / a.mask.size})
         same, total = same + agree, total + a.mask.size
-    hardware = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
-    table = Table(title=f"pseudo masks, float32 vs {args.dtype}: {Path(args.model).name}, {hardware}")
+    machine = hardware(args.device)
+    table = Table(title=f"pseudo masks, float32 vs {args.dtype}: {Path(args.model).name}, {machine}")
     table.add_column("image")
     table.add_column("pixels agreeing", justify="right")
     for r in rows:
@@ -56,7 +51,7 @@ def main() -> None:
     table.add_row("[b]all[/b]", f"[b]{100 * same / total:.2f}%[/b]")
     Console().print(table)
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "device": args.device, "hardware": hardware,
+        args.json.write_text(json.dumps({"model": args.model, "device": args.device, "hardware": machine,
                                          "dtype": args.dtype, "agreement": same / total, "images": rows},
                                         indent=1) + "\n")
 

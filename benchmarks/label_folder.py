@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ from rich.table import Table
 
 from clipes import load_class_set
 from clipes.run import LabelConfig, label_folder
+
+from _common import hardware, parser
 
 # (width, height) and share among VOC 2012 images, roughly
 VOC_SIZES = [((500, 375), 0.5), ((375, 500), 0.2), ((500, 333), 0.15), ((333, 500), 0.05), ((500, 500), 0.1)]
@@ -62,10 +63,7 @@ def timed_run(images: Path, labels: Path, out: Path, args: argparse.Namespace) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ViT-B-16", help="default: random full-size ViT-B/16")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=16, help="images in the timed folder")
     ap.add_argument("--warmup", type=int, default=4, help="images in the warm-up folder")
     ap.add_argument("--batch-size", type=int, default=None, help="default: clipes label's auto")
@@ -81,13 +79,13 @@ def main() -> None:
         t_warm, _ = timed_run(warm, root / "warm" / "labels.json", root / "out_warm", args)
         t_full, own_rate = timed_run(full, root / "full" / "labels.json", root / "out_full", args)
     steady = (args.images - args.warmup) / (t_full - t_warm)
-    hardware = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
-    result = {"model": args.model, "device": args.device, "hardware": hardware, "dtype": args.dtype,
+    machine = hardware(args.device)
+    result = {"model": args.model, "device": args.device, "hardware": machine, "dtype": args.dtype,
               "batch_size": args.batch_size or "auto", "workers": args.workers, "images": args.images,
               "warmup_images": args.warmup, "seconds": t_full, "warmup_seconds": t_warm,
               "images_per_second_steady": steady, "images_per_second_run": own_rate,
               "threads": torch.get_num_threads()}
-    table = Table(title=f"clipes label on a folder: {args.model}, {args.dtype}, VOC-sized JPEGs, {hardware}")
+    table = Table(title=f"clipes label on a folder: {args.model}, {args.dtype}, VOC-sized JPEGs, {machine}")
     for col in ("images", "seconds", "img/s (whole run)", "img/s (steady)"):
         table.add_column(col, justify="right")
     table.add_row(str(args.warmup), f"{t_warm:.1f}", "", "")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+from _common import GOLDEN, hardware, parser
 
 
 def _images(n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[list[int]]]:
@@ -84,10 +83,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="ViT-B-16", help="default: random full-size ViT-B/16")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=8, help="timed images per mode")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--size", type=int, default=513)
@@ -107,7 +103,7 @@ def main() -> None:
             cmd = [c for c in cmd if c != str(args.json)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    gpu = hardware(args.device)
     result = {"model": args.model, "device": args.device, "hardware": gpu, "dtype": args.dtype,
               "size": args.size, "threads": torch.get_num_threads(), "results": rows}
     base = rows[0]["images_per_second"]

@@ -162,7 +162,8 @@ class Labeler:
 
     def _label_group(self, group: list[PreparedImage]) -> list[LabelResult]:
         clip, visual = self.clip, self.clip.visual
-        images = torch.stack([p.tensor for p in group]).to(clip.device, clip.dtype)
+        # each image on its own: from the DataLoader's pinned memory the copies are asynchronous
+        images = torch.stack([p.tensor.to(clip.device, clip.dtype, non_blocking=True) for p in group])
         grid = (images.shape[-2] // clip.patch_size, images.shape[-1] // clip.patch_size)
         low = torch.autocast(clip.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with low:

@@ -1,0 +1,34 @@
+"""What the benchmark scripts share: the model/device/dtype options and the name of the hardware."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import torch
+
+GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+def parser(doc: str | None, model: str = "ViT-B-16", dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16"),
+           ) -> argparse.ArgumentParser:
+    """An argument parser with ``--model``, ``--device`` and ``--dtype``; the script's docstring as help."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=model, help=f"default: {model}" + (" (random weights)" * (model == "ViT-B-16")))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=dtypes[0], choices=list(dtypes))
+    return ap
+
+
+def hardware(device: str) -> str:
+    """The GPU's name, or the CPU's model name as the kernel reports it."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
