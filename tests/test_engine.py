@@ -147,6 +147,7 @@ def test_label_batch_of_mixed_sizes_equals_one_at_a_time(tiny_clip):
         np.testing.assert_allclose(res.cam_refined_lowres, single.cam_refined_lowres, atol=1e-6)
         np.testing.assert_array_equal(res.mask, single.mask)
     assert batched[3].mask.shape == (64, 20) and not batched[3].mask.any()
+    assert all(r.attention is None for r in batched)  # (n, n) per image: only with keep_attention
 
 
 def test_label_accepts_arrays_and_names_or_indices(labeler):
