@@ -28,7 +28,7 @@ run() {
     mkdir -p "$out"
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     # issue 3: the engine, reference-style loop against batched, bf16 and fp32 (random ViT-B/16, 513x513)
-    python3 benchmarks/label_throughput.py --device cuda --dtype bfloat16 --images 256 --batch-size 32 \
+    python3 benchmarks/label_throughput.py --device cuda --dtype bfloat16 --images 256 --batch-size 32 --profile \
         --json "$out/label_throughput_gpu_bf16.json"
     python3 benchmarks/label_throughput.py --device cuda --dtype float32 --images 128 --batch-size 32 \
         --modes batched --json "$out/label_throughput_gpu_fp32.json"

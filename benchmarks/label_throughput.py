@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
+from torch.profiler import ProfilerActivity, profile
 
 from _common import GOLDEN, hardware, parser
 
@@ -50,6 +51,15 @@ def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _profile(step, device: torch.device, rows: int = 15) -> str:
+    """The busiest operators of one more batch, by device time on a GPU, by CPU time otherwise."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def run_mode(args: argparse.Namespace) -> dict:
@@ -77,7 +87,8 @@ def run_mode(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     run(prepared[args.warmup:])
     seconds = time.perf_counter() - start
-    return {"mode": args.mode, "images": args.images, "batch_size": batch, "seconds": seconds,
+    profile = _profile(lambda: run(prepared[args.warmup:args.warmup + batch]), device) if args.profile else None
+    return {"mode": args.mode, "images": args.images, "batch_size": batch, "seconds": seconds, "profile": profile,
             "images_per_second": args.images / seconds, "peak_memory_mib": _peak_bytes(device) / 2**20,
             "classes_per_image": float(np.mean([len(lab) for lab in labels[args.warmup:]]))}
 
@@ -90,6 +101,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--modes", default="reference,batched")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help="also print the busiest operators of one batch")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.mode:  # child process: one mode, JSON on stdout
@@ -101,7 +113,9 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--mode", mode, *[a for a in sys.argv[1:] if a != "--json"]]
         if args.json:
             cmd = [c for c in cmd if c != str(args.json)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the {mode} run failed:\n{done.stderr}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     gpu = hardware(args.device)
     result = {"model": args.model, "device": args.device, "hardware": gpu, "dtype": args.dtype,
@@ -114,6 +128,9 @@ def main() -> None:
         table.add_row(r["mode"], str(r["batch_size"]), str(r["images"]), f"{r['images_per_second']:.3f}",
                       f"{r['images_per_second'] / base:.2f}x", f"{r['peak_memory_mib']:.0f}")
     Console().print(table)
+    for r in rows:
+        if r["profile"]:
+            print(f"\n{r['mode']}: one batch, busiest operators\n{r['profile']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

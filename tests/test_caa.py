@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from clipes.caa import box_mask, refine_cams, sinkhorn_affinity, upsample
+from clipes.masks import class_argmax
 
 
 def test_sinkhorn_affinity_is_the_reference_recipe():
@@ -135,3 +136,11 @@ def test_box_mask_handles_a_serpentine_region():
     expected = np.zeros((9, 9))
     expected[0:7, 0:8] = 1  # one region: rows 0..6, cols 0..8 -> clipped to [0, 8)
     np.testing.assert_array_equal(_mask(cam), expected)
+
+
+def test_class_argmax_is_argmax_with_first_maximum_on_ties():
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.integers(0, 4, (5, 37, 41)).astype(np.float32))  # many ties
+    expected = np.argmax(scores.numpy(), axis=0)  # numpy, as the reference: first maximum wins
+    np.testing.assert_array_equal(class_argmax(scores).numpy(), expected)
+    np.testing.assert_array_equal(class_argmax(scores).numpy(), scores.argmax(0).numpy())

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ClipesError
 from ..images import CLIP_MEAN, CLIP_STD, ImageError, find_images, read_image
-from ..masks import mask_to_png
+from ..masks import class_argmax, mask_to_png
 from ..output import atomic_write, check_outside, encode_image
 from .models import SEGMENTERS, build_segmenter
 from .train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, load_checkpoint, predict_logits
@@ -72,7 +72,7 @@ def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: t
                 logits = logits.flip(-1)
             probs = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
             total = probs if total is None else total + probs
-    return total[0].argmax(0).to(torch.uint8).cpu().numpy()
+    return class_argmax(total[0]).to(torch.uint8).cpu().numpy()
 
 
 def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],

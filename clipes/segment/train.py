@@ -29,7 +29,7 @@ from ..distributed import DistInfo, init_from_env, shutdown
 from ..errors import ClipesError
 from ..evaluate import confusion, scores
 from ..images import CLIP_MEAN, CLIP_STD
-from ..masks import IGNORE
+from ..masks import IGNORE, class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
 from ..output import atomic_write
 from ..prompts import load_class_set
@@ -206,7 +206,7 @@ def validate(model: nn.Module, dataset: SegDataset, num_classes: int, device: to
         x, labels, _ = dataset[i]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = predict_logits(model, x[None].to(device), stride)
-        hist += confusion(logits[0].argmax(0).cpu().numpy(), labels.numpy(), num_classes)
+        hist += confusion(class_argmax(logits[0]).cpu().numpy(), labels.numpy(), num_classes)
     model.train()
     return scores(hist).miou
 
