@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
@@ -42,8 +43,10 @@ class LabelConfig:
     """Options of a labelling run (the CLI flags of ``clipes label``).
 
     ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
-    ``crf_workers`` 0 is automatic: a process pool on the CPU cores that the DataLoader and the main
-    process leave, when at least two are left; else the CRF runs in the main process.
+    ``workers`` None is automatic: up to 8 DataLoader processes per GPU, 1 on the CPU (see
+    ``decode_workers``). ``crf_workers`` 0 is automatic: a process pool on the CPU cores that the
+    DataLoader and the main process leave, when at least two are left; else the CRF runs in the
+    main process.
     """
 
     images: Path | None
@@ -62,7 +65,7 @@ class LabelConfig:
     overlays: bool = False
     overwrite: bool = False
     batch_size: int | None = None
-    workers: int = 2
+    workers: int | None = None
     crf: bool = False
     confidence: float | None = None
     crf_workers: int = 0
@@ -162,7 +165,7 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
             for s in batch:
                 if s.error is not None:
                     summary.failed.append((s.path, s.error))
-                    progress.console.print(f"[yellow]skipped[/] {s.error}", highlight=False)
+                    progress.console.print(f"[yellow]skipped[/] {escape(s.error)}", highlight=False)
             for s, res in zip(good, sizer([s.prepared for s in good]), strict=True):
                 if isinstance(res, str):
                     summary.failed.append((s.path, f"{s.path}: {res}"))
@@ -188,10 +191,23 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
             f.result()
 
 
+def decode_workers(requested: int | None, device: torch.device, world: int = 1) -> int:
+    """DataLoader processes: as requested, else up to 8 per GPU process, 1 on the CPU.
+
+    Decoding and resizing take about 10 ms an image on one core, so two workers would hold a GPU
+    to some 200 images/s; on the CPU the engine needs the cores and takes a second an image.
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 1) // world - 1))
+
+
 @contextmanager
-def _crf_pool(cfg: LabelConfig) -> Iterator[ProcessPoolExecutor | None]:
+def _crf_pool(cfg: LabelConfig, decoders: int) -> Iterator[ProcessPoolExecutor | None]:
     """Processes for the dense CRF (CPU-bound, one image each), or None without ``--crf``."""
-    workers = cfg.crf_workers or (os.cpu_count() or 1) - cfg.workers - 1
+    workers = cfg.crf_workers or (os.cpu_count() or 1) - decoders - 1
     if not cfg.crf or workers < (1 if cfg.crf_workers else 2):
         yield None  # no CRF, or too few spare cores for a pool to pay off: the engine runs it in-process
         return
@@ -205,12 +221,13 @@ def _label_todo(cfg: LabelConfig, console: Console, todo, class_set, dtype_name:
     clip = load_clip(cfg.model, device=device)
     manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
     batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
+    decoders = decode_workers(cfg.workers, device, dist_info.world)
     sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
     dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose,
                                  keep_image=cfg.overlays or cfg.crf, root=cfg.images.resolve())
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    with _crf_pool(cfg) as pool, _progress(console, dist_info.is_main) as progress:
+                        num_workers=decoders, pin_memory=device.type == "cuda")
+    with _crf_pool(cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
         labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                           zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side,
                           per_pair_backward=cfg.per_pair_backward, crf=cfg.crf and pool is None,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from clipes.data import ImageFolderDataset, probe_input_size, size_batches
-from clipes.run import _BatchSizer
+from clipes.run import _BatchSizer, decode_workers
 
 from .test_cli import _label, _labels_file, _tree_digest, images  # noqa: F401 - fixture reused
 
@@ -124,3 +124,13 @@ def test_two_processes_write_what_one_process_writes(tmp_path, images, golden): 
     manifest = json.loads((multi / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["summary"]["labelled"] == 4
     assert not list(multi.glob(".labels.rank*.json"))
+
+
+def test_decode_workers_default_scales_with_the_device(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert decode_workers(3, torch.device("cuda")) == 3  # as asked, on any device
+    assert decode_workers(None, torch.device("cpu")) == 1  # the engine needs the cores
+    assert decode_workers(None, torch.device("cuda")) == 8
+    assert decode_workers(None, torch.device("cuda"), world=4) == 3  # 16 cores shared by 4 GPU processes
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert decode_workers(None, torch.device("cuda"), world=2) == 1

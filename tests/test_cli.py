@@ -110,10 +110,16 @@ def test_zero_shot_run_records_inferred_labels(tmp_path, images, golden):
 
 def test_unreadable_files_are_reported_and_skipped(tmp_path, images, golden):
     (images / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    # rich markup in paths is printed as is: "[crf]" is no style, "[/y]" no closing tag
+    (images / "odd[crf].png").write_bytes(b"")
+    (images / "x[" / "y]").mkdir(parents=True)
+    (images / "x[" / "y]" / "empty.png").write_bytes(b"")
     out = tmp_path / "out"
     res = _label(images, out, model=golden / "tiny-clip-vit-b16-random.pt")
     assert res.exit_code == 0, res.output
-    assert "broken.jpg" in res.output and "1 unreadable" in res.output
+    assert "broken.jpg" in res.output and "3 unreadable" in res.output
+    unwrapped = res.output.replace("\n", "")  # rich folds long paths
+    assert "odd[crf].png" in unwrapped and "x[/y]/empty.png" in unwrapped
     assert not (out / "masks" / "broken.png").exists() and (out / "masks" / "gray.png").exists()
     assert json.loads((out / "manifest.json").read_text())["summary"]["failed"][0][0].endswith("broken.jpg")
 

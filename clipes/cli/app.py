@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..model import MODEL_ENV
 from ..run import LabelConfig, label_folder
@@ -48,14 +49,14 @@ def label(
              "instances JSON. Without it, labels are inferred zero-shot.")] = None,
     model: Annotated[str | None, typer.Option(
         envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
-                               "[default: ViT-B-16/openai].")] = None,
+                               "\\[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str | None, typer.Option(
         help="float32 (default, exact), or bfloat16 / float16 autocast for the transformer's matrix products.")
     ] = None,
     bg_power: Annotated[float, typer.Option(help="t in the background score (1 - max cam)^t.")] = 1.0,
     box_threshold: Annotated[float | None, typer.Option(
-        help="CAA box threshold [default: the class set's, 0.4 VOC, 0.7 COCO].")] = None,
+        help="CAA box threshold \\[default: the class set's, 0.4 VOC, 0.7 COCO].")] = None,
     zero_shot_threshold: Annotated[float, typer.Option(
         help="Without --labels: softmax score a class needs to count as present.")] = 0.1,
     max_side: Annotated[int, typer.Option(
@@ -69,11 +70,13 @@ def label(
     batch_size: Annotated[str, typer.Option(
         help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU, halved on "
              "out-of-memory.")] = "auto",
-    workers: Annotated[int, typer.Option(help="DataLoader processes decoding and resizing images.")] = 2,
+    workers: Annotated[int | None, typer.Option(
+        help="DataLoader processes decoding and resizing images \\[default: up to 8 per GPU, 1 on the CPU].",
+        show_default=False)] = None,
     crf: Annotated[bool, typer.Option("--crf", help="Refine masks with the reference's dense CRF "
-                                                   "(pip install 'clipes[crf]').")] = False,
+                                                   "(pip install 'clipes\\[crf]').")] = False,
     crf_workers: Annotated[int, typer.Option(
-        help="Processes running the CRF [0: the cores the DataLoader and main process leave, if two or more; "
+        help="Processes running the CRF \\[0: the cores the DataLoader and main process leave, if two or more; "
              "else in-process].")] = 0,
     dataset: Annotated[str | None, typer.Option(
         help="voc or coco: IMAGES is the dataset root; images and labels come from --split.")] = None,
@@ -101,12 +104,12 @@ def label(
         return  # under torchrun, rank 0 reports for the whole job
     console.print(f"labelled {summary.labelled} image(s) in {summary.seconds:.1f}s "
                   f"({summary.images_per_second:.2f} img/s), {summary.skipped} already done, "
-                  f"{len(summary.failed)} unreadable -> {out}", highlight=False)
+                  f"{len(summary.failed)} unreadable -> {escape(str(out))}", highlight=False)
     if summary.unlabelled:
-        console.print(f"[yellow]{len(summary.unlabelled)} image(s) have no entry in {labels}[/]: "
-                      + ", ".join(summary.unlabelled[:5]) + (" ..." if len(summary.unlabelled) > 5 else ""))
+        console.print(f"[yellow]{len(summary.unlabelled)} image(s) have no entry in {escape(str(labels))}[/]: "
+                      + escape(", ".join(summary.unlabelled[:5])) + (" ..." if len(summary.unlabelled) > 5 else ""))
     for _path, why in summary.failed:
-        console.print(f"[yellow]unreadable[/] {why}", highlight=False)
+        console.print(f"[yellow]unreadable[/] {escape(why)}", highlight=False)
 
 
 app.command("eval")(eval_command)

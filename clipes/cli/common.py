@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import ClipesError
 
@@ -17,5 +18,5 @@ def reported_errors(console: Console, *also: type[Exception]) -> Iterator[None]:
     try:
         yield
     except (ClipesError, *also) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise typer.Exit(2) from None

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -65,7 +66,7 @@ def eval_command(
     pred: Annotated[Path, typer.Argument(help="Folder of label PNGs, or a clipes output folder (uses masks/).")],
     gt: Annotated[Path, typer.Argument(help="Folder of ground-truth PNGs (255 = void) or a COCO instances JSON.")],
     classes: Annotated[str | None, typer.Option(
-        help="Class set for names and class count [default: the run's, else voc; coco for a JSON].")] = None,
+        help="Class set for names and class count \\[default: the run's, else voc; coco for a JSON].")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a bar chart of per-class IoU (PNG) here.")] = None,
     search_bg_power: Annotated[str | None, typer.Option(
@@ -106,7 +107,7 @@ def eval_command(
     _report(console, names, ev, title)
     if ev.missing:
         console.print(f"[yellow]{len(ev.missing)} ground-truth image(s) have no prediction[/] (not scored): "
-                      + ", ".join(ev.missing[:5]) + (" ..." if len(ev.missing) > 5 else ""))
+                      + escape(", ".join(ev.missing[:5])) + (" ..." if len(ev.missing) > 5 else ""))
     report = {**ev.scores.to_dict(names), "images": len(ev.per_image), "missing": ev.missing,
               "per_image_miou": ev.per_image, "prediction": str(pred), "ground_truth": str(gt)}
     if search_bg_power:
@@ -118,4 +119,5 @@ def eval_command(
         json_out.write_text(json.dumps(report, indent=1) + "\n")
     if plot:
         bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}", ev.scores.present).save(plot)
-    console.print(f"mIoU {100 * ev.scores.miou:.2f}" + (f" -> {json_out}" if json_out else ""), highlight=False)
+    target = f" -> {escape(str(json_out))}" if json_out else ""
+    console.print(f"mIoU {100 * ev.scores.miou:.2f}{target}", highlight=False)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from ..model import resolve_device
@@ -88,6 +89,6 @@ def segment_command(
         done, skipped, failed = segment_folder(checkpoint, images, out, resolve_device(device),
                                                tuple(float(s) for s in scales.split(",")), flip, overwrite,
                                                progress)
-    console.print(f"segmented {done} image(s), {skipped} already done -> {out}", highlight=False)
+    console.print(f"segmented {done} image(s), {skipped} already done -> {escape(str(out))}", highlight=False)
     for why in failed:
-        console.print(f"[yellow]unreadable[/] {why}", highlight=False)
+        console.print(f"[yellow]unreadable[/] {escape(why)}", highlight=False)

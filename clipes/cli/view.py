@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..evaluate import open_ground_truth
 from ..prompts import load_class_set
@@ -31,4 +32,4 @@ def view_command(
                 if manifest.is_file() else "voc"
             truth = open_ground_truth(gt, load_class_set(name if name in ("voc", "coco") else "voc"))
         page = build_view(out, truth, limit)
-    console.print(f"wrote {page}", highlight=False)
+    console.print(f"wrote {escape(str(page))}", highlight=False)

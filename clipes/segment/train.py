@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -253,7 +254,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
         sched.load_state_dict(ckpt["scheduler"])
         start, best = int(ckpt["step"]), float(ckpt["best_miou"])
         if info.is_main:
-            console.print(f"resumed from {last} at step {start}")
+            console.print(f"resumed from {escape(str(last))} at step {start}")
     if info.world > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
