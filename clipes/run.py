@@ -156,6 +156,9 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
     """
     task = progress.add_task("label", total=len(loader.dataset), rate="-")
     start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
+    # progress is saved every 10 s, or less often once labels.json is large (about 1 s for COCO's
+    # 118k images): at most 2% of the time goes to it
+    flush_every = 10.0
     pending: list[Future] = []
     # PIL lets go of the GIL while it compresses, so a few threads write PNGs in parallel
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="clipes-writer") as writer:
@@ -181,12 +184,14 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
                 pending.pop(0).result()
             done += len(batch)
             progress.update(task, advance=len(batch), rate=f"{done / max(time.perf_counter() - start, 1e-9):.2f}")
-            if time.perf_counter() - last_flush > 10:
+            if time.perf_counter() - last_flush > flush_every:
                 for f in pending:
                     f.result()
                 pending.clear()
+                began = time.perf_counter()
                 flush()
                 last_flush = time.perf_counter()
+                flush_every = max(10.0, 50 * (last_flush - began))
         for f in pending:
             f.result()
 
