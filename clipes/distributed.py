@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "gather_to_rank0", "init_from_env", "shutdown"]
+__all__ = ["DistInfo", "gather_to_rank0", "init_from_env", "process_group", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,15 @@ def gather_to_rank0(obj: Any, info: DistInfo) -> list[Any] | None:
 def shutdown(info: DistInfo) -> None:
     if info.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[torch.device, DistInfo]]:
+    """Join torchrun's job for a run, on this rank's own GPU when ``device`` is CUDA; leave it after."""
+    info = init_from_env(device.type == "cuda")
+    if device.type == "cuda" and info.world > 1:
+        device = torch.device("cuda", info.local_rank)
+    try:
+        yield device, info
+    finally:
+        shutdown(info)

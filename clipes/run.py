@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from .crf import crf_labels, require_pydensecrf
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import load_split
-from .distributed import DistInfo, gather_to_rank0, init_from_env, shutdown
+from .distributed import DistInfo, gather_to_rank0, process_group
 from .errors import ClipesError
 from .images import find_images
 from .labeler import Labeler, LabelResult, PreparedImage
@@ -277,13 +277,8 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     if device.type == "cpu" and dtype_name != "float32" and cpu_has_fast_bf16() is False:
         console.print(f"[yellow]warning:[/] this CPU has no low-precision matrix units (AMX / AVX512-BF16): "
                       f"--dtype {dtype_name} will run far slower than float32 here")
-    dist_info = init_from_env(device.type == "cuda")
-    if device.type == "cuda" and dist_info.world > 1:
-        device = torch.device("cuda", dist_info.local_rank)
-    try:
+    with process_group(device) as (device, dist_info):
         return _label_folder(cfg, console, items, class_set, given, dtype_name, device, dist_info)
-    finally:
-        shutdown(dist_info)
 
 
 def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipesError
-from ..images import CLIP_MEAN, CLIP_STD, ImageError, find_images, read_image
+from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
 from ..output import atomic_write, check_outside, encode_image
 from .models import SEGMENTERS, build_segmenter
-from .train import IMAGENET_MEAN, IMAGENET_STD, TrainConfig, load_checkpoint, predict_logits
+from .train import TrainConfig, load_checkpoint, predict_logits
 
 __all__ = ["load_segmenter", "segment_image"]
 
@@ -56,18 +56,17 @@ def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Mod
 def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: torch.device,
                   scales: tuple[float, ...] = (1.0,), flip: bool = False) -> np.ndarray:
     """Label map (H, W) uint8: softmax averaged over scales (and horizontal flips), then argmax."""
-    mean, std = (CLIP_MEAN, CLIP_STD) if not cfg.model.startswith("deeplab") else (IMAGENET_MEAN, IMAGENET_STD)
-    x = (torch.tensor(rgb, dtype=torch.float32).div(255) - torch.tensor(mean)) / torch.tensor(std)
+    spec = SEGMENTERS[cfg.model]
+    x = (torch.tensor(rgb, dtype=torch.float32).div(255) - torch.tensor(spec.mean)) / torch.tensor(spec.std)
     x = x.permute(2, 0, 1)[None].to(device)
     h, w = x.shape[-2:]
-    stride = SEGMENTERS[cfg.model].stride
     total = None
     for s in scales:
         xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
         variants = [xs, xs.flip(-1)] if flip else [xs]
         for k, v in enumerate(variants):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = predict_logits(model, v, stride).float()
+                logits = predict_logits(model, v, spec.stride).float()
             if k:
                 logits = logits.flip(-1)
             probs = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)

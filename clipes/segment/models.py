@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ClipesError
+from ..images import CLIP_MEAN, CLIP_STD
 from ..vit import block_forward, embed
 
 __all__ = [
@@ -125,13 +126,19 @@ class DeepLab(nn.Module):
         return self.model(x)["out"]
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's backbones
+
+
 @dataclass(frozen=True)
 class SegmenterSpec:
-    """What ``train-seg`` needs to know about a model family: its optimiser preset and input stride."""
+    """What ``train-seg`` and ``segment`` need to know about a model family: its optimiser preset,
+    input stride and the per-channel mean and std its inputs are normalised with (RGB in [0, 1])."""
 
     build: Callable[..., nn.Module]
     preset: str
     stride: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
 
 
 def _clip(head: str):
@@ -185,8 +192,8 @@ def _tiny(num_classes: int, clip_model: str | None = None, freeze_backbone: bool
 SEGMENTERS: dict[str, SegmenterSpec] = {
     "clip-linear": SegmenterSpec(_clip("linear"), "vit", 16),
     "clip-segmenter": SegmenterSpec(_clip("mask"), "vit", 16),
-    "deeplabv3-resnet50": SegmenterSpec(_deeplab(50), "deeplab", 8),
-    "deeplabv3-resnet101": SegmenterSpec(_deeplab(101), "deeplab", 8),
+    "deeplabv3-resnet50": SegmenterSpec(_deeplab(50), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
+    "deeplabv3-resnet101": SegmenterSpec(_deeplab(101), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
     "tiny": SegmenterSpec(_tiny, "vit", 4),
 }
 

@@ -26,10 +26,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..distributed import DistInfo, init_from_env, shutdown
+from ..distributed import DistInfo, process_group
 from ..errors import ClipesError
 from ..evaluate import confusion, scores
-from ..images import CLIP_MEAN, CLIP_STD
 from ..masks import IGNORE, class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
 from ..output import atomic_write
@@ -39,7 +38,6 @@ from .models import SEGMENTERS, build_segmenter
 
 __all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "train"]
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # The reference's DeepLab schedule (SGD, poly 0.9, wd 5e-4, crop 321, batch 10, 20k steps; 10x lr for
 # the head as DeepLab does), and AdamW for the ViT heads (Segmenter's recipe).
@@ -219,13 +217,8 @@ def train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
     if cfg.model.startswith("clip") and cfg.clip_model is None:  # record what was used, for `clipes segment`
         cfg.clip_model = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     device = resolve_device(cfg.device)
-    info = init_from_env(device.type == "cuda")
-    if device.type == "cuda" and info.world > 1:
-        device = torch.device("cuda", info.local_rank)
-    try:
+    with process_group(device) as (device, info):
         return _train(cfg, console, device, info)
-    finally:
-        shutdown(info)
 
 
 def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo) -> dict[str, Any]:
@@ -233,8 +226,6 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     class_set = load_class_set(cfg.classes)
     num_classes = len(class_set) + 1
     spec = SEGMENTERS[cfg.model]
-    mean, std = (CLIP_MEAN, CLIP_STD) if cfg.model.startswith("clip") or cfg.model == "tiny" else (
-        IMAGENET_MEAN, IMAGENET_STD)
     items = _items(cfg, val=False)
     if not items:
         raise ClipesError("no training images: give --images and --masks, or --dataset with --root")
@@ -260,12 +251,12 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_set = SegDataset(items, mean, std, train=True, crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max),
+    train_set = SegDataset(items, spec.mean, spec.std, train=True, crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max),
                            seed=cfg.seed)
     stop = min(cfg.steps, cfg.stop_at or cfg.steps)
     sampler = PositionSampler(len(train_set), cfg.batch_size, stop, start, cfg.seed, info.rank, info.world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    val_set = SegDataset(val_items, mean, std, train=False) if val_items else None
+    val_set = SegDataset(val_items, spec.mean, spec.std, train=False) if val_items else None
 
     log_path = out / "log.jsonl"
     if info.is_main:
