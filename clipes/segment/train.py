@@ -272,6 +272,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
         task = progress.add_task("train", total=cfg.steps, completed=start, loss="-",
                                  miou="-" if best == float("-inf") else f"{100 * best:.1f}")
         step = start
+        unread: list[Tensor] = []
+        records: list[dict[str, Any]] = []
         for x, labels, weights in loader:
             x, labels, weights = (t.to(device, non_blocking=True) for t in (x, labels, weights))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -289,10 +291,19 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             total = loss.detach() / info.world
             if info.world > 1:
                 dist.all_reduce(total)
-            loss_value = float(total)
-            if not math.isfinite(loss_value):
-                raise ClipesError(f"loss became {loss_value} at step {step}; lower --lr")
-            record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": sched.get_last_lr()[0]}
+            # losses stay on the device until a step that logs, validates or saves reads them all:
+            # reading one every step would make the host wait for the GPU every step
+            unread.append(total)
+            record: dict[str, Any] = {"step": step, "loss": None, "lr": sched.get_last_lr()[0]}  # loss: below
+            records.append(record)
+            if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step in (stop, cfg.steps):
+                for r, value in zip(records, torch.stack(unread).tolist(), strict=True):
+                    if not math.isfinite(value):
+                        raise ClipesError(f"loss became {value} at step {r['step']}; lower --lr")
+                    r["loss"] = loss_value = value
+                unread.clear()
+                records.clear()
+                progress.update(task, loss=f"{loss_value:.4f}")
             if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps) and info.is_main:
                 miou = validate(_unwrap(model), val_set, num_classes, device, spec.stride, cfg.bf16)
                 record["val_miou"] = miou
@@ -307,7 +318,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                         f.write(json.dumps(record) + "\n")
                 if step % cfg.val_every == 0 or step == stop:
                     _save(last, model, opt, sched, step, best, cfg, class_set.classes)
-            progress.update(task, advance=1, loss=f"{loss_value:.4f}")
+            progress.update(task, advance=1)
     if info.world > 1:
         dist.barrier()
     return {"step": step, "loss": loss_value, "best_miou": best if best > float("-inf") else None,
