@@ -99,17 +99,21 @@ class SegDataset(Dataset):
         labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST),
                             dtype=np.int64)
         weight = np.asarray(Image.fromarray(weight).resize((w, h), Image.Resampling.NEAREST), dtype=np.float32)
-        x = (np.asarray(img, dtype=np.float32) - self.mean) / self.std
+        x = np.asarray(img, dtype=np.uint8)
         if self.flip and rng.random() < 0.5:
             x, labels, weight = x[:, ::-1], labels[:, ::-1], weight[:, ::-1]
         c = self.crop
         ph, pw = max(c - h, 0), max(c - w, 0)
-        x = np.pad(x, ((0, ph), (0, pw), (0, 0)))  # zero = the mean colour after normalisation
+        x = np.pad(x, ((0, ph), (0, pw), (0, 0)))
         labels = np.pad(labels, ((0, ph), (0, pw)), constant_values=255)
         weight = np.pad(weight, ((0, ph), (0, pw)))
         y0 = int(rng.integers(0, x.shape[0] - c + 1))
         x0 = int(rng.integers(0, x.shape[1] - c + 1))
         x, labels, weight = x[y0:y0 + c, x0:x0 + c], labels[y0:y0 + c, x0:x0 + c], weight[y0:y0 + c, x0:x0 + c]
+        # normalise the crop only, not the whole rescaled image; padding is the mean colour, i.e. 0
+        x = (x.astype(np.float32) - self.mean) / self.std
+        x[max(h - y0, 0):] = 0
+        x[:, max(w - x0, 0):] = 0
         return (torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).contiguous(),
                 torch.from_numpy(np.ascontiguousarray(labels)), torch.from_numpy(np.ascontiguousarray(weight)))
 
