@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import ClipesError
+from ..evaluate import read_label_png
 from ..images import find_images, read_image
 
 __all__ = ["PositionSampler", "SegDataset", "SegItem", "pair_folders"]
@@ -46,13 +47,6 @@ def pair_folders(images: Path, masks: Path | None, confidence: Path | None = Non
     return items
 
 
-def _read_mask(path: Path) -> np.ndarray:
-    with Image.open(path) as m:
-        if m.mode not in ("P", "L"):
-            raise ClipesError(f"{path}: expected a palette or grayscale label PNG, got mode {m.mode}")
-        return np.asarray(m, dtype=np.uint8)
-
-
 class SegDataset(Dataset):
     """Samples keyed by (index, position): training crops with random scale and flip, or whole images.
 
@@ -73,7 +67,7 @@ class SegDataset(Dataset):
 
     def _load(self, item: SegItem) -> tuple[Image.Image, Image.Image | None, np.ndarray]:
         img = read_image(item.image).convert("RGB")
-        mask = Image.fromarray(_read_mask(item.mask)) if item.mask else None
+        mask = Image.fromarray(read_label_png(item.mask)) if item.mask else None
         if mask is not None and mask.size != img.size:
             raise ClipesError(f"{item.mask}: mask size {mask.size} differs from its image {img.size}")
         weight = np.ones((img.height, img.width), dtype=np.float32)
