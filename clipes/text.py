@@ -11,7 +11,7 @@ from torch import Tensor
 from .model import ClipModel
 from .prompts import ClassSet
 
-__all__ = ["TextFeatures", "encode_class_set", "encode_prompts"]
+__all__ = ["TextFeatures", "encode_class_set", "encode_prompts", "prompt_strings"]
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,15 @@ class TextFeatures:
     bg: Tensor
 
 
+def prompt_strings(names: list[str] | tuple[str, ...], templates: tuple[str, ...]) -> list[str]:
+    """The strings the text encoder sees, name-major: every template filled with each name in turn."""
+    return [t.format(n) for n in names for t in templates]
+
+
 @torch.no_grad()
 def encode_prompts(clip: ClipModel, names: list[str] | tuple[str, ...], templates: tuple[str, ...]) -> Tensor:
     """Per name: embed every template, normalise, average, normalise again (CLIP's zero-shot recipe)."""
-    prompts = [t.format(n) for n in names for t in templates]
+    prompts = prompt_strings(names, templates)
     tokens = clip.tokenizer(prompts).to(clip.device)
     emb = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)
     emb = emb.view(len(names), len(templates), -1).mean(dim=1)
