@@ -1,0 +1,409 @@
+"""``--tagger tagclip``: TagCLIP's local-to-global multi-label classification, exact to the authors' code.
+
+TagCLIP (Lin et al., AAAI 2024; github.com/linyq2117/TagCLIP, commit c32b640) is training-free:
+
+1. coarse: every patch token, with the last block's attention turned into self-attention, is
+   classified against the class and background names (softmax over all of them);
+2. refine: the patch scores are smoothed by the ViT's own attention (mean of blocks 8..10, kept
+   where at least 4 of all blocks attend above their mean), then re-propagated inside the boxes of
+   each class's high-scoring regions; a class's score is its best patch;
+3. class-wise reidentification (cwr): each strong class's region is cropped, encoded at 224 x 224
+   with the CLS token restricted to the region, and its softmax score mixed 50/50 into the score.
+
+Labels are the classes above min + 0.5 (max - min) of an image's scores. Every constant and
+quirk below is the authors' (see ``tagclip-reference.md``): the fp16-rounded interpolated
+positional table, -100 (self-attention) and -1000 (CLS restriction) additive masks, pre-mask
+attention for the vote, eps-free min-max normalisations, uint8 / int truncation of the box
+threshold, box ends clipped to the grid's last row and column with exclusive slicing, and the
+early return of cwr.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+
+from ..model import ClipModel
+from ..prompts import DEFAULT_BACKGROUND, ClassSet, load_class_set
+from ..text import encode_prompts
+from ..vit import block_forward, head_mean_attention, interpolate_pos_embed, merge_heads, project_heads
+from .base import Tagger, TaggerError, Tags
+
+__all__ = ["TagCLIP", "TagCLIPOutput", "attention_vote", "component_box_mask", "crop_regions", "refine_in_boxes",
+           "relative_labels", "tagclip_names", "tagclip_text_features"]
+
+RELATIVE_THRESHOLD = 0.5  # cwr candidates, cwr region mask and final labels (VOC and COCO settings)
+VOTE_MIN = 4              # blocks whose attention must be above their mean for an entry to count
+AVG_BLOCKS = slice(8, -1)  # blocks averaged into the refinement attention: 8, 9, 10 of 12
+SELF_MASK = -100.0        # additive mask off the diagonal in the last block of the main pass
+CLS_MASK = -1000.0        # additive mask on the CLS query for patches outside a cwr region
+MIX = 0.5                 # weight of the coarse-to-fine score against the crop's score
+
+
+@cache
+def _data() -> dict[str, Any]:
+    return yaml.safe_load(resources.files(__package__).joinpath("data", "tagclip.yaml").read_text(encoding="utf-8"))
+
+
+def tagclip_templates() -> tuple[str, ...]:
+    """TagCLIP's 85 prompt templates: CLIP's 80 ImageNet ones and 5 scene templates."""
+    return tuple(_data()["templates"])
+
+
+def tagclip_names(class_set: ClassSet) -> tuple[list[str], list[str]]:
+    """The class and background names TagCLIP scores for a class set.
+
+    The built-in ``voc`` and ``coco`` sets use the authors' lists (plain names, VOC spellings, their
+    25 / 23 background names). Other sets use their class names (not fused synonym prompts) and
+    their own background names; a set that names none (clipes then fills in COCO's 23 defaults)
+    gets the authors' 25 VOC background names.
+    """
+    data = _data()
+    if class_set.name in ("voc", "coco") and class_set.classes == load_class_set(class_set.name).classes:
+        own = data[class_set.name]
+        return list(own["classes"]), list(own["background"])
+    background = data["voc"]["background"] if class_set.background == DEFAULT_BACKGROUND else class_set.background
+    return list(class_set.classes), list(background)
+
+
+@torch.no_grad()
+def tagclip_text_features(clip: ClipModel, names: list[str], templates: tuple[str, ...], chunk: int = 8) -> Tensor:
+    """(C, E) prompt-ensemble embeddings, normalised once more as ``classify()`` does (a no-op to 1 ulp).
+
+    ``chunk`` names at a time bound the text tower's memory (85 prompts a name).
+    """
+    feats = torch.cat([encode_prompts(clip, names[i:i + chunk], templates) for i in range(0, len(names), chunk)])
+    return feats / feats.norm(dim=-1, keepdim=True)
+
+
+def embed_rounded(visual: nn.Module, images: Tensor) -> Tensor:
+    """``vit.embed`` with the authors' positional table: an interpolated table is rounded to fp16."""
+    x = visual.conv1(images)
+    grid = (x.shape[-2], x.shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    pos = interpolate_pos_embed(visual.positional_embedding, grid)
+    if pos is not visual.positional_embedding:
+        pos = pos.half().float()
+    return visual.ln_pre(torch.cat([cls, x], dim=1) + pos.to(x.dtype))
+
+
+def masked_block(block: nn.Module, x: Tensor, mask: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``vit.block_forward`` with an additive attention mask; the weights, if asked for, are pre-mask."""
+    q, k, v = project_heads(block.attn, block.ln_1(x))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+    weights = head_mean_attention(q, k) if need_weights else None
+    x = x + block.ls_1(merge_heads(block.attn, out))
+    return x + block.ls_2(block.mlp(block.ln_2(x))), weights
+
+
+def project_tokens(visual: nn.Module, x: Tensor) -> Tensor:
+    """ln_post and the projection on every token, then L2 normalisation (no eps), in float32."""
+    x = visual.ln_post(x)
+    if visual.proj is not None:
+        x = x @ visual.proj
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def attention_vote(maps: list[Tensor], avg_blocks: slice = AVG_BLOCKS, vote_min: int = VOTE_MIN) -> Tensor:
+    """(B, N, N) mean of ``maps[avg_blocks]``, zeroed where fewer than ``vote_min`` maps exceed their mean."""
+    votes = torch.zeros_like(maps[0], dtype=torch.int16)
+    for a in maps:
+        tau = a.reshape(a.shape[0], -1).mean(dim=-1).view(-1, 1, 1)
+        votes += a > tau
+    return torch.stack(maps[avg_blocks]).mean(dim=0) * (votes >= vote_min).float()
+
+
+def encode_voted(visual: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """One pass over all tokens: (B, 1 + N, E) unit features and the (B, N, N) voted attention.
+
+    Blocks run as CLIP's, except the last, whose tokens attend only to themselves (additive -100
+    off the diagonal); every block's head-averaged attention before any mask, CLS dropped, votes.
+    """
+    x = embed_rounded(visual, images)
+    blocks = visual.transformer.resblocks
+    length = x.shape[1]
+    self_mask = torch.full((length, length), SELF_MASK, device=x.device).fill_diagonal_(0.0)
+    maps = []
+    for i, block in enumerate(blocks):
+        if i < len(blocks) - 1:
+            x, w = block_forward(block, x, need_weights=True)
+        else:
+            x, w = masked_block(block, x, self_mask, need_weights=True)
+        maps.append(w[:, 1:, 1:].float())
+    return project_tokens(visual, x), attention_vote(maps)
+
+
+def component_box_mask(binary: Tensor) -> tuple[Tensor, Tensor]:
+    """Union of the clipped bounding boxes of the 8-connected components of (M, h, w) maps.
+
+    A box (x0, y0, x1, y1) = (left, top, min(right + 1, w - 1), min(bottom + 1, h - 1)) covers rows
+    y0..y1-1 and columns x0..x1-1, as the authors' ``scoremap2bbox`` and slicing do: the last row and
+    column are never covered. Components are labelled on the device by propagating the largest
+    patch index through 3 x 3 neighbourhoods. Returns the (M, h, w) mask and the boxes as
+    (K, 5) rows (map, x0, y0, x1, y1).
+    """
+    m, h, w = binary.shape
+    n = h * w
+    dev = binary.device
+    keep = binary[:, None].float()
+    ids = torch.arange(1, n + 1, device=dev, dtype=torch.float32).view(1, 1, h, w)
+    lab = ids * keep
+    while True:
+        new = lab
+        for _ in range(4):
+            new = F.max_pool2d(new, 3, stride=1, padding=1) * keep
+        if torch.equal(new, lab):
+            break
+        lab = new
+    lab = lab.view(m, n).long()
+    key = (lab + torch.arange(m, device=dev)[:, None] * (n + 1)).flatten()
+    rows = torch.arange(h, device=dev).repeat_interleave(w).repeat(m)
+    cols = torch.arange(w, device=dev).repeat(h).repeat(m)
+    size = m * (n + 1)
+    top = torch.full((size,), h, device=dev).scatter_reduce(0, key, rows, "amin")
+    bottom = torch.full((size,), -1, device=dev).scatter_reduce(0, key, rows, "amax")
+    left = torch.full((size,), w, device=dev).scatter_reduce(0, key, cols, "amin")
+    right = torch.full((size,), -1, device=dev).scatter_reduce(0, key, cols, "amax")
+    found = (bottom >= 0) & (torch.arange(size, device=dev) % (n + 1) != 0)
+    which = found.nonzero().flatten()
+    owner = which // (n + 1)
+    y0, x0 = top[which], left[which]
+    y1, x1 = (bottom[which] + 1).clamp(max=h - 1), (right[which] + 1).clamp(max=w - 1)
+    diff = torch.zeros((m, h + 1, w + 1), device=dev, dtype=torch.int32)
+    one = torch.ones_like(owner, dtype=torch.int32)
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        diff.index_put_((owner, ys, xs), sign * one, accumulate=True)
+    mask = diff.cumsum(1).cumsum(2)[:, :h, :w] > 0
+    return mask, torch.stack([owner, x0, y0, x1, y1], dim=1)
+
+
+@dataclass
+class BoxRefinement:
+    """``refine_in_boxes``' result: the refined (B, N, C) scores and how the boxes were found."""
+
+    refined: Tensor
+    mean: Tensor       # (B, C) mean of the min-max normalised column
+    threshold: Tensor  # (B, C) int(mean * 255), the binarisation threshold of the uint8 map
+    box_mask: Tensor   # (B, N, C) patches inside the column's boxes
+    boxes: Tensor      # (K, 6) rows (image, class, x0, y0, x1, y1)
+
+
+def refine_in_boxes(smoothed: Tensor, coarse: Tensor, attn: Tensor, grid: tuple[int, int]) -> BoxRefinement:
+    """The authors' ``mask_attn`` for every column at once.
+
+    Each column of ``smoothed`` (B, N, C) is min-max normalised, cut to uint8 and binarised above
+    int(mean * 255); the boxes of its components restrict the attention's source patches, through
+    which the ``coarse`` scores are propagated again. Columns whose maximum is not positive keep
+    their smoothed scores. A constant column (the authors' code fails on it) gets no box.
+    """
+    b, n, c = smoothed.shape
+    col = smoothed.transpose(1, 2).contiguous()  # each column contiguous, as the authors reduce it
+    t = col - col.amin(dim=-1, keepdim=True)
+    t = torch.nan_to_num(t / t.amax(dim=-1, keepdim=True), nan=0.0)
+    mean = t.mean(dim=-1)
+    threshold = (mean * 255).to(torch.int64)
+    binary = (t * 255).to(torch.uint8) > threshold[..., None]
+    mask, boxes = component_box_mask(binary.view(b * c, *grid))
+    box_mask = mask.view(b, c, n).transpose(1, 2)
+    refined = attn @ (coarse * box_mask)
+    refined = torch.where((col.amax(dim=-1) > 0)[:, None, :], refined, smoothed)
+    boxes = torch.cat([torch.stack([boxes[:, 0] // c, boxes[:, 0] % c], dim=1), boxes[:, 1:]], dim=1)
+    return BoxRefinement(refined, mean, threshold, box_mask, boxes)
+
+
+@dataclass
+class CropRegions:
+    """``crop_regions``' result on the host: per image, the classes to reidentify and their crops."""
+
+    threshold: Tensor                           # (B,) candidate threshold over the refined scores
+    candidates: list[list[int]]                 # classes above it, ascending
+    boxes: list[list[tuple[int, int, int, int]]]  # per processed candidate (y1, y2, x1, x2), patch units
+    early_return: list[int]                     # the candidate that stopped cwr, -1 if none
+    region: Tensor                              # (B, C_fg, h, w) each class's region mask
+
+
+def crop_regions(refined: Tensor, scores: Tensor, grid: tuple[int, int], rel: float = RELATIVE_THRESHOLD
+                 ) -> CropRegions:
+    """The crops of the authors' ``cwr``: candidates, their region boxes and the early return.
+
+    Candidates are the foreground classes whose score passes min + rel (max - min) of all refined
+    scores (background columns included). A class's region is where its min-max normalised column
+    exceeds 0.5; the crop is the region's bounding box with its end clipped to the grid's last
+    row / column. A candidate whose crop is then empty stops cwr for itself and every later one.
+    """
+    b = refined.shape[0]
+    num_fg = scores.shape[1]
+    flat = refined.reshape(b, -1)
+    lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+    threshold = lo + rel * (hi - lo)
+    col = refined[:, :, :num_fg].transpose(1, 2).contiguous()
+    t = col - col.amin(dim=-1, keepdim=True)
+    t = t / t.amax(dim=-1, keepdim=True)
+    region = (t > 0.5).view(b, num_fg, *grid)
+
+    def span(present: Tensor, size: int) -> tuple[Tensor, Tensor]:
+        first = present.to(torch.uint8).argmax(dim=-1)
+        last = size - present.flip(-1).to(torch.uint8).argmax(dim=-1)
+        none = ~present.any(dim=-1)
+        return first.masked_fill(none, 0), last.masked_fill(none, 0).clamp(max=size - 1)
+
+    y1, y2 = span(region.any(dim=-1), grid[0])
+    x1, x2 = span(region.any(dim=-2), grid[1])
+    cand = (scores > threshold[:, None]).cpu()
+    y1, y2, x1, x2 = (v.cpu() for v in (y1, y2, x1, x2))
+    candidates, boxes, early = [], [], []
+    for i in range(b):
+        classes = [int(k) for k in cand[i].nonzero().flatten()]
+        done, stop = [], -1
+        for k in classes:
+            box = (int(y1[i, k]), int(y2[i, k]), int(x1[i, k]), int(x2[i, k]))
+            if box[0] == box[1] or box[2] == box[3]:
+                stop = k
+                break
+            done.append(box)
+        candidates.append(classes)
+        boxes.append(done)
+        early.append(stop)
+    return CropRegions(threshold, candidates, boxes, early, region)
+
+
+def relative_labels(scores: Tensor, rel: float = RELATIVE_THRESHOLD) -> tuple[list[list[int]], Tensor]:
+    """Classes above min + rel (max - min) of each row, ascending; the best class if none. And the thresholds."""
+    lo, hi = scores.amin(dim=1), scores.amax(dim=1)
+    thr = lo + rel * (hi - lo)
+    labels = [[int(k) for k in (row > t).nonzero().flatten()] or [int(row.argmax())]
+              for row, t in zip(scores, thr, strict=True)]
+    return labels, thr
+
+
+@dataclass
+class TagCLIPOutput:
+    """A batch through TagCLIP, with the intermediates the parity tests compare (names as the golden's)."""
+
+    image_features: Tensor       # (B, 1 + N, E) unit token features, row 0 = CLS
+    logits_coarse: Tensor        # (B, N, C) per-patch softmax over classes and background names
+    attn_weight: Tensor          # (B, N, N) voted mean attention of blocks 8..10
+    logits_attn: Tensor          # (B, N, C) attention-smoothed coarse scores
+    boxes: BoxRefinement         # logits_refined = boxes.refined
+    logits_max_before_cwr: Tensor  # (B, C_fg) best patch per class
+    crops: CropRegions
+    cwr_keep: list[Tensor]       # per image (K, n0 * n0) patches of a crop its CLS query sees
+    cwr_probs: list[Tensor]      # per image (K, C) the crops' CLS softmax
+    logits_max: Tensor           # (B, C_fg) final scores
+    labels: list[list[int]]
+    thresholds: Tensor           # (B,) the final relative thresholds
+
+
+class TagCLIP(Tagger):
+    """TagCLIP on the class set's TagCLIP names (``tagclip_names``), with the authors' constants.
+
+    Needs a class set of at least two classes (its thresholds are relative to the image's best and
+    worst class) and network inputs of at least 2 x 2 patches (box ends are clipped to the grid's
+    last row and column). ``crop_batch`` crops are encoded at a time.
+    """
+
+    name = "tagclip"
+    source = "tagclip"
+
+    def __init__(self, clip: ClipModel, class_set: ClassSet, crop_batch: int = 64) -> None:
+        super().__init__(clip, class_set)
+        names, background = tagclip_names(class_set)
+        self.num_fg = len(names)
+        self.names = names + background
+        self.text = tagclip_text_features(clip, self.names, tagclip_templates())
+        self.logit_scale = clip.model.logit_scale.detach().exp().float()
+        self.crop_batch = crop_batch
+        self.crop_grid = math.isqrt(clip.visual.positional_embedding.shape[0] - 1)  # crops at the native size
+
+    @classmethod
+    def check_class_set(cls, class_set: ClassSet) -> None:
+        if len(class_set) < 2:
+            raise TaggerError(f"class set {class_set.name!r} has {len(class_set)} class: TagCLIP ranks classes "
+                              "against each other and needs at least 2 (give --labels, or --tagger global)")
+
+    @classmethod
+    def settings(cls, **_: Any) -> dict[str, Any]:
+        return {"name": cls.name, "relative_threshold": RELATIVE_THRESHOLD}
+
+    def unusable(self, height: int, width: int) -> str | None:
+        p = self.clip.patch_size
+        if height < 2 * p or width < 2 * p:
+            return (f"network input {width}x{height} px is under 2x2 patches of {p} px: TagCLIP needs each "
+                    f"side of the image larger than {p} px")
+        return None
+
+    def record(self, scores: Tensor, labels: list[int]) -> dict[str, float]:
+        """The labelled classes and the best others, at least five."""
+        top = scores.topk(min(max(5, len(labels)), scores.numel()))
+        return {self.class_set.classes[int(i)]: round(float(v), 6) for v, i in zip(*top, strict=False)}
+
+    @torch.no_grad()
+    def tag(self, images: Tensor, trunk: Tensor | None = None) -> Tags:
+        out = self.run(images)
+        return Tags(scores=out.logits_max.cpu(), labels=out.labels, thresholds=out.thresholds.cpu().tolist())
+
+    @torch.no_grad()
+    def run(self, images: Tensor) -> TagCLIPOutput:
+        """The whole method on a (B, 3, H, W) batch of one size, with its intermediates."""
+        visual, p = self.clip.visual, self.clip.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        for_reason = self.unusable(images.shape[-2], images.shape[-1])
+        if for_reason:
+            raise TaggerError(for_reason)
+        text = self.text.to(images.device)
+        features, attn = encode_voted(visual, images)
+        coarse = ((self.logit_scale * features) @ text.T)[:, 1:].softmax(dim=-1)
+        smoothed = attn @ coarse
+        boxes = refine_in_boxes(smoothed, coarse, attn, grid)
+        best = boxes.refined.amax(dim=1)[:, : self.num_fg]
+        crops = crop_regions(boxes.refined, best, grid)
+        final = best.clone()
+        keeps, probs = self._reidentify(images, crops, final)
+        labels, thresholds = relative_labels(final)
+        return TagCLIPOutput(features, coarse, attn, smoothed, boxes, best, crops, keeps, probs, final, labels,
+                             thresholds)
+
+    def _reidentify(self, images: Tensor, crops: CropRegions, scores: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """cwr: encode every processed candidate's crop (all images' crops batched) and mix its score in."""
+        visual, p, side = self.clip.visual, self.clip.patch_size, self.crop_grid
+        size = side * p
+        jobs, pixels, keeps = [], [], []
+        for i, boxes in enumerate(crops.boxes):
+            for k, (y1, y2, x1, x2) in zip(crops.candidates[i], boxes, strict=False):
+                keep = F.interpolate(crops.region[i, k, y1:y2, x1:x2][None, None].float(), size=(side, side),
+                                     mode="nearest")
+                keeps.append(keep.flatten() > 0.5)
+                crop = images[i:i + 1, :, y1 * p:y2 * p, x1 * p:x2 * p].float()
+                pixels.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False))
+                jobs.append((i, k))
+        per_image_keep = [[] for _ in crops.boxes]
+        per_image_probs = [[] for _ in crops.boxes]
+        text = self.text.to(images.device)
+        for s in range(0, len(jobs), self.crop_batch):
+            keep = torch.stack(keeps[s:s + self.crop_batch])
+            batch = torch.cat(pixels[s:s + self.crop_batch]).to(images.dtype)
+            mask = torch.zeros((len(keep), 1, side * side + 1, side * side + 1), device=images.device)
+            mask[:, 0, 0, 1:] = torch.where(keep, 0.0, CLS_MASK)
+            x = embed_rounded(visual, batch)
+            for block in visual.transformer.resblocks:
+                x, _ = masked_block(block, x, mask)
+            cls = project_tokens(visual, x[:, :1])[:, 0]
+            prob = ((self.logit_scale * cls) @ text.T).softmax(dim=-1)
+            for (i, k), kp, pr in zip(jobs[s:s + self.crop_batch], keep, prob, strict=True):
+                scores[i, k] = MIX * scores[i, k] + (1 - MIX) * pr[k]
+                per_image_keep[i].append(kp)
+                per_image_probs[i].append(pr)
+        empty_keep = torch.zeros((0, side * side), dtype=torch.bool, device=images.device)
+        empty_prob = torch.zeros((0, text.shape[0]), device=images.device)
+        return ([torch.stack(k) if k else empty_keep for k in per_image_keep],
+                [torch.stack(q) if q else empty_prob for q in per_image_probs])
