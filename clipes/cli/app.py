@@ -10,16 +10,20 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..model import MODEL_ENV
+from ..errors import ClipesError
+from ..model import MODEL_ENV, resolve_device
 from ..run import LabelConfig, label_folder
-from .common import reported_errors
+from .common import OneLineErrorGroup, finite, reported_errors
 from .evaluate import eval_command
 from .prompts import app as prompts_app
 from .train import segment_command, train_seg_command
 from .view import view_command
 
-app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).",
+app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).", cls=OneLineErrorGroup,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+# The smallest --max-side: two ViT-B/16 patches. One patch gives a constant CAM, hence all-background masks.
+MIN_MAX_SIDE = 32
 
 
 def _version(value: bool) -> None:
@@ -28,6 +32,26 @@ def _version(value: bool) -> None:
 
         typer.echo(f"clipes {version('clipes')}")
         raise typer.Exit()
+
+
+def _max_side(value: int) -> int:
+    if value != 0 and value < MIN_MAX_SIDE:
+        raise typer.BadParameter(f"{value} is neither 0 (off) nor at least {MIN_MAX_SIDE} pixels (two patches)")
+    return value
+
+
+def _batch_size(value: str) -> str:
+    if value != "auto" and not (value.isdigit() and int(value) > 0):
+        raise typer.BadParameter(f"{value!r} is neither a positive integer nor 'auto'")
+    return value
+
+
+def _device(value: str) -> str:
+    try:
+        resolve_device(value)
+    except ClipesError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
 
 
 @app.callback()
@@ -51,18 +75,21 @@ def label(
     model: Annotated[str | None, typer.Option(
         envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
                                "\\[default: ViT-B-16/openai].")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=_device)] = "auto",
     dtype: Annotated[str | None, typer.Option(
         help="float32 (default, exact), or bfloat16 / float16 autocast for the transformer's matrix products.")
     ] = None,
-    bg_power: Annotated[float, typer.Option(help="t in the background score (1 - max cam)^t.")] = 1.0,
+    bg_power: Annotated[float, typer.Option(help="t in the background score (1 - max cam)^t; > 0.",
+                                            callback=finite(0, low_open=True))] = 1.0,
     box_threshold: Annotated[float | None, typer.Option(
-        help="CAA box threshold \\[default: the class set's, 0.4 VOC, 0.7 COCO].")] = None,
+        help="CAA box threshold, in \\[0, 1] \\[default: the class set's, 0.4 VOC, 0.7 COCO].",
+        callback=finite(0, 1))] = None,
     zero_shot_threshold: Annotated[float, typer.Option(
-        help="Without --labels: softmax score a class needs to count as present.")] = 0.1,
+        help="Without --labels: softmax score (in \\[0, 1]) a class needs to count as present.",
+        callback=finite(0, 1))] = 0.1,
     max_side: Annotated[int, typer.Option(
         help="Larger images are scaled down to this longer side for the network (masks keep the "
-             "original size); 0 disables.")] = 1024,
+             f"original size); 0 disables, else at least {MIN_MAX_SIDE}.", callback=_max_side)] = 1024,
     ignore_exif: Annotated[bool, typer.Option(
         "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation.")] = False,
     save_cams: Annotated[bool, typer.Option("--save-cams", help="Also write cams/<stem>.npz.")] = False,
@@ -70,28 +97,25 @@ def label(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already labelled.")] = False,
     batch_size: Annotated[str, typer.Option(
         help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU, halved on "
-             "out-of-memory.")] = "auto",
+             "out-of-memory.", callback=_batch_size)] = "auto",
     workers: Annotated[int | None, typer.Option(
         help="DataLoader processes decoding and resizing images \\[default: up to 8 per GPU, 1 on the CPU].",
-        show_default=False)] = None,
+        show_default=False, callback=finite(0))] = None,
     crf: Annotated[bool, typer.Option("--crf", help="Refine masks with the reference's dense CRF "
                                                    "(pip install 'clipes\\[crf]').")] = False,
     crf_workers: Annotated[int, typer.Option(
         help="Processes running the CRF \\[0: the cores the DataLoader and main process leave, if two or more; "
-             "else in-process].")] = 0,
+             "else in-process].", callback=finite(0))] = 0,
     dataset: Annotated[str | None, typer.Option(
         help="voc or coco: IMAGES is the dataset root; images and labels come from --split.")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (voc: train, val, train_aug, ...; coco: train, val).")
                      ] = "train",
     confidence: Annotated[float | None, typer.Option(
         help="With --crf: pixels whose CRF probability is below this (CLIP-ES: 0.95) become 255, "
-             "ignored by train-seg.")] = None,
+             "ignored by train-seg; in (0, 1].", callback=finite(0, 1, low_open=True))] = None,
 ) -> None:
     """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
     console = Console(stderr=True)
-    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
-        console.print(f"[bold red]error:[/] --batch-size must be a positive integer or 'auto', not {batch_size!r}")
-        raise typer.Exit(2)
     cfg = LabelConfig(images=images, out=out, classes=classes, labels=labels, model=model, device=device,
                       dtype=dtype, bg_power=bg_power, box_threshold=box_threshold,
                       zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
@@ -111,6 +135,10 @@ def label(
                       + escape(", ".join(summary.unlabelled[:5])) + (" ..." if len(summary.unlabelled) > 5 else ""))
     for _path, why in summary.failed:
         console.print(f"[yellow]unreadable[/] {escape(why)}", highlight=False)
+    if summary.labelled == 0 and summary.skipped == 0 and summary.unlabelled:
+        with reported_errors(console):
+            raise ClipesError(f"no image in {images} has an entry in {labels or f'{dataset}/{split}'} "
+                              f"(e.g. {summary.unlabelled[0]!r} has none): nothing was labelled")
 
 
 app.command("eval")(eval_command)

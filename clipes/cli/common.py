@@ -1,13 +1,15 @@
-"""What every command shares: user errors as one red line and exit status 2."""
+"""What every command shares: user errors as one red line and exit status 2, and option checks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from ..errors import ClipesError
 
@@ -18,5 +20,74 @@ def reported_errors(console: Console, *also: type[Exception]) -> Iterator[None]:
     try:
         yield
     except (ClipesError, *also) as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Click's usage errors (bad option values, unknown options) as the same one ``error:`` line.
+
+    Typer vendors its own click, whose exceptions are public only as ``typer.TyperException``: usage
+    errors are those with exit status 2 (``clipes`` alone raises one after printing the help; kept).
+    """
+    try:
+        yield
+    except typer.TyperException as e:
+        if getattr(e, "exit_code", None) != 2 or type(e).__name__ == "NoArgsIsHelpError":
+            raise
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(e.format_message())}{escape(hint)}",
+                                   highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+
+
+class OneLineErrorGroup(TyperGroup):
+    """A Typer group whose usage errors print as one ``error:`` line instead of a usage panel."""
+
+    def make_context(self, info_name, args, parent=None, **extra) -> typer.Context:
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: typer.Context):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"{'<' if high_open else '<='} {high:g}"
+
+
+def finite(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Callable[[float | None], float | None]:
+    """A Typer callback refusing NaN, infinities and values outside the range (click's ranges let NaN pass)."""
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value <= low if low_open else value < low)
+        bad |= high is not None and (value >= high if high_open else value > high)
+        if bad:
+            raise typer.BadParameter(f"{value:g} is not a finite number {_range_text(low, high, low_open, high_open)}")
+        return value
+    return check
+
+
+def positive_floats(text: str, example: str = "1,2") -> list[float]:
+    """Comma-separated finite numbers > 0 (such as background powers), or a ``typer.BadParameter``."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise typer.BadParameter(f"{part.strip()!r} in {text!r} is not a number; give comma-separated "
+                                     f"numbers > 0 such as {example}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise typer.BadParameter(f"{part.strip()!r} in {text!r}: each value must be a finite number > 0")
+        values.append(value)
+    return values

@@ -7,6 +7,8 @@ same schema or a plain-text file with one class per line (``name`` or ``name: sy
 from __future__ import annotations
 
 import difflib
+import math
+import string
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,7 +17,7 @@ import yaml
 
 from ..errors import ClipesError
 
-__all__ = ["ClassSet", "ClassSetError", "builtin_class_sets", "load_class_set"]
+__all__ = ["ClassSet", "ClassSetError", "builtin_class_sets", "class_set_from_dict", "load_class_set"]
 
 DEFAULT_TEMPLATE = "a clean origami {}."
 # COCO's background prompts: the VOC list without the two that are objects elsewhere (keyboard, sign).
@@ -28,6 +30,15 @@ DEFAULT_BACKGROUND = (
 
 class ClassSetError(ClipesError):
     """A class set file is malformed, or a class name does not belong to the set."""
+
+
+def _template_ok(template: str) -> bool:
+    """Exactly one positional ``{}`` field (``{{`` and ``}}`` are literal braces): ``str.format(name)`` fills it."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return False
+    return fields == [""]
 
 
 def _key(name: str) -> str:
@@ -52,8 +63,16 @@ class ClassSet:
             raise ClassSetError(f"class set {self.name!r} has no classes")
         if len(self.prompts) != len(self.classes):
             raise ClassSetError(f"class set {self.name!r}: one prompt per class is needed")
-        if not self.templates or any("{}" not in t for t in self.templates):
-            raise ClassSetError(f"class set {self.name!r}: every template needs a '{{}}' placeholder")
+        bad = [t for t in self.templates if not _template_ok(t)]
+        if not self.templates or bad:
+            raise ClassSetError(f"class set {self.name!r}: templates: each needs exactly one '{{}}' placeholder "
+                                f"for the class and no other braces" + (f", not {bad[0]!r}" if bad else ""))
+        if not self.background:
+            raise ClassSetError(f"class set {self.name!r}: background: at least one background prompt is needed")
+        if isinstance(self.box_threshold, bool) or not (math.isfinite(self.box_threshold)
+                                                        and 0 <= self.box_threshold <= 1):
+            raise ClassSetError(f"class set {self.name!r}: box_threshold must be a number in [0, 1], "
+                                f"not {self.box_threshold!r}")
         if len(self.classes) > 254:
             raise ClassSetError(f"class set {self.name!r} has {len(self.classes)} classes; "
                                 "palette PNG masks hold at most 254 (255 is 'ignore')")
@@ -89,30 +108,77 @@ class ClassSet:
                 "box_threshold": self.box_threshold}
 
 
+_KEYS = ("name", "classes", "background", "templates", "box_threshold")
+_CLASS_KEYS = ("name", "prompt", "synonyms", "aliases")
+
+
+def _strings(value, field: str, where: str) -> list[str]:
+    """A YAML list of non-empty strings; a clear error for anything else (quote a number to use it)."""
+    if not isinstance(value, list):
+        raise ClassSetError(f"{where}: field '{field}' must be a list of strings, not {value!r}")
+    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ClassSetError(f"{where}: field '{field}' must be a list of non-empty strings; {bad[0]!r} is not one")
+    return list(value)
+
+
+def _unknown_keys(data: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; known fields: {', '.join(known)}"
+        raise ClassSetError(f"{where}: unknown field {unknown[0]!r}{hint}")
+
+
 def _from_mapping(data: dict, name: str) -> ClassSet:
     if not isinstance(data, dict) or not isinstance(data.get("classes"), list):
         raise ClassSetError(f"{name}: expected a mapping with a 'classes' list")
+    _unknown_keys(data, _KEYS, name)
     classes, prompts, aliases = [], [], {}
     for i, entry in enumerate(data["classes"]):
         if isinstance(entry, str):
             entry = {"name": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
             raise ClassSetError(f"{name}: class #{i + 1} needs a 'name'")
-        synonyms = [str(s) for s in entry.get("synonyms", [])]
-        prompt = entry.get("prompt") or ",".join([entry["name"], *synonyms])
+        where = f"{name}: class {entry['name']!r}"
+        _unknown_keys(entry, _CLASS_KEYS, where)
+        synonyms = _strings(entry.get("synonyms", []), "synonyms", where)
+        prompt = entry.get("prompt")
+        if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+            raise ClassSetError(f"{where}: field 'prompt' must be a non-empty string, not {prompt!r}")
         classes.append(entry["name"])
-        prompts.append(str(prompt))
-        for alias in [*entry.get("aliases", []), *synonyms]:
-            aliases[str(alias)] = i
+        prompts.append(prompt or ",".join([entry["name"], *synonyms]))
+        for alias in [*_strings(entry.get("aliases", []), "aliases", where), *synonyms]:
+            aliases[alias] = i
+    set_name = data.get("name", name)
+    if not isinstance(set_name, str):
+        raise ClassSetError(f"{name}: field 'name' must be a string, not {set_name!r}")
+    templates = data.get("templates", [DEFAULT_TEMPLATE])
+    if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+        raise ClassSetError(f"{name}: field 'templates' must be a list of strings, each with one '{{}}', "
+                            f"not {templates!r}")
+    box_threshold = data.get("box_threshold", 0.4)
+    if isinstance(box_threshold, bool) or not isinstance(box_threshold, int | float):
+        raise ClassSetError(f"{name}: field 'box_threshold' must be a number in [0, 1], not {box_threshold!r}")
     return ClassSet(
-        name=str(data.get("name", name)),
+        name=set_name,
         classes=tuple(classes),
         prompts=tuple(prompts),
-        background=tuple(str(b) for b in data.get("background", DEFAULT_BACKGROUND)),
-        templates=tuple(str(t) for t in data.get("templates", [DEFAULT_TEMPLATE])),
-        box_threshold=float(data.get("box_threshold", 0.4)),
+        background=tuple(_strings(data.get("background", list(DEFAULT_BACKGROUND)), "background", name)),
+        templates=tuple(templates),
+        box_threshold=float(box_threshold),
         aliases=aliases,
     )
+
+
+def class_set_from_dict(data: dict, where: str) -> ClassSet:
+    """The class set a run recorded (``ClassSet.to_dict``, in its manifest), checked as a user file is."""
+    if not isinstance(data, dict) or not isinstance(data.get("classes"), list) \
+            or not isinstance(data.get("prompts"), list) or len(data["prompts"]) != len(data["classes"]):
+        raise ClassSetError(f"{where}: the recorded class set needs 'classes' and as many 'prompts'")
+    entries = [{"name": c, "prompt": p} for c, p in zip(data["classes"], data["prompts"], strict=True)]
+    return _from_mapping({**{k: v for k, v in data.items() if k in _KEYS}, "classes": entries},
+                         str(data.get("name", where)))
 
 
 def _parse_text(text: str, name: str) -> dict:
