@@ -17,8 +17,9 @@ from .images import preprocess, to_rgb_or_gray
 from .masks import pseudo_mask
 from .model import ClipModel
 from .prompts import ClassSet
+from .tagging import GlobalTagger, Tagger, TaggerError, make_tagger, tagger_class
 from .text import TextFeatures, encode_class_set
-from .vit import block_forward, encode_trunk
+from .vit import encode_trunk
 
 __all__ = ["LabelResult", "Labeler", "PreparedImage"]
 
@@ -34,7 +35,8 @@ class LabelResult:
     the Labeler keeps it: 4.6 MB an image at 513 x 513); ``box_mask``
     (k, n) the class boxes. With the CRF, ``mask`` is the CRF's label map (255 where its
     probability is below the confidence threshold, if one is set) and ``confidence`` (H, W) that
-    probability.
+    probability. Labels found by a tagger have ``label_source`` its source (``tagclip``,
+    ``zero-shot``), ``scores`` the scores it keeps and ``threshold`` the score they had to pass.
     """
 
     labels: np.ndarray
@@ -49,6 +51,7 @@ class LabelResult:
     label_source: str = "given"
     scores: dict[str, float] = field(default_factory=dict)
     confidence: np.ndarray | None = None
+    threshold: float | None = None
 
 
 @dataclass
@@ -68,8 +71,10 @@ class Labeler:
     """Load once, label many: holds the model, the class set and its text embeddings.
 
     ``bg_power`` is t in the background score (1 - max)^t; ``box_threshold`` defaults to the class
-    set's (0.4 VOC, 0.7 COCO); ``zero_shot_threshold`` is the softmax score over all classes plus
-    background prompts above which a class counts as present when no labels are given.
+    set's (0.4 VOC, 0.7 COCO). Images without labels are tagged by ``tagger``: a ``Tagger`` or the
+    name of one (``global``, the default here, or ``tagclip``; built when first needed);
+    ``zero_shot_threshold`` is the global tagger's threshold, the softmax score over all classes
+    plus background prompts above which a class counts as present.
     ``per_pair_backward`` runs one backward per (image, class), the reference's cost: a baseline
     for benchmarks, with the same results. ``crf`` refines masks with the reference's dense CRF;
     ``confidence`` then marks pixels whose CRF probability is below it as 255. ``autocast``
@@ -82,7 +87,8 @@ class Labeler:
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
                  attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False,
                  crf: bool = False, confidence: float | None = None, crf_params: CrfParams | None = None,
-                 autocast: torch.dtype | None = None, keep_attention: bool = False) -> None:
+                 autocast: torch.dtype | None = None, keep_attention: bool = False,
+                 tagger: Tagger | str = "global") -> None:
         depth = len(clip.visual.transformer.resblocks)
         if not 1 <= attn_blocks <= depth:
             raise ValueError(f"attn_blocks must be in [1, {depth}]")
@@ -101,6 +107,23 @@ class Labeler:
         self.keep_attention = keep_attention
         self.text: TextFeatures = encode_class_set(clip, class_set)
         self.logit_scale = float(clip.model.logit_scale.exp())
+        if isinstance(tagger, str):
+            tagger_class(tagger)  # an unknown name fails here, not at the first unlabelled image
+        self._tagger = tagger
+
+    @property
+    def tagger(self) -> Tagger:
+        """The tagger for images without labels, built on first use (TagCLIP embeds 85 prompts a class)."""
+        if isinstance(self._tagger, str):
+            extra = {"text": self.text} if tagger_class(self._tagger) is GlobalTagger else {}
+            self._tagger = make_tagger(self._tagger, self.clip, self.class_set, self.zero_shot_threshold, **extra)
+        return self._tagger
+
+    def unusable(self, p: PreparedImage) -> str | None:
+        """Why a prepared image cannot be labelled (too small for the tagger it needs), or None."""
+        if p.labels is not None:
+            return None
+        return self.tagger.unusable(p.tensor.shape[-2], p.tensor.shape[-1])
 
     def class_indices(self, labels: Sequence[int | str]) -> list[int]:
         """Class names or indices -> unique indices, first appearance kept."""
@@ -124,7 +147,7 @@ class Labeler:
         return PreparedImage(tensor, (image.height, image.width), indices, rgb)
 
     def label(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> LabelResult:
-        """Label one image; ``labels`` None infers the classes zero-shot."""
+        """Label one image; ``labels`` None infers the classes with the tagger."""
         return self.label_batch([image], [labels])[0]
 
     def label_batch(self, images: Sequence[Image.Image | np.ndarray],
@@ -134,31 +157,27 @@ class Labeler:
         return self.label_prepared(prepared)
 
     @torch.no_grad()
-    def label_prepared(self, prepared: Sequence[PreparedImage]) -> list[LabelResult]:
-        """Label already prepared images, grouped by input size."""
-        results: list[LabelResult | None] = [None] * len(prepared)
+    def label_prepared(self, prepared: Sequence[PreparedImage], skip_unusable: bool = False
+                       ) -> list[LabelResult | str]:
+        """Label already prepared images, grouped by input size.
+
+        An image the tagger cannot take (``unusable``) raises a ``TaggerError``, or with
+        ``skip_unusable`` gets the reason as a string in its place while the others are labelled.
+        """
+        results: list[LabelResult | str | None] = [None] * len(prepared)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prepared):
+            reason = self.unusable(p)
+            if reason is not None:
+                if not skip_unusable:
+                    raise TaggerError(reason)
+                results[i] = reason
+                continue
             groups.setdefault(tuple(p.tensor.shape), []).append(i)
         for idx in groups.values():
             for i, res in zip(idx, self._label_group([prepared[i] for i in idx]), strict=True):
                 results[i] = res
         return results  # type: ignore[return-value]
-
-    def _zero_shot(self, visual: torch.nn.Module, tokens: Tensor) -> tuple[list[list[int]], list[dict[str, float]]]:
-        """Present classes from CLIP's own image embedding (CLS token) against classes + background."""
-        y, _ = block_forward(visual.transformer.resblocks[-1], tokens)
-        feats = visual.ln_post(y[:, 0])
-        feats = torch.nn.functional.normalize(feats @ visual.proj if visual.proj is not None else feats, dim=-1)
-        text = torch.cat([self.text.fg, self.text.bg]).to(feats.dtype)
-        probs = (self.logit_scale * feats @ text.T).float().softmax(dim=-1)[:, : len(self.class_set)]
-        picked, scores = [], []
-        for p in probs:
-            present = [int(i) for i in torch.nonzero(p >= self.zero_shot_threshold).flatten()]
-            picked.append(present or [int(p.argmax())])
-            top = torch.topk(p, min(5, p.numel()))
-            scores.append({self.class_set.classes[int(i)]: round(float(v), 6) for v, i in zip(*top, strict=False)})
-        return picked, scores
 
     def _label_group(self, group: list[PreparedImage]) -> list[LabelResult]:
         clip, visual = self.clip, self.clip.visual
@@ -170,14 +189,17 @@ class Labeler:
             tokens, attn_sum = encode_trunk(visual, images, self.attn_blocks)
 
         labels = [p.labels for p in group]
-        sources = ["given" if lab is not None else "zero-shot" for lab in labels]
+        sources = ["given"] * len(group)
         scores: list[dict[str, float]] = [{} for _ in group]
-        if any(lab is None for lab in labels):
-            todo = [i for i, lab in enumerate(labels) if lab is None]
+        thresholds: list[float | None] = [None] * len(group)
+        todo = [i for i, lab in enumerate(labels) if lab is None]
+        if todo:
+            tagger = self.tagger
             with low:
-                picked, found = self._zero_shot(visual, tokens[todo])
-            for i, lab, sc in zip(todo, picked, found, strict=True):
-                labels[i], scores[i] = lab, sc
+                tags = tagger.tag(images[todo], trunk=tokens[todo])
+            for j, i in enumerate(todo):
+                labels[i], thresholds[i], sources[i] = tags.labels[j], tags.thresholds[j], tagger.source
+                scores[i] = tagger.record(tags.scores[j], tags.labels[j])
 
         pairs = self._pairs(labels)
         attn = attn_sum
@@ -224,7 +246,7 @@ class Labeler:
                 cam_refined=refined_np, confidence=confidence, cam_refined_lowres=refined_low.cpu().numpy(),
                 box_mask=boxes[span].cpu().numpy(), attention=attn[i].cpu().numpy() if self.keep_attention else None,
                 probs=prob.cpu().numpy(), input_size=(images.shape[-2], images.shape[-1]),
-                label_source=sources[i], scores=scores[i]))
+                label_source=sources[i], scores=scores[i], threshold=thresholds[i]))
         return out
 
     def _pairs(self, labels: list[list[int]]) -> CamPairs | None:

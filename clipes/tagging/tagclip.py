@@ -338,8 +338,8 @@ class TagCLIP(Tagger):
     def unusable(self, height: int, width: int) -> str | None:
         p = self.clip.patch_size
         if height < 2 * p or width < 2 * p:
-            return (f"network input {width}x{height} px is under 2x2 patches of {p} px: TagCLIP needs each "
-                    f"side of the image larger than {p} px")
+            return (f"image too small for TagCLIP: its network input is {width}x{height} px, under 2x2 patches "
+                    f"of {p} px (each side must be larger than {p} px)")
         return None
 
     def record(self, scores: Tensor, labels: list[int]) -> dict[str, float]:
