@@ -22,7 +22,6 @@ class Sample:
 
     stem: str
     path: str
-    file: str | None = None
     prepared: PreparedImage | None = None
     error: str | None = None
 
@@ -57,10 +56,8 @@ class ImageFolderDataset(Dataset):
     """Reads, orients and preprocesses images; a failure becomes a ``Sample`` with ``error`` set."""
 
     def __init__(self, items: Sequence[tuple[str, Path, list[int] | None]], patch: int,
-                 max_side: int | None, exif_transpose: bool = True, keep_image: bool = False,
-                 root: Path | None = None) -> None:
+                 max_side: int | None, exif_transpose: bool = True, keep_image: bool = False) -> None:
         self.items = list(items)
-        self.root = root
         self.patch = patch
         self.max_side = max_side
         self.exif_transpose = exif_transpose
@@ -71,14 +68,13 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         stem, path, labels = self.items[i]
-        file = Path(path).resolve().relative_to(self.root).as_posix() if self.root else None
         try:
             img = read_image(path, self.exif_transpose)
         except ImageError as e:
-            return Sample(stem, str(path), file, error=str(e))
+            return Sample(stem, str(path), error=str(e))
         tensor = preprocess(img, self.patch, self.max_side)
         rgb = np.asarray(img.convert("RGB")) if self.keep_image else None
-        return Sample(stem, str(path), file, PreparedImage(tensor, (img.height, img.width), labels, rgb))
+        return Sample(stem, str(path), PreparedImage(tensor, (img.height, img.width), labels, rgb))
 
 
 def collate_samples(samples: list[Sample]) -> list[Sample]:

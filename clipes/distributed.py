@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "gather_to_rank0", "init_from_env", "process_group", "shutdown"]
+__all__ = ["DistInfo", "broadcast_from_rank0", "gather_to_rank0", "init_from_env", "process_group", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,15 @@ def gather_to_rank0(obj: Any, info: DistInfo) -> list[Any] | None:
     out: list[Any] | None = [None] * info.world if info.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def broadcast_from_rank0(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without torchrun)."""
+    if info.world == 1:
+        return obj
+    box = [obj if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def shutdown(info: DistInfo) -> None:

@@ -11,19 +11,20 @@ import xml.etree.ElementTree as ET
 from pathlib import Path, PurePosixPath
 
 from .errors import ClipesError
+from .images import IMAGE_SUFFIXES
 from .prompts import ClassSet, ClassSetError
 
-__all__ = ["LabelsError", "read_labels", "read_voc_xml"]
+__all__ = ["LabelsError", "image_key", "read_labels", "read_voc_xml"]
 
 
 class LabelsError(ClipesError):
     """A labels file is malformed or names a class outside the class set."""
 
 
-def _stem(name: str) -> str:
-    """Image key: the relative name without its suffix (``a/b.jpg`` -> ``a/b``)."""
+def image_key(name: str) -> str:
+    """Image key: the relative name without an image suffix (``a/b.jpg`` -> ``a/b``; ``img.v2`` stays)."""
     p = PurePosixPath(name.replace("\\", "/"))
-    return str(p.with_suffix("")) if p.suffix else str(p)
+    return str(p.with_suffix("")) if p.suffix.lower() in IMAGE_SUFFIXES else str(p)
 
 
 def _indices(names: list[str], class_set: ClassSet, where: str) -> list[int]:
@@ -45,13 +46,20 @@ def _read_json_map(data: dict, class_set: ClassSet, path: Path) -> dict[str, lis
             names = [names]
         if not isinstance(names, list):
             raise LabelsError(f"{path}: entry {key!r} should be a list of class names")
-        out[_stem(key)] = _indices([str(n) for n in names], class_set, f"{path}: entry {key!r}")
+        out[image_key(key)] = _indices([str(n) for n in names], class_set, f"{path}: entry {key!r}")
     return out
 
 
 def _read_coco(data: dict, class_set: ClassSet, path: Path) -> dict[str, list[int]]:
+    try:
+        return _coco_labels(data, class_set, path)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise LabelsError(f"{path}: not a valid COCO instances file (missing or malformed {e})") from None
+
+
+def _coco_labels(data: dict, class_set: ClassSet, path: Path) -> dict[str, list[int]]:
     cats = {c["id"]: c["name"] for c in data.get("categories", [])}
-    images = {im["id"]: _stem(im["file_name"]) for im in data["images"]}
+    images = {im["id"]: image_key(im["file_name"]) for im in data["images"]}
     try:
         cat_to_class = {cid: class_set.index(name) for cid, name in cats.items()}
     except ClassSetError as e:
@@ -84,7 +92,7 @@ def _read_text(path: Path, class_set: ClassSet) -> dict[str, list[int]]:
                     names.append(candidate)
                     rest = rest[n:]
                     break
-        out[_stem(stem)] = _indices(names, class_set, f"{path}:{lineno}")
+        out[image_key(stem)] = _indices(names, class_set, f"{path}:{lineno}")
     return out
 
 

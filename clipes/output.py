@@ -1,13 +1,22 @@
-"""The output folder of a labelling run: atomic writes, a manifest, and resuming where a run stopped."""
+"""The output folder of a labelling run: atomic writes, a record of what made each output, one writer.
+
+Every image's outputs are followed by one line in a journal (``.clipes/records.jsonl``) that says
+what they were made from: the input file (name, size, modification time), the labels given, the
+run's settings, and the bytes of each file written. A rerun skips an image only when all of that
+still holds and every file is whole, so the record is exactly as durable as the files, an image
+replaced in place is redone, and outputs of different settings or inputs never mix.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import tempfile
+import secrets
+import shutil
+import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -15,8 +24,14 @@ from PIL import Image
 from .errors import ClipesError
 from .labeler import LabelResult
 from .masks import mask_to_png, overlay
+from .provenance import settings_key
 
-__all__ = ["OutputError", "RunOutput", "atomic_write"]
+__all__ = ["OutputError", "RunOutput", "atomic_write", "check_outside", "check_writable", "encode_image"]
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: runs are not locked
+    fcntl = None
 
 
 class OutputError(ClipesError):
@@ -24,16 +39,25 @@ class OutputError(ClipesError):
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    The file is created with mode 0666 less the umask, as ``open()`` would, so others can read
+    what clipes writes when the umask allows. An OS error (a full disk, a read-only folder)
+    becomes an ``OutputError`` naming the file.
+    """
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def encode_image(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -43,15 +67,46 @@ def encode_image(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
     return buf.getvalue()
 
 
-class RunOutput:
-    """``masks/``, ``cams/``, ``overlays/``, ``labels.json`` and ``manifest.json`` under one folder.
+def check_outside(images: Path, out: Path) -> None:
+    """Refuse an output folder that is the input folder or inside it: clipes never writes into its input."""
+    src, dst = images.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        raise OutputError(f"--out {out} is inside the input folder {images}; clipes never writes there")
 
-    The manifest records the settings that shape the masks; reusing a folder with other settings
-    is refused unless ``overwrite``, so results of different runs are never mixed.
+
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be written (a file, a read-only place), writing nothing."""
+    target = out
+    while not target.exists():
+        if target.parent == target:
+            break
+        target = target.parent
+    if target.exists() and not target.is_dir():
+        what = f"--out {out} is a file" if target == out else f"--out {out} cannot be made: {target} is a file"
+        raise OutputError(what)
+    if not os.access(target, os.W_OK | os.X_OK) or os.statvfs(target).f_flag & os.ST_RDONLY:
+        raise OutputError(f"--out {out}: {target} is not writable")
+
+
+# what each kind of output is called, relative to the run folder
+_KINDS = {"mask": ("masks", ".png"), "cams": ("cams", ".npz"), "overlay": ("overlays", ".jpg")}
+# files derived from the masks: stale once the masks are redone from scratch
+_DERIVED = ("labels.json", "manifest.json", "eval.json", "eval_iou.png")
+
+
+class RunOutput:
+    """``masks/``, ``cams/``, ``overlays/``, ``labels.json``, ``manifest.json`` and the journal under one folder.
+
+    Construction only reads: it loads what earlier runs recorded and refuses a folder made with
+    other ``settings`` (what shapes the masks, compared by meaning) unless ``overwrite``.
+    ``open()``, once the inputs and the model have checked out, takes the folder's lock (one
+    writer at a time; torchrun ranks of one job share it), clears it for ``overwrite`` and
+    starts this process's journal.
     """
 
     MANIFEST = "manifest.json"
     LABELS = "labels.json"
+    STATE = ".clipes"
 
     def __init__(self, root: Path, settings: dict[str, Any], *, save_cams: bool = False,
                  overlays: bool = False, overwrite: bool = False, rank: int = 0, world: int = 1) -> None:
@@ -60,45 +115,155 @@ class RunOutput:
         self.overlays = overlays
         self.overwrite = overwrite
         self.settings = settings
+        self.key = settings_key(settings)
         self.rank, self.world = rank, world
-        manifest = root / self.MANIFEST
-        if manifest.exists() and not overwrite:
+        self.records: dict[str, dict[str, Any]] = {}
+        self._journal: IO[str] | None = None
+        self._lock: IO[str] | None = None
+        self._mutex = threading.Lock()
+        if not overwrite:
+            self.records = self._read_records()
+            self._check_settings()
+
+    # ----------------------------------------------------------------- reading
+    def _journals(self) -> list[Path]:
+        state = self.root / self.STATE
+        return [state / "records.jsonl", *sorted(state.glob("records.rank*.jsonl"))]
+
+    def _read_records(self) -> dict[str, dict[str, Any]]:
+        """The last record of every image in the journals; a line cut short by a kill is passed over."""
+        records: dict[str, dict[str, Any]] = {}
+        for path in self._journals():
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+            except FileNotFoundError:
+                continue
+            except (OSError, UnicodeDecodeError) as e:
+                raise OutputError(f"{path}: unreadable run record ({e}); use --overwrite or another --out") from e
+            for line in lines:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("stem"), str):
+                    records[rec["stem"]] = rec
+        return records
+
+    def _check_settings(self) -> None:
+        manifest = self.root / self.MANIFEST
+        refuse = "use --overwrite to redo it or choose another --out"
+        if manifest.exists():
             try:
                 previous = json.loads(manifest.read_text(encoding="utf-8")).get("settings", {})
-            except (json.JSONDecodeError, OSError) as e:
+                if not isinstance(previous, dict):
+                    raise ValueError("'settings' is not a mapping")
+            except (ValueError, OSError, AttributeError) as e:
                 raise OutputError(f"{manifest}: unreadable manifest ({e}); use --overwrite or another --out") from e
-            changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+            changed = sorted(k for k in self.settings.keys() | previous.keys()
+                             if self.settings.get(k) != previous.get(k))
             if changed:
-                raise OutputError(f"{root} holds a run made with other settings ({', '.join(changed)}); "
-                                  "use --overwrite to redo it or choose another --out")
-        self.labels: dict[str, dict[str, Any]] = {}
-        if not overwrite:  # what earlier runs finished, including the per-rank files of a stopped torchrun job
-            for f in [root / self.LABELS, *sorted(root.glob(".labels.rank*.json"))]:
-                try:
-                    self.labels.update(json.loads(f.read_text(encoding="utf-8")))
-                except (json.JSONDecodeError, OSError):
-                    continue
+                raise OutputError(f"{self.root} holds a run made with other settings ({', '.join(changed)}); {refuse}")
+        if any(rec.get("settings") != self.key for rec in self.records.values()):
+            raise OutputError(f"{self.root} holds outputs made with other settings (recorded in "
+                              f"{self.STATE}/, its manifest.json is missing or edited); {refuse}")
+        masks = self.root / "masks"
+        if not self.records and masks.is_dir() and any(p.is_file() for p in masks.rglob("*.png")):
+            raise OutputError(f"{self.root} holds masks that no clipes run recorded; {refuse}")
+
+    def path(self, kind: str, stem: str) -> Path:
+        folder, suffix = _KINDS[kind]
+        return self.root / folder / f"{stem}{suffix}"
 
     def mask_path(self, stem: str) -> Path:
-        return self.root / "masks" / f"{stem}.png"
+        return self.path("mask", stem)
 
     def cams_path(self, stem: str) -> Path:
-        return self.root / "cams" / f"{stem}.npz"
+        return self.path("cams", stem)
 
     def overlay_path(self, stem: str) -> Path:
-        return self.root / "overlays" / f"{stem}.jpg"
+        return self.path("overlay", stem)
 
-    def is_done(self, stem: str) -> bool:
-        """Whether a previous run already wrote everything this run would write for ``stem``."""
-        if self.overwrite or stem not in self.labels or not self.mask_path(stem).exists():
+    def _wanted(self) -> list[str]:
+        return ["mask"] + ["cams"] * self.save_cams + ["overlay"] * self.overlays
+
+    def is_done(self, stem: str, stamp: dict[str, Any], given: list[str] | None) -> bool:
+        """Whether an earlier run wrote, whole, everything this run would write for ``stem``, from the
+        same input file (``stamp``), the same given labels (None: inferred) and the same settings."""
+        rec = self.records.get(stem)
+        if rec is None or self.overwrite or rec.get("settings") != self.key or rec.get("input") != stamp \
+                or rec.get("given") != given:
             return False
-        if self.save_cams and not self.cams_path(stem).exists():
-            return False
-        return not (self.overlays and not self.overlay_path(stem).exists())
+        outputs = rec.get("outputs", {})
+        for kind in self._wanted():
+            path = self.path(kind, stem)
+            try:
+                if kind not in outputs or path.stat().st_size != outputs[kind]:
+                    return False  # missing, truncated or replaced
+            except OSError:
+                return False
+        return True
+
+    # ----------------------------------------------------------------- writing
+    def open(self) -> None:
+        """Start writing: lock the folder (rank 0), clear it for ``overwrite`` (rank 0), open the journal.
+
+        Under torchrun, rank 0 opens first and the others after it (see ``clipes.run``).
+        """
+        state = self.root / self.STATE
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+            if self.rank == 0:
+                self._take_lock(state / "lock")
+                if self.overwrite:
+                    self._clear()
+            name = "records.jsonl" if self.world == 1 else f"records.rank{self.rank}.jsonl"
+            self._journal = open(state / name, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+        except OSError as e:
+            self.close()
+            raise OutputError(f"cannot write to {self.root}: {e.strerror or e}") from e
+
+    def _take_lock(self, path: Path) -> None:
+        if fcntl is None:
+            return
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise OutputError(f"{self.root} is being written by another clipes run ({holder}); wait for it to "
+                              "finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def _clear(self) -> None:
+        """``overwrite``: remove every output and record of earlier runs, and what was derived from them."""
+        for folder, suffix in _KINDS.values():
+            base = self.root / folder
+            if not base.is_dir():
+                continue
+            for p in sorted(base.rglob("*"), reverse=True):
+                if p.is_file() and (p.suffix == suffix or p.name.endswith(".tmp")):
+                    p.unlink()
+                elif p.is_dir() and not any(p.iterdir()):
+                    p.rmdir()
+            if not any(base.iterdir()):
+                base.rmdir()
+        for name in _DERIVED:
+            (self.root / name).unlink(missing_ok=True)
+        shutil.rmtree(self.root / "view", ignore_errors=True)
+        for path in self._journals():
+            path.unlink(missing_ok=True)
+        self.records = {}
 
     def write(self, stem: str, result: LabelResult, class_names: tuple[str, ...],
-              image: Image.Image | None = None, file: str | None = None) -> None:
-        """Write one image's outputs; the mask last, so that its presence means the image is done."""
+              stamp: dict[str, Any], given: list[str] | None, image: Image.Image | None = None) -> None:
+        """Write one image's outputs, then its record; drop outputs of kinds this run does not make."""
+        files: dict[str, bytes] = {}
         if self.save_cams:
             buf = io.BytesIO()
             arrays = {"labels": result.labels.astype(np.int64), "cam": result.cam.astype(np.float32),
@@ -106,42 +271,76 @@ class RunOutput:
             if result.confidence is not None:
                 arrays["confidence"] = result.confidence.astype(np.float32)
             np.savez_compressed(buf, **arrays)
-            atomic_write(self.cams_path(stem), buf.getvalue())
+            files["cams"] = buf.getvalue()
         if self.overlays and image is not None:
             names = {int(c) + 1: class_names[int(c)] for c in result.labels}
-            atomic_write(self.overlay_path(stem), encode_image(overlay(image, result.mask, names), "JPEG", quality=90))
-        atomic_write(self.mask_path(stem), encode_image(mask_to_png(result.mask)))
-        entry: dict[str, Any] = {"labels": [class_names[i] for i in result.labels], "source": result.label_source}
-        if file is not None:
-            entry["file"] = file
+            files["overlay"] = encode_image(overlay(image, result.mask, names), "JPEG", quality=90)
+        files["mask"] = encode_image(mask_to_png(result.mask))
+        for kind in _KINDS:
+            if kind not in files:
+                self.path(kind, stem).unlink(missing_ok=True)  # an older result of this image
+        for kind, data in files.items():
+            atomic_write(self.path(kind, stem), data)
+        rec = {"stem": stem, "settings": self.key, "input": stamp, "given": given,
+               "labels": [class_names[i] for i in result.labels], "source": result.label_source,
+               "outputs": {kind: len(data) for kind, data in files.items()}}
         if result.scores:
-            entry["scores"] = result.scores
-        self.labels[stem] = entry
+            rec["scores"] = result.scores
+        line = json.dumps(rec) + "\n"
+        with self._mutex:
+            if self._journal is None:
+                raise RuntimeError("RunOutput.open() must come before write()")
+            try:
+                self._journal.write(line)
+                self._journal.flush()  # in the kernel's hands: survives the process being killed
+            except OSError as e:
+                raise OutputError(f"cannot write {self.root / self.STATE}: {e.strerror or e}") from e
+            self.records[stem] = rec
 
-    def _labels_bytes(self, labels: dict[str, dict[str, Any]]) -> bytes:
-        return (json.dumps(dict(sorted(labels.items())), indent=1) + "\n").encode()
+    def _labels_bytes(self, records: dict[str, dict[str, Any]]) -> bytes:
+        labels = {}
+        for stem, rec in sorted(records.items()):
+            if not self.mask_path(stem).is_file():
+                continue
+            entry: dict[str, Any] = {"labels": rec["labels"], "source": rec["source"], "file": rec["input"]["file"]}
+            if "scores" in rec:
+                entry["scores"] = rec["scores"]
+            labels[stem] = entry
+        return (json.dumps(labels, indent=1) + "\n").encode()
 
-    def flush(self, manifest: dict[str, Any]) -> None:
-        """Save progress: ``labels.json`` and the manifest, or this rank's own file under torchrun."""
-        if self.world > 1:
-            atomic_write(self.root / f".labels.rank{self.rank}.json", self._labels_bytes(self.labels))
-            return
-        self.finalize([self.labels], manifest)
-
-    def finalize(self, labels: list[dict[str, dict[str, Any]]], manifest: dict[str, Any]) -> None:
-        """Write the merged ``labels.json`` and the manifest, then drop per-rank progress files."""
-        merged: dict[str, dict[str, Any]] = {}
-        for part in labels:
-            merged.update(part)
-        atomic_write(self.root / self.LABELS, self._labels_bytes(merged))
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write(self.root / self.MANIFEST,
                      (json.dumps({**manifest, "settings": self.settings}, indent=1) + "\n").encode())
-        for f in self.root.glob(".labels.rank*.json"):
-            f.unlink(missing_ok=True)
 
+    def flush(self, manifest: dict[str, Any]) -> None:
+        """Save progress for people reading the folder during a run (the journal is what resumes)."""
+        if self.world > 1:
+            return
+        with self._mutex:
+            records = dict(self.records)
+        atomic_write(self.root / self.LABELS, self._labels_bytes(records))
+        self._write_manifest(manifest)
 
-def check_outside(images: Path, out: Path) -> None:
-    """Refuse an output folder that is the input folder or inside it: clipes never writes into its input."""
-    src, dst = images.resolve(), out.resolve()
-    if dst == src or src in dst.parents:
-        raise OutputError(f"--out {out} is inside the input folder {images}; clipes never writes there")
+    def close_journal(self) -> None:
+        """No more writes from this process (the lock stays until ``close``)."""
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    def close(self) -> None:
+        """Close the journal and release the lock."""
+        self.close_journal()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def finalize(self, manifest: dict[str, Any]) -> None:
+        """Rank 0 once every rank has closed its journal: one compact journal, ``labels.json`` and the manifest."""
+        records = self._read_records()
+        state = self.root / self.STATE
+        atomic_write(state / "records.jsonl", "".join(json.dumps(r) + "\n" for _, r in sorted(records.items()))
+                     .encode())
+        for path in self._journals()[1:]:
+            path.unlink(missing_ok=True)
+        atomic_write(self.root / self.LABELS, self._labels_bytes(records))
+        self._write_manifest(manifest)

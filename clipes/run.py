@@ -24,14 +24,15 @@ from torch.utils.data import DataLoader
 from .crf import crf_labels, require_pydensecrf
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import load_split
-from .distributed import DistInfo, gather_to_rank0, process_group
+from .distributed import DistInfo, broadcast_from_rank0, gather_to_rank0, process_group
 from .errors import ClipesError
 from .images import find_images
 from .labeler import Labeler, LabelResult, PreparedImage
 from .labels import read_labels
-from .model import cpu_has_fast_bf16, load_clip, resolve_device
-from .output import RunOutput, check_outside
-from .prompts import load_class_set
+from .model import ClipModel, cpu_has_fast_bf16, load_clip, resolve_device
+from .output import OutputError, RunOutput, check_outside, check_writable
+from .prompts import builtin_class_sets, load_class_set
+from .provenance import input_stamp, model_identity
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
 
@@ -112,8 +113,19 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     disable=not enabled)
 
 
+def _is_out_of_memory(e: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's (a RuntimeError, or Python's MemoryError)."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
 class _BatchSizer:
-    """Runs the engine on a batch, halving the batch size for good after an out-of-memory error."""
+    """Runs the engine on a batch, halving the batch size for good after an out-of-memory error.
+
+    The CPU follows the GPU's rule: an image that does not fit even alone is reported and skipped.
+    """
 
     def __init__(self, labeler: Labeler, batch_size: int) -> None:
         self.labeler = labeler
@@ -127,7 +139,9 @@ class _BatchSizer:
             chunk = prepared[start:start + self.batch_size]
             try:
                 out += self.labeler.label_prepared(chunk)
-            except torch.OutOfMemoryError:
+            except (RuntimeError, MemoryError) as e:
+                if not _is_out_of_memory(e):
+                    raise
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 if len(chunk) == 1:
@@ -141,14 +155,27 @@ class _BatchSizer:
         return out
 
 
-def _crf_then_write(out: RunOutput, crf: Future, stem: str, result: LabelResult, class_names: tuple[str, ...],
-                    image: Image.Image | None, file: str | None) -> None:
-    mask, confidence = crf.result()
-    out.write(stem, replace(result, mask=mask, confidence=confidence), class_names, image, file)
+@dataclass(frozen=True)
+class _Item:
+    """An image to label: where it comes from, what it is now (``stamp``) and its given labels."""
+
+    stem: str
+    path: Path
+    stamp: dict
+    labels: list[int] | None
+    given: list[str] | None
 
 
-def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_names: tuple[str, ...],
-                 summary: RunSummary, progress: Progress, flush, crf=None) -> None:
+def _write(out: RunOutput, item: _Item, result: LabelResult | Future, class_names: tuple[str, ...],
+           image: Image.Image | None, crf: Future | None = None) -> None:
+    if crf is not None:
+        mask, confidence = crf.result()
+        result = replace(result, mask=mask, confidence=confidence)
+    out.write(item.stem, result, class_names, item.stamp, item.given, image)
+
+
+def _run_batches(loader: DataLoader, items: dict[str, _Item], sizer: _BatchSizer, out: RunOutput,
+                 class_names: tuple[str, ...], summary: RunSummary, progress: Progress, flush, crf=None) -> None:
     """Engine on the main thread, decoding in DataLoader workers, writing on background threads.
 
     ``crf(rgb, result)``, when given, returns a future of (mask, confidence) computed in a process
@@ -174,11 +201,8 @@ def _run_batches(loader: DataLoader, sizer: _BatchSizer, out: RunOutput, class_n
                     summary.failed.append((s.path, f"{s.path}: {res}"))
                     continue
                 image = None if s.prepared.rgb is None or not out.overlays else Image.fromarray(s.prepared.rgb)
-                if crf is None:
-                    pending.append(writer.submit(out.write, s.stem, res, class_names, image, s.file))
-                else:
-                    pending.append(writer.submit(_crf_then_write, out, crf(s.prepared.rgb, res), s.stem, res,
-                                                 class_names, image, s.file))
+                pending.append(writer.submit(_write, out, items[s.stem], res, class_names, image,
+                                             None if crf is None else crf(s.prepared.rgb, res)))
                 summary.labelled += 1
             while len(pending) > 4 * max(1, len(batch)):  # bound memory held by queued writes
                 pending.pop(0).result()
@@ -220,16 +244,15 @@ def _crf_pool(cfg: LabelConfig, decoders: int) -> Iterator[ProcessPoolExecutor |
         yield pool
 
 
-def _label_todo(cfg: LabelConfig, console: Console, todo, class_set, dtype_name: str, device: torch.device,
-                dist_info: DistInfo, out: RunOutput, manifest: dict, summary: RunSummary) -> None:
-    """Load the model and run the batched engine over ``todo``, the CRF in a process pool if it pays."""
-    clip = load_clip(cfg.model, device=device)
-    manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
+def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[_Item], class_set, dtype_name: str,
+                device: torch.device, dist_info: DistInfo, out: RunOutput, manifest: dict,
+                summary: RunSummary) -> None:
+    """Run the batched engine over ``todo``, the CRF in a process pool if it pays."""
     batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
     decoders = decode_workers(cfg.workers, device, dist_info.world)
-    sizes = [probe_input_size(p, clip.patch_size, cfg.max_side, cfg.exif_transpose) for _, p, _ in todo]
-    dataset = ImageFolderDataset(todo, clip.patch_size, cfg.max_side, cfg.exif_transpose,
-                                 keep_image=cfg.overlays or cfg.crf, root=cfg.images.resolve())
+    sizes = [probe_input_size(it.path, clip.patch_size, cfg.max_side, cfg.exif_transpose) for it in todo]
+    dataset = ImageFolderDataset([(it.stem, it.path, it.labels) for it in todo], clip.patch_size, cfg.max_side,
+                                 cfg.exif_transpose, keep_image=cfg.overlays or cfg.crf)
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                         num_workers=decoders, pin_memory=device.type == "cuda")
     with _crf_pool(cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
@@ -242,8 +265,8 @@ def _label_todo(cfg: LabelConfig, console: Console, todo, class_set, dtype_name:
         def crf(rgb, result: LabelResult) -> Future:
             return pool.submit(crf_labels, rgb, result.cam_refined, result.labels, cfg.bg_power, cfg.confidence)
 
-        _run_batches(loader, _BatchSizer(labeler, batch_size), out, class_set.classes, summary, progress,
-                     lambda: out.flush(manifest), None if pool is None else crf)
+        _run_batches(loader, {it.stem: it for it in todo}, _BatchSizer(labeler, batch_size), out, class_set.classes,
+                     summary, progress, lambda: out.flush(manifest), None if pool is None else crf)
 
 
 def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary:
@@ -266,6 +289,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
         class_set = load_class_set(cfg.classes)
         given = read_labels(cfg.labels, class_set) if cfg.labels else None
     check_outside(cfg.images, cfg.out)
+    check_writable(cfg.out)
     dtype_name = cfg.dtype or "float32"
     if cfg.confidence is not None and not cfg.crf:
         raise ClipesError("--confidence needs --crf (it thresholds the CRF's probabilities)")
@@ -281,47 +305,105 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
         return _label_folder(cfg, console, items, class_set, given, dtype_name, device, dist_info)
 
 
+def _input_name(path: Path, root: Path) -> str:
+    """``path`` relative to the input folder as given (a symlink stays a file of the folder)."""
+    try:
+        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
+    """What shapes the masks, by meaning: a model by its content, a class set by its content.
+
+    Given labels are not here: each image's record holds its own, so an edited labels file redoes
+    just the images whose labels changed.
+    """
+    classes = class_set.to_dict()
+    if class_set.name not in builtin_class_sets():
+        classes["name"] = None  # a user file's name is its file name: a copy elsewhere is the same set
+    return {"model": model_identity(cfg.model), "classes": classes, "dtype": dtype_name, "bg_power": cfg.bg_power,
+            "zero_shot_threshold": cfg.zero_shot_threshold if given is None else None,
+            "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
+            "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose, "crf": cfg.crf,
+            "confidence": cfg.confidence}
+
+
+def _open(out: RunOutput, dist_info: DistInfo) -> None:
+    """Rank 0 takes the folder (lock, ``--overwrite``'s clearing) before the other ranks start writing."""
+    error = None
+    if dist_info.is_main:
+        try:
+            out.open()
+        except OutputError as e:
+            error = str(e)
+    error = broadcast_from_rank0(error, dist_info)
+    if error is not None:
+        raise OutputError(error)
+    if not dist_info.is_main:
+        out.open()
+
+
 def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,
                   device: torch.device, dist_info: DistInfo) -> RunSummary:
-    labels_source = str(cfg.labels) if cfg.labels else (f"{cfg.dataset}/{cfg.split}" if cfg.dataset else None)
-    settings = {"model": cfg.model or "default", "classes": class_set.to_dict(), "labels": labels_source,
-                "dtype": dtype_name, "bg_power": cfg.bg_power, "zero_shot_threshold": cfg.zero_shot_threshold,
-                "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
-                "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose, "crf": cfg.crf,
-                "confidence": cfg.confidence}
-    out = RunOutput(cfg.out, settings, save_cams=cfg.save_cams, overlays=cfg.overlays, overwrite=cfg.overwrite,
-                    rank=dist_info.rank, world=dist_info.world)
+    out = RunOutput(cfg.out, _settings(cfg, class_set, given, dtype_name), save_cams=cfg.save_cams,
+                    overlays=cfg.overlays, overwrite=cfg.overwrite, rank=dist_info.rank, world=dist_info.world)
     summary = RunSummary()
-    todo = []
+    todo: list[_Item] = []
     for stem, path in items:
-        if out.is_done(stem):
-            summary.skipped += 1
-        elif given is not None and _lookup(given, stem) is None:
+        labels = None if given is None else _lookup(given, stem)
+        if given is not None and labels is None:
             summary.unlabelled.append(stem)
+            continue
+        try:
+            stamp = input_stamp(path, _input_name(path, cfg.images))
+        except OSError as e:
+            summary.failed.append((str(path), f"{path}: cannot read image ({e.strerror or e})"))
+            continue
+        names = None if labels is None else [class_set.classes[i] for i in labels]
+        if out.is_done(stem, stamp, names):
+            summary.skipped += 1
         else:
-            todo.append((stem, path, None if given is None else _lookup(given, stem)))
+            todo.append(_Item(stem, path, stamp, labels, names))
     todo = todo[dist_info.rank::dist_info.world]
+    if not dist_info.is_main:
+        summary.failed, summary.unlabelled = [], []  # rank 0 reports those for the job
     manifest = {"tool": "clipes label", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "input": str(cfg.images.resolve()), "options": {k: str(v) if isinstance(v, Path) else v
                                                                for k, v in asdict(cfg).items()},
                 "versions": _versions(), "device": str(device), "world_size": dist_info.world}
-
+    if not todo and not out.records and not cfg.overwrite:
+        return summary  # nothing to write: the folder is left as it is (or never made)
+    # the model is loaded before anything is written: a model that does not load leaves no trace
+    clip = load_clip(cfg.model, device=device) if todo else None
+    if clip is not None:
+        manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
     start = time.perf_counter()
+    _open(out, dist_info)
+    ok = False
     try:
+        out.flush(manifest)
         if todo:
-            _label_todo(cfg, console, todo, class_set, dtype_name, device, dist_info, out, manifest, summary)
+            _label_todo(cfg, console, clip, todo, class_set, dtype_name, device, dist_info, out, manifest, summary)
+        ok = True
     finally:
         summary.seconds = time.perf_counter() - start
-        out.flush(manifest)
-        parts = gather_to_rank0((out.labels, summary), dist_info)
-        if parts is not None:
-            total = RunSummary(seconds=max(p[1].seconds for p in parts), unlabelled=summary.unlabelled,
-                               skipped=summary.skipped)
-            for _, part in parts:
-                total.labelled += part.labelled
-                total.failed += part.failed
-            manifest["summary"] = {"labelled": total.labelled, "skipped": total.skipped,
-                                   "failed": total.failed, "unlabelled": total.unlabelled}
-            out.finalize([p[0] for p in parts], manifest)
-            summary = total
+        out.close_journal()
+        try:
+            parts = gather_to_rank0(summary, dist_info)
+            if parts is not None:
+                total = RunSummary(seconds=max(p.seconds for p in parts), unlabelled=summary.unlabelled,
+                                   skipped=summary.skipped)
+                for part in parts:
+                    total.labelled += part.labelled
+                    total.failed += part.failed
+                manifest["summary"] = {"labelled": total.labelled, "skipped": total.skipped,
+                                       "failed": total.failed, "unlabelled": total.unlabelled}
+                out.finalize(manifest)
+                summary = total
+        except OutputError:
+            if ok:
+                raise  # else the error that stopped the run is the one to report
+        finally:
+            out.close()
     return summary

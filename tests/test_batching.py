@@ -123,7 +123,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path, images, golden): 
     assert sorted(_tree_digest(single / "cams")) == sorted(_tree_digest(multi / "cams"))
     manifest = json.loads((multi / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["summary"]["labelled"] == 4
-    assert not list(multi.glob(".labels.rank*.json"))
+    assert not list(multi.glob(".clipes/records.rank*.jsonl"))  # merged into one journal at the end
 
 
 def test_decode_workers_default_scales_with_the_device(monkeypatch):
