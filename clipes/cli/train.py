@@ -15,10 +15,15 @@ from rich.progress import Progress
 from ..model import resolve_device
 from .common import reported_errors
 
+# Help texts are rich markup: a literal "[...]" is written "\\[...]" or rich drops it as a style tag.
+# Flags take metavar="" so that help shows "--resume", not "--resume <bool>".
+
 
 def train_seg_command(
-    config: Annotated[Path | None, typer.Option(help="YAML config; flags given here override it.")] = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder: checkpoints, log, config.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (keys of TrainConfig); flags given here override "
+                                                     "it.")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run folder: checkpoints, log, config "
+                                                                "\\[clipes_seg].")] = None,
     images: Annotated[str | None, typer.Option(help="Training images.")] = None,
     masks: Annotated[str | None, typer.Option(help="Pseudo masks (clipes label's masks/), 255 ignored.")] = None,
     val_images: Annotated[str | None, typer.Option(help="Validation images.")] = None,
@@ -27,29 +32,42 @@ def train_seg_command(
         help="A clipes label run made with --crf --save-cams: weight pixels by its CRF confidence.")] = None,
     dataset: Annotated[str | None, typer.Option(help="voc or coco (images from --root/--split).")] = None,
     root: Annotated[str | None, typer.Option(help="Dataset root.")] = None,
-    split: Annotated[str | None, typer.Option(help="Training split [train].")] = None,
-    val_split: Annotated[str | None, typer.Option(help="Validation split [val], scored on its ground truth.")
+    split: Annotated[str | None, typer.Option(help="Training split \\[train].")] = None,
+    val_split: Annotated[str | None, typer.Option(help="Validation split \\[val], scored on its ground truth.")
                          ] = None,
-    classes: Annotated[str | None, typer.Option(help="Class set [voc].")] = None,
+    classes: Annotated[str | None, typer.Option(help="Class set: voc, coco or a file \\[voc].")] = None,
     model: Annotated[str | None, typer.Option(
-        help="clip-linear, clip-segmenter, deeplabv3-resnet50, deeplabv3-resnet101 or tiny [clip-linear].")] = None,
+        help="clip-linear, clip-segmenter, deeplabv2-resnet101, deeplabv3-resnet50, deeplabv3-resnet101 or tiny "
+             "\\[clip-linear].")] = None,
     clip_model: Annotated[str | None, typer.Option(help="CLIP weights for clip-* models (as clipes label --model).")
                           ] = None,
-    finetune: Annotated[bool | None, typer.Option("--finetune/--freeze", help="Train the backbone too.")] = None,
+    finetune: Annotated[bool | None, typer.Option(
+        "--finetune/--freeze", metavar="",
+        help="Train the backbone too, or freeze it \\[preset: DeepLab trains it, the CLIP encoder is frozen].")
+    ] = None,
     backbone_weights: Annotated[str | None, typer.Option(
-        help="DeepLab: a torchvision ResNet state dict, 'imagenet' (download) or 'random'.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw [preset].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [preset].")] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="[preset]")] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps [preset: 20000].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Global batch size [preset].")] = None,
-    crop: Annotated[int | None, typer.Option(help="Random crop size [preset: 321 DeepLab, 448 ViT].")] = None,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", help="bf16 autocast.")] = None,
-    seed: Annotated[int | None, typer.Option(help="[0]")] = None,
-    val_every: Annotated[int | None, typer.Option(help="Validate and checkpoint every N steps [500].")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader processes [2].")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
+        help="DeepLab: a torchvision ResNet state dict, 'imagenet' (torchvision's download or cache) or 'random' "
+             "\\[imagenet].")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw \\[preset].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate of the backbone \\[preset: 2e-4 DeepLab, 1e-4 ViT]."
+                                             )] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        help="Weight decay \\[preset: 5e-4 DeepLab (none on the head's biases), 0.01 ViT].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps \\[preset: 20000].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Global batch size \\[preset: 10 DeepLab, 16 ViT].")] = None,
+    accumulate: Annotated[int | None, typer.Option(
+        help="Split each batch into this many parts whose gradients add up (same result, less memory) "
+             "\\[preset: 2 DeepLab, 1 ViT].")] = None,
+    crop: Annotated[int | None, typer.Option(help="Random crop size \\[preset: 321 DeepLab, 448 ViT].")] = None,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", metavar="", help="bf16 autocast \\[fp32].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed \\[0].")] = None,
+    val_every: Annotated[int | None, typer.Option(help="Validate and checkpoint every N steps \\[500].")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader processes \\[2].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda \\[auto].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue the run in OUT from its last.pt."
+                                         )] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar="",
+                                            help="Replace the run in OUT (its checkpoints and log).")] = False,
     stop_at: Annotated[int | None, typer.Option(help="Stop after this step (resume later).")] = None,
 ) -> None:
     """Train a segmenter on pseudo masks with the confidence-guided loss."""
@@ -61,8 +79,8 @@ def train_seg_command(
                      classes=classes, model=model, clip_model=clip_model,
                      freeze_backbone=None if finetune is None else not finetune, backbone_weights=backbone_weights,
                      optimizer=optimizer, lr=lr, weight_decay=weight_decay, steps=steps, batch_size=batch_size,
-                     crop=crop, bf16=bf16, seed=seed, val_every=val_every, workers=workers, device=device,
-                     resume=resume or None, stop_at=stop_at)
+                     accumulate=accumulate, crop=crop, bf16=bf16, seed=seed, val_every=val_every, workers=workers,
+                     device=device, resume=resume or None, overwrite=overwrite or None, stop_at=stop_at)
     with reported_errors(console):
         result = train(load_config(config, overrides), console)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -77,18 +95,22 @@ def segment_command(
     checkpoint: Annotated[Path, typer.Option(help="A train-seg checkpoint (best.pt or last.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predicted label PNGs.")],
     scales: Annotated[str, typer.Option(help="Comma-separated test scales, e.g. 0.75,1,1.25.")] = "1",
-    flip: Annotated[bool, typer.Option("--flip", help="Also average horizontally flipped predictions.")] = False,
+    flip: Annotated[bool, typer.Option("--flip", metavar="", help="Also average horizontally flipped predictions."
+                                       )] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already predicted.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", metavar="", help="Redo every image, and remove predictions of images no longer in IMAGES."
+    )] = False,
 ) -> None:
     """Predict segmentation masks (VOC palette PNGs) with a trained segmenter."""
-    from ..segment.infer import segment_folder
+    from ..segment.infer import parse_scales, segment_folder
 
     console = Console(stderr=True)
-    with reported_errors(console, ValueError), Progress(console=console) as progress:
-        done, skipped, failed = segment_folder(checkpoint, images, out, resolve_device(device),
-                                               tuple(float(s) for s in scales.split(",")), flip, overwrite,
-                                               progress)
+    with reported_errors(console):
+        parsed = parse_scales(scales)
+        dev = resolve_device(device)
+        with Progress(console=console) as progress:
+            done, skipped, failed = segment_folder(checkpoint, images, out, dev, parsed, flip, overwrite, progress)
     console.print(f"segmented {done} image(s), {skipped} already done -> {escape(str(out))}", highlight=False)
     for why in failed:
         console.print(f"[yellow]unreadable[/] {escape(why)}", highlight=False)

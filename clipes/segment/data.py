@@ -6,6 +6,7 @@ several processes sees exactly the batches of one uninterrupted process.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,30 +52,53 @@ class SegDataset(Dataset):
     """Samples keyed by (index, position): training crops with random scale and flip, or whole images.
 
     Returns the normalised image (3, H, W), labels (H, W) int64 with 255 ignored, and pixel weights
-    (H, W) float (the saved CRF confidence, else 1).
+    (H, W) float (the saved CRF confidence, else 1). The scale is drawn uniformly from ``scale``, or
+    from the list ``scales`` (DeepLab's {0.5, 0.75, 1, 1.25, 1.5}) when given. With ``num_classes``
+    (background included), a mask value that is no class and not 255 is an error naming the mask.
     """
 
     def __init__(self, items: Sequence[SegItem], mean: Sequence[float], std: Sequence[float], *,
                  train: bool, crop: int = 321, scale: tuple[float, float] = (0.5, 1.5), flip: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, scales: Sequence[float] | None = None, num_classes: int | None = None) -> None:
         self.items = list(items)
         self.mean = np.asarray(mean, dtype=np.float32) * 255
         self.std = np.asarray(std, dtype=np.float32) * 255
         self.train, self.crop, self.scale, self.flip, self.seed = train, crop, scale, flip, seed
+        self.scales = list(scales) if scales else None
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _load(self, item: SegItem) -> tuple[Image.Image, Image.Image | None, np.ndarray]:
         img = read_image(item.image).convert("RGB")
-        mask = Image.fromarray(read_label_png(item.mask)) if item.mask else None
-        if mask is not None and mask.size != img.size:
-            raise ClipesError(f"{item.mask}: mask size {mask.size} differs from its image {img.size}")
+        mask = None
+        if item.mask:
+            values = read_label_png(item.mask)
+            self._check_values(item.mask, values)
+            mask = Image.fromarray(values)
+            if mask.size != img.size:
+                raise ClipesError(f"{item.mask}: mask size {mask.size} differs from its image {img.size}")
         weight = np.ones((img.height, img.width), dtype=np.float32)
         if item.confidence:
-            with np.load(item.confidence) as data:
-                weight = data["confidence"].astype(np.float32)
+            try:
+                with np.load(item.confidence) as data:
+                    weight = data["confidence"].astype(np.float32)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+                raise ClipesError(f"{item.confidence}: cannot read its confidence array ({e})") from None
+            if weight.shape != (img.height, img.width):
+                raise ClipesError(f"{item.confidence}: confidence of size {weight.shape[::-1]} for an image of "
+                                  f"{img.size}")
         return img, mask, weight
+
+    def _check_values(self, path: Path, values: np.ndarray) -> None:
+        if self.num_classes is None:
+            return
+        bad = np.unique(values[(values >= self.num_classes) & (values != 255)])
+        if bad.size:
+            raise ClipesError(f"{path}: mask value(s) {', '.join(map(str, bad[:5]))} are not classes of the "
+                              f"{self.num_classes - 1}-class set (0 background, 1-{self.num_classes - 1}, "
+                              "255 ignored); was it made with other --classes?")
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         index, position = key if isinstance(key, tuple) else (key, key)
@@ -87,7 +111,7 @@ class SegDataset(Dataset):
 
     def _augment(self, img: Image.Image, labels: np.ndarray, weight: np.ndarray,
                  rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        s = rng.uniform(*self.scale)
+        s = self.scales[int(rng.integers(len(self.scales)))] if self.scales else rng.uniform(*self.scale)
         w, h = max(1, round(img.width * s)), max(1, round(img.height * s))
         img = img.resize((w, h), Image.Resampling.BILINEAR)
         labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST),

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,14 +18,18 @@ from ..errors import ClipesError
 from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
 from ..output import atomic_write, check_outside, encode_image
+from .checkpoint import CheckpointError, read_checkpoint
+from .config import TrainConfig
 from .models import SEGMENTERS, build_segmenter
-from .train import TrainConfig, load_checkpoint, predict_logits
+from .train import predict_logits
 
-__all__ = ["load_segmenter", "segment_image"]
+__all__ = ["RECORD", "load_segmenter", "parse_scales", "segment_folder", "segment_image"]
+
+RECORD = "segment.json"  # what made each prediction of an output folder
 
 
 def _skeleton_clip_spec(spec: str | None) -> str | None:
-    """The CLIP spec that rebuilds the architecture without downloading: the checkpoint has the weights.
+    """Format 1 checkpoints only: the CLIP spec that rebuilds the architecture without downloading.
 
     ``ARCH/TAG`` becomes ``ARCH`` (random init), or ``ARCH-quickgelu`` where the tag's weights use
     QuickGELU (OpenAI's), so the activation matches the trained model.
@@ -38,18 +47,45 @@ def _skeleton_clip_spec(spec: str | None) -> str | None:
     return arch
 
 
+def _config(ckpt: dict[str, Any], checkpoint: Path) -> TrainConfig:
+    known = set(TrainConfig.__dataclass_fields__)
+    try:
+        return TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
+    except TypeError as e:
+        raise CheckpointError(f"{checkpoint}: unreadable training config ({e})") from None
+
+
 def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Module, TrainConfig, list[str]]:
-    """A trained segmenter from a ``train-seg`` checkpoint, in eval mode."""
-    ckpt = load_checkpoint(checkpoint)
-    if "model" not in ckpt or "config" not in ckpt:
-        raise ClipesError(f"{checkpoint}: not a clipes train-seg checkpoint")
-    cfg = TrainConfig(**ckpt["config"])
-    classes = ckpt["classes"]
-    backbone = "random" if cfg.model.startswith("deeplab") else cfg.backbone_weights
-    model = build_segmenter(cfg.model, len(classes) + 1, clip_model=_skeleton_clip_spec(cfg.clip_model),
-                            freeze_backbone=True, backbone_weights=backbone)
-    model.load_state_dict(ckpt["model"])
+    """A trained segmenter from a ``train-seg`` checkpoint, in eval mode; needs no file but the checkpoint
+    (format 2; format 1 rebuilds a CLIP encoder from the CLIP spec recorded at training time)."""
+    checkpoint = Path(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
+    cfg = _config(ckpt, checkpoint)
+    classes = list(ckpt["classes"])
+    if cfg.model not in SEGMENTERS:
+        raise CheckpointError(f"{checkpoint}: model {cfg.model!r} is unknown to this clipes")
+    arch = ckpt.get("arch") or {}
+    vision = arch.get("clip_vision")
+    clip_model = None if vision else _skeleton_clip_spec(cfg.clip_model) if cfg.model.startswith("clip") else None
+    model = build_segmenter(cfg.model, len(classes) + 1, clip_model=clip_model, clip_vision=vision,
+                            freeze_backbone=True, backbone_weights="random", freeze_bn=bool(cfg.freeze_bn))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint}: weights do not fit a {cfg.model} with {len(classes)} classes "
+                              f"({' '.join(str(e).split())[:200]})") from None
     return model.to(device).eval(), cfg, classes
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """``--scales 0.75,1,1.25``: positive, finite numbers, or a one-line error naming the flag."""
+    try:
+        scales = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        scales = ()
+    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
+        raise ClipesError(f"--scales {text!r}: expected comma-separated positive numbers, e.g. 0.75,1,1.25")
+    return scales
 
 
 @torch.no_grad()
@@ -74,23 +110,91 @@ def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: t
     return class_argmax(total[0]).to(torch.uint8).cpu().numpy()
 
 
+def _digest(path: Path) -> str:
+    """``sha256:<hex>`` of a checkpoint: the same model wherever it lies or however it is named."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _stamp(path: Path, images: Path) -> dict[str, Any]:
+    """An input as a rerun sees it: its path in the input folder, size and modification time."""
+    st = path.stat()
+    return {"file": path.relative_to(images).as_posix(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClipesError(f"{path}: unreadable record of this folder's predictions ({e}); use --overwrite or "
+                          "another --out") from None
+    if not isinstance(record, dict) or not isinstance(record.get("images"), dict):
+        raise ClipesError(f"{path}: not a record of clipes segment; use --overwrite or another --out")
+    return record
+
+
+def _write_record(path: Path, settings: dict[str, Any], images: dict[str, Any]) -> None:
+    atomic_write(path, json.dumps({"settings": settings, "images": images}, indent=1, sort_keys=True).encode())
+
+
 def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],
-                   flip: bool, overwrite: bool, progress) -> tuple[int, int, list[str]]:
-    """Predict every image under ``images`` into ``out/<stem>.png``; returns done, skipped, failures."""
-    items = find_images(images)
+                   flip: bool, overwrite: bool, progress, save_every: float = 2.0) -> tuple[int, int, list[str]]:
+    """Predict every image under ``images`` into ``out/<stem>.png``; returns done, skipped, failures.
+
+    ``out/segment.json`` records what made the predictions (the checkpoint's content hash, scales,
+    flip) and each input's file, size and modification time. A rerun skips only images whose input
+    and settings are unchanged; a folder made with other settings is refused unless ``overwrite``,
+    which also removes the predictions of images no longer in the input.
+    """
+    if not images.is_dir():
+        raise ClipesError(f"{images}: not a folder of images")
+    if out.exists() and not out.is_dir():
+        raise ClipesError(f"--out {out} is a file, not a folder")
     check_outside(images, out)
+    items = find_images(images)
+    settings = {"checkpoint": _digest(checkpoint) if checkpoint.is_file() else str(checkpoint),
+                "scales": list(scales), "flip": flip}
+    record_path = out / RECORD
+    previous = _read_record(record_path)
+    if previous is None and not overwrite and any(out.glob("*.png")):
+        raise ClipesError(f"--out {out} holds PNGs without a {RECORD} saying what made them; use --overwrite or "
+                          "another --out")
+    if previous is not None and previous.get("settings") != settings and not overwrite:
+        changed = sorted(k for k in settings if settings[k] != (previous.get("settings") or {}).get(k))
+        raise ClipesError(f"--out {out} holds predictions made with other settings ({', '.join(changed) or 'all'}); "
+                          "use --overwrite to redo them or choose another --out")
     model, cfg, _ = load_segmenter(checkpoint, device)
+    done_before: dict[str, Any] = {} if overwrite or previous is None else dict(previous["images"])
+    if overwrite and previous is not None:  # predictions of images that are gone from the input go too
+        current = {stem for stem, _ in items}
+        for stem in set(previous["images"]) - current:
+            (out / f"{stem}.png").unlink(missing_ok=True)
+    record = dict(done_before)
+    _write_record(record_path, settings, record)  # the settings first: no prediction is ever unaccounted for
     done, skipped, failed = 0, 0, []
+    last_save = time.monotonic()
     for stem, path in progress.track(items, description="segmenting"):
         target = out / f"{stem}.png"
-        if target.exists() and not overwrite:
+        stamp = _stamp(path, images)
+        if done_before.get(stem) == stamp and target.is_file():
             skipped += 1
             continue
+        record.pop(stem, None)
         try:
             rgb = np.asarray(read_image(path).convert("RGB"))
         except ImageError as e:
             failed.append(str(e))
             continue
         atomic_write(target, encode_image(mask_to_png(segment_image(model, cfg, rgb, device, scales, flip))))
+        record[stem] = stamp
         done += 1
+        if time.monotonic() - last_save > save_every:
+            _write_record(record_path, settings, record)
+            last_save = time.monotonic()
+    _write_record(record_path, settings, record)
     return done, skipped, failed

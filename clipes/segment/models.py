@@ -1,4 +1,4 @@
-"""Segmenters chosen by name: CLIP ViT with a linear or mask-transformer head, DeepLabV3, a tiny net.
+"""Segmenters chosen by name: CLIP ViT with a linear or mask-transformer head, DeepLab-v2 and v3, a tiny net.
 
 Every model maps (B, 3, H, W) normalised images to (B, C, H, W) logits for any H, W (multiples
 of 16 for the ViTs, which interpolate their positional embedding as ``clipes label`` does).
@@ -19,12 +19,17 @@ from ..vit import block_forward, embed
 
 __all__ = [
     "SEGMENTERS",
+    "ASPPv2",
     "ClipDenseEncoder",
+    "DeepLab",
+    "DeepLabV2",
     "LinearHead",
     "MaskTransformerHead",
     "SegmenterSpec",
     "TinySegmenter",
     "build_segmenter",
+    "freeze_batchnorm",
+    "head_parameters",
 ]
 
 
@@ -115,15 +120,70 @@ class EncoderDecoder(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class DeepLab(nn.Module):
-    """torchvision's DeepLabV3, returning the main output only."""
+def freeze_batchnorm(module: nn.Module) -> None:
+    """BatchNorm layers of ``module`` in eval mode (running statistics fixed) with no gradient."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.requires_grad_(False)
 
-    def __init__(self, model: nn.Module) -> None:
+
+class DeepLab(nn.Module):
+    """torchvision's DeepLabV3, returning the main output only; backbone BatchNorm frozen if asked."""
+
+    def __init__(self, model: nn.Module, freeze_bn: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.freeze_bn = freeze_bn
+        self.train()
+
+    def train(self, mode: bool = True) -> DeepLab:
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self.model.backbone)
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)["out"]
+
+
+class ASPPv2(nn.Module):
+    """DeepLab-v2's ASPP (LargeFOV per branch): parallel 3x3 convolutions at dilations 6, 12, 18, 24 straight
+    to class scores, summed (Chen et al., 2017; deeplab-pytorch's ``_ASPP``, weights N(0, 0.01), biases 0)."""
+
+    def __init__(self, in_ch: int, num_classes: int, rates: tuple[int, ...] = (6, 12, 18, 24)) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(in_ch, num_classes, 3, padding=r, dilation=r) for r in rates)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, 0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return sum(conv(feats) for conv in self.branches)
+
+
+class DeepLabV2(nn.Module):
+    """DeepLab-v2: a ResNet with dilated layer3/layer4 (output stride 8) and the ASPP-v2 head; logits are
+    upsampled bilinearly to the input. Backbone BatchNorm frozen if asked, as deeplab-pytorch does."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, freeze_bn: bool = True) -> None:
+        super().__init__()
+        backbone.fc, backbone.avgpool = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = ASPPv2(backbone.layer4[-1].conv3.out_channels, num_classes)
+        self.freeze_bn = freeze_bn
+        self.train()
+
+    def train(self, mode: bool = True) -> DeepLabV2:
+        super().train(mode)
+        if self.freeze_bn:
+            freeze_batchnorm(self.backbone)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.backbone
+        f = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x))))))))
+        return F.interpolate(self.head(f), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's backbones
@@ -143,10 +203,16 @@ class SegmenterSpec:
 
 def _clip(head: str):
     def build(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = True,
-              backbone_weights: str | None = None) -> nn.Module:
-        from ..model import load_clip
+              backbone_weights: str | None = None, freeze_bn: bool = False,
+              clip_vision: dict | None = None) -> nn.Module:
+        if clip_vision is not None:  # the layout a checkpoint recorded; its weights come from the checkpoint
+            from .checkpoint import rebuild_vision
 
-        visual = load_clip(clip_model).model.visual
+            visual = rebuild_vision(clip_vision)
+        else:
+            from ..model import load_clip
+
+            visual = load_clip(clip_model).model.visual
         encoder = ClipDenseEncoder(visual, frozen=freeze_backbone)
         module = LinearHead(encoder.dim, num_classes) if head == "linear" else MaskTransformerHead(
             encoder.dim, num_classes)
@@ -154,38 +220,67 @@ def _clip(head: str):
     return build
 
 
+def _load_backbone(backbone: nn.Module, weights: str | None, depth: int, imagenet) -> None:
+    """ImageNet weights for a torchvision ResNet (``imagenet``/None: torchvision's download or cache), a local
+    torchvision ResNet state dict, or ``random``."""
+    if weights == "random":
+        return
+    if weights in (None, "imagenet"):
+        try:
+            state = imagenet.get_state_dict(progress=False)
+        except Exception as e:
+            raise ClipesError(f"cannot download ImageNet weights for ResNet-{depth} ({e}). Pass "
+                              f"--backbone-weights with a local torchvision ResNet-{depth} state dict, or "
+                              "--backbone-weights random") from None
+        source = f"torchvision's ImageNet ResNet-{depth}"
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # missing, empty or foreign file: one message
+            raise ClipesError(f"--backbone-weights {weights}: cannot read ({' '.join(str(e).split())[:200]})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        source = weights
+    if not isinstance(state, dict):
+        raise ClipesError(f"--backbone-weights {weights}: not a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if unexpected or missing:
+        raise ClipesError(f"{source}: not a torchvision ResNet-{depth} state dict "
+                          f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+
+
 def _deeplab(depth: int):
     def build(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
-              backbone_weights: str | None = None) -> nn.Module:
+              backbone_weights: str | None = None, freeze_bn: bool = True,
+              clip_vision: dict | None = None) -> nn.Module:
         from torchvision.models import ResNet50_Weights, ResNet101_Weights
         from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
 
         factory = deeplabv3_resnet50 if depth == 50 else deeplabv3_resnet101
         imagenet = ResNet50_Weights.IMAGENET1K_V1 if depth == 50 else ResNet101_Weights.IMAGENET1K_V1
-        if backbone_weights in (None, "imagenet"):
-            try:
-                model = factory(weights=None, weights_backbone=imagenet, num_classes=num_classes, aux_loss=False)
-            except Exception as e:
-                raise ClipesError(f"cannot download ImageNet weights for ResNet-{depth} ({e}). Pass "
-                                  f"--backbone-weights with a local torchvision ResNet-{depth} state dict, or "
-                                  "--backbone-weights random") from None
-        else:
-            model = factory(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
-            if backbone_weights != "random":
-                state = torch.load(backbone_weights, map_location="cpu", weights_only=True)
-                state = {k: v for k, v in state.get("state_dict", state).items() if not k.startswith("fc.")}
-                missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-                if unexpected or len(missing) > 0:
-                    raise ClipesError(f"{backbone_weights}: not a torchvision ResNet-{depth} state dict "
-                                      f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+        model = factory(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        _load_backbone(model.backbone, backbone_weights, depth, imagenet)
         if freeze_backbone:
             model.backbone.requires_grad_(False)
-        return DeepLab(model)
+        return DeepLab(model, freeze_bn=freeze_bn)
     return build
 
 
+def _deeplab_v2(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
+                backbone_weights: str | None = None, freeze_bn: bool = True,
+                clip_vision: dict | None = None) -> nn.Module:
+    from torchvision.models import ResNet101_Weights, resnet101
+
+    backbone = resnet101(weights=None, replace_stride_with_dilation=[False, True, True])
+    _load_backbone(backbone, backbone_weights, 101, ResNet101_Weights.IMAGENET1K_V1)
+    if freeze_backbone:
+        backbone.requires_grad_(False)
+    return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn)
+
+
 def _tiny(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
-          backbone_weights: str | None = None) -> nn.Module:
+          backbone_weights: str | None = None, freeze_bn: bool = False, clip_vision: dict | None = None) -> nn.Module:
     return TinySegmenter(num_classes)
 
 
@@ -194,8 +289,25 @@ SEGMENTERS: dict[str, SegmenterSpec] = {
     "clip-segmenter": SegmenterSpec(_clip("mask"), "vit", 16),
     "deeplabv3-resnet50": SegmenterSpec(_deeplab(50), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
     "deeplabv3-resnet101": SegmenterSpec(_deeplab(101), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
+    "deeplabv2-resnet101": SegmenterSpec(_deeplab_v2, "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
     "tiny": SegmenterSpec(_tiny, "vit", 4),
 }
+
+
+HEAD_PREFIXES = ("head.", "model.classifier.")  # the task head of every model (DeepLabV3's: torchvision's)
+
+
+def head_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters split into (backbone, head weights, head biases)."""
+    backbone, weights, biases = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not name.startswith(HEAD_PREFIXES):
+            backbone.append(p)
+        else:
+            (biases if name.endswith(".bias") else weights).append(p)
+    return backbone, weights, biases
 
 
 def build_segmenter(name: str, num_classes: int, **kwargs) -> nn.Module:

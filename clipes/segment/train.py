@@ -6,12 +6,14 @@ confidence. Single process, CPU or GPU, or one process per GPU under ``torchrun`
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, fields
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,84 +35,14 @@ from ..masks import IGNORE, class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
 from ..output import atomic_write
 from ..prompts import load_class_set
+from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
+from .config import PRESETS, TrainConfig, load_config
 from .data import PositionSampler, SegDataset, SegItem, pair_folders
-from .models import SEGMENTERS, build_segmenter
+from .models import SEGMENTERS, build_segmenter, head_parameters
 
 __all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "train"]
 
-
-# The reference's DeepLab schedule (SGD, poly 0.9, wd 5e-4, crop 321, batch 10, 20k steps; 10x lr for
-# the head as DeepLab does), and AdamW for the ViT heads (Segmenter's recipe).
-PRESETS: dict[str, dict[str, Any]] = {
-    "deeplab": {"optimizer": "sgd", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, "crop": 321,
-                "batch_size": 10, "steps": 20000, "head_lr_mult": 10.0},
-    "vit": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "momentum": 0.9, "crop": 448,
-            "batch_size": 16, "steps": 20000, "head_lr_mult": 1.0},
-}
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run; ``None`` fields take the model's preset."""
-
-    out: str = "clipes_seg"
-    images: str | None = None
-    masks: str | None = None
-    val_images: str | None = None
-    val_masks: str | None = None
-    confidence: str | None = None
-    dataset: str | None = None
-    root: str | None = None
-    split: str = "train"
-    val_split: str = "val"
-    classes: str = "voc"
-    model: str = "clip-linear"
-    clip_model: str | None = None
-    freeze_backbone: bool = True
-    backbone_weights: str | None = None
-    optimizer: str | None = None
-    lr: float | None = None
-    head_lr_mult: float | None = None
-    weight_decay: float | None = None
-    momentum: float | None = None
-    poly_power: float = 0.9
-    steps: int | None = None
-    batch_size: int | None = None
-    crop: int | None = None
-    scale_min: float = 0.5
-    scale_max: float = 1.5
-    bf16: bool = False
-    seed: int = 0
-    val_every: int = 500
-    log_every: int = 10
-    workers: int = 2
-    device: str = "auto"
-    resume: bool = False
-    stop_at: int | None = None
-
-    def resolved(self) -> TrainConfig:
-        """A copy with the preset filled in where a field is None."""
-        if self.model not in SEGMENTERS:
-            raise ClipesError(f"unknown model {self.model!r}; choose one of {', '.join(SEGMENTERS)}")
-        preset = PRESETS[SEGMENTERS[self.model].preset]
-        return TrainConfig(**{f.name: preset.get(f.name) if getattr(self, f.name) is None and f.name in preset
-                              else getattr(self, f.name) for f in fields(self)})
-
-
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """A YAML file's settings, overridden by the flags given on the command line (non-None)."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ClipesError(f"{path}: cannot read config ({e})") from None
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ClipesError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**data).resolved()
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "config.yaml")
 
 
 def cgl_loss(logits: Tensor, labels: Tensor, weights: Tensor, norm: Tensor | float) -> Tensor:
@@ -150,40 +82,100 @@ def _items(cfg: TrainConfig, val: bool) -> list[SegItem]:
     return pair_folders(Path(images), Path(masks), conf)
 
 
-def _param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    head, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (head if name.startswith(("head.", "model.classifier.")) else rest).append(p)
-    groups = [{"params": rest, "lr": cfg.lr}] if rest else []
-    return [*groups, {"params": head, "lr": cfg.lr * cfg.head_lr_mult}]
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The backbone at ``lr``; the head's weights at ``head_lr_mult`` x lr and its biases at
+    ``head_bias_lr_mult`` x lr, without weight decay unless ``head_bias_decay`` (DeepLab's 1x/10x/20x)."""
+    backbone, weights, biases = head_parameters(model)
+    groups = [{"params": backbone, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+              {"params": weights, "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": cfg.weight_decay},
+              {"params": biases, "lr": cfg.lr * cfg.head_bias_lr_mult,
+               "weight_decay": cfg.weight_decay if cfg.head_bias_decay else 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+_param_groups = param_groups  # the name benchmarks/train_step.py imported
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg)
+    groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ClipesError(f"--optimizer {cfg.optimizer!r}: choose sgd or adamw")
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _save(path: Path, model: nn.Module, opt, sched, step: int, best: float, cfg: TrainConfig, classes) -> None:
-    buf = io.BytesIO()
-    torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "step": step, "best_miou": best, "config": asdict(cfg), "classes": list(classes)}, buf)
-    atomic_write(path, buf.getvalue())
+def _arch(model: nn.Module, cfg: TrainConfig, num_classes: int) -> dict[str, Any]:
+    """What rebuilds the model without any file but the checkpoint: its name, class count, CLIP layout."""
+    visual = getattr(getattr(model, "encoder", None), "visual", None)
+    return {"model": cfg.model, "num_classes": num_classes,
+            "clip_vision": vision_spec(visual) if visual is not None else None}
+
+
+def _save(path: Path, model: nn.Module, opt, sched, step: int, best: float, cfg: TrainConfig, classes,
+          arch: dict[str, Any]) -> None:
+    write_checkpoint(path, {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "step": step, "best_miou": best, "config": asdict(cfg),
+                            "classes": list(classes), "arch": arch})
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ClipesError(f"{path}: cannot read checkpoint ({e})") from None
+    """A train-seg checkpoint, checked (see ``clipes.segment.checkpoint.read_checkpoint``)."""
+    return read_checkpoint(path)
+
+
+def _prepare_run_folder(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
+    """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it)."""
+    if out.exists() and not out.is_dir():
+        raise ClipesError(f"--out {out} is a file, not a folder")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume:
+        if not (out / "last.pt").is_file():
+            raise ClipesError(f"--resume: {out / 'last.pt'} not found, nothing to continue; drop --resume to start "
+                              "a new run")
+    elif found and not cfg.overwrite:
+        raise ClipesError(f"--out {out} already holds a training run ({', '.join(found)}); use --resume to continue "
+                          "it, --overwrite to replace it, or another --out")
+    if info.world > 1:
+        dist.barrier()  # every rank has looked before rank 0 removes or writes anything
+    if cfg.overwrite and info.is_main:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+
+
+def _check_resumable(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, classes: list[str]) -> None:
+    """The checkpoint continues this run: same model and class set."""
+    if ckpt["config"].get("model") != cfg.model:
+        raise ClipesError(f"--resume: {path} is a {ckpt['config'].get('model')} run, not --model {cfg.model}")
+    if list(ckpt["classes"]) != list(classes):
+        raise ClipesError(f"--resume: {path} was trained on another class set ({len(ckpt['classes'])} classes: "
+                          f"{', '.join(ckpt['classes'][:4])}{' ...' if len(ckpt['classes']) > 4 else ''}) than "
+                          f"--classes {cfg.classes} ({len(classes)} classes)")
+    for key in ("optimizer", "scheduler", "step", "best_miou"):
+        if key not in ckpt:
+            raise ClipesError(f"--resume: {path} holds no {key}, it is not a last.pt of train-seg")
+
+
+_WORKER_TRACE = re.compile(r"^[\w.]+(?:Error|Exception): (.*)$", re.MULTILINE)
+
+
+def _clear_errors(batches: Iterable) -> Iterator:
+    """The loader's batches; a ``ClipesError`` raised in a DataLoader worker comes back as its own one-line
+    message instead of the worker's text traceback that PyTorch puts in the re-raised message."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except ClipesError as e:
+            found = _WORKER_TRACE.findall(str(e))
+            if found:
+                raise ClipesError(found[-1]) from None
+            raise
+        yield batch
 
 
 @torch.no_grad()
@@ -226,23 +218,34 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     class_set = load_class_set(cfg.classes)
     num_classes = len(class_set) + 1
     spec = SEGMENTERS[cfg.model]
+    if (cfg.batch_size // info.world) % cfg.accumulate:
+        raise ClipesError(f"--batch-size {cfg.batch_size} over {info.world} process(es) does not split into "
+                          f"--accumulate {cfg.accumulate} equal parts")
     items = _items(cfg, val=False)
     if not items:
         raise ClipesError("no training images: give --images and --masks, or --dataset with --root")
     val_items = _items(cfg, val=True)
+    _prepare_run_folder(out, cfg, info)
+    last = out / "last.pt"
+    ckpt = load_checkpoint(last) if cfg.resume else None
+    if ckpt is not None:
+        _check_resumable(ckpt, last, cfg, list(class_set.classes))
 
     _seed_everything(cfg.seed)
     model = build_segmenter(cfg.model, num_classes, clip_model=cfg.clip_model, freeze_backbone=cfg.freeze_backbone,
-                            backbone_weights=cfg.backbone_weights).to(device)
+                            backbone_weights=cfg.backbone_weights, freeze_bn=cfg.freeze_bn).to(device)
+    arch = _arch(model, cfg, num_classes)
     opt = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg.steps) ** cfg.poly_power)
     start, best = 0, float("-inf")
-    last = out / "last.pt"
-    if cfg.resume and last.is_file():
-        ckpt = load_checkpoint(last)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ClipesError(f"--resume: {last} does not fit this model or optimiser "
+                              f"({' '.join(str(e).split())[:200]}); start a new run with another --out") from None
         start, best = int(ckpt["step"]), float(ckpt["best_miou"])
         if info.is_main:
             console.print(f"resumed from {escape(str(last))} at step {start}")
@@ -252,11 +255,11 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     train_set = SegDataset(items, spec.mean, spec.std, train=True, crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max),
-                           seed=cfg.seed)
+                           scales=cfg.scales, seed=cfg.seed, num_classes=num_classes)
     stop = min(cfg.steps, cfg.stop_at or cfg.steps)
     sampler = PositionSampler(len(train_set), cfg.batch_size, stop, start, cfg.seed, info.rank, info.world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    val_set = SegDataset(val_items, spec.mean, spec.std, train=False) if val_items else None
+    val_set = SegDataset(val_items, spec.mean, spec.std, train=False, num_classes=num_classes) if val_items else None
 
     log_path = out / "log.jsonl"
     if info.is_main:
@@ -274,21 +277,28 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
         step = start
         unread: list[Tensor] = []
         records: list[dict[str, Any]] = []
-        for x, labels, weights in loader:
+        for x, labels, weights in _clear_errors(loader):
             x, labels, weights = (t.to(device, non_blocking=True) for t in (x, labels, weights))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = model(x)
             valid = ((labels != IGNORE) * weights).sum()
             if info.world > 1:
                 dist.all_reduce(valid)
             norm = valid.clamp_min(1e-6) / info.world  # DDP averages gradients over ranks
-            loss = cgl_loss(logits, labels, weights, norm)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total = torch.zeros((), device=device)
+            parts = list(zip(x.chunk(cfg.accumulate), labels.chunk(cfg.accumulate), weights.chunk(cfg.accumulate),
+                             strict=True))
+            for k, (xk, lk, wk) in enumerate(parts):  # gradient accumulation: the sum over parts is the batch loss
+                sync = k == len(parts) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+                with nullcontext() if sync else model.no_sync():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        logits = model(xk)
+                    loss = cgl_loss(logits, lk, wk, norm)
+                    loss.backward()
+                total += loss.detach()
             opt.step()
             sched.step()
             step += 1
-            total = loss.detach() / info.world
+            total /= info.world
             if info.world > 1:
                 dist.all_reduce(total)
             # losses stay on the device until a step that logs, validates or saves reads them all:
@@ -310,14 +320,14 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                 progress.update(task, miou=f"{100 * miou:.1f}")
                 if miou > best:
                     best = miou
-                    _save(out / "best.pt", model, opt, sched, step, best, cfg, class_set.classes)
+                    _save(out / "best.pt", model, opt, sched, step, best, cfg, class_set.classes, arch)
             if info.is_main:
                 history.append(record)
                 if step % cfg.log_every == 0 or "val_miou" in record or step == stop:
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
                 if step % cfg.val_every == 0 or step == stop:
-                    _save(last, model, opt, sched, step, best, cfg, class_set.classes)
+                    _save(last, model, opt, sched, step, best, cfg, class_set.classes, arch)
             progress.update(task, advance=1)
     if info.world > 1:
         dist.barrier()

@@ -1,0 +1,90 @@
+"""``train-seg`` checkpoints: self-contained, versioned, and checked when read.
+
+A checkpoint holds every weight of the segmenter (the frozen CLIP encoder included) and the
+architecture needed to rebuild it, so ``clipes segment`` needs no CLIP file, download or path
+recorded at training time. Format 1 (clipes before the version field) is still read; it rebuilds a
+CLIP encoder's layout from the training-time CLIP spec, as that clipes did.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ClipesError
+from ..output import atomic_write
+
+__all__ = ["FORMAT", "VERSION", "CheckpointError", "read_checkpoint", "rebuild_vision", "vision_spec",
+           "write_checkpoint"]
+
+FORMAT = "clipes-segmenter"
+VERSION = 2
+
+
+class CheckpointError(ClipesError):
+    """A checkpoint cannot be read, is not a train-seg checkpoint, or has an unknown format."""
+
+
+def vision_spec(visual: nn.Module) -> dict[str, Any]:
+    """The layout of an open_clip ``VisionTransformer`` (what its weights do not say: the activation)."""
+    from open_clip.transformer import QuickGELU
+
+    blocks = visual.transformer.resblocks
+    width = int(visual.conv1.out_channels)
+    heads = int(blocks[0].attn.num_heads)
+    patch = int(visual.conv1.kernel_size[0])
+    grid = round((visual.positional_embedding.shape[0] - 1) ** 0.5)
+    return {"width": width, "layers": len(blocks), "head_width": width // heads,
+            "mlp_ratio": blocks[0].mlp.c_fc.out_features / width, "patch_size": patch, "image_size": grid * patch,
+            "output_dim": int(visual.proj.shape[1]) if getattr(visual, "proj", None) is not None else width,
+            "quick_gelu": isinstance(blocks[0].mlp.gelu, QuickGELU),
+            "layer_scale": not isinstance(blocks[0].ls_1, nn.Identity)}
+
+
+def rebuild_vision(spec: dict[str, Any]) -> nn.Module:
+    """An open_clip ``VisionTransformer`` of the layout ``vision_spec`` recorded (random weights)."""
+    import open_clip
+
+    cfg = open_clip.CLIPVisionCfg(layers=spec["layers"], width=spec["width"], head_width=spec["head_width"],
+                                  mlp_ratio=spec["mlp_ratio"], patch_size=spec["patch_size"],
+                                  image_size=spec["image_size"], ls_init_value=1.0 if spec["layer_scale"] else None)
+    return open_clip.model._build_vision_tower(spec["output_dim"], cfg, quick_gelu=spec["quick_gelu"])
+
+
+def write_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``state`` (model, optimizer, scheduler, step, best_miou, config, classes, arch) with the format
+    and version, written atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    atomic_write(path, buf.getvalue())
+
+
+_NEEDED = ("model", "config", "classes")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A train-seg checkpoint as a dict (``version`` filled in), or a one-line error saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # any failure to unpickle (empty, truncated, foreign file) is the same
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(f"{path}: cannot read checkpoint, the file is damaged or not a PyTorch "
+                              f"checkpoint ({why})") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in _NEEDED):
+        raise CheckpointError(f"{path}: not a clipes train-seg checkpoint")
+    fmt, version = ckpt.get("format", FORMAT), ckpt.get("version", 1)
+    if fmt != FORMAT or not isinstance(version, int):
+        raise CheckpointError(f"{path}: not a clipes train-seg checkpoint (format {fmt!r})")
+    if version > VERSION:
+        raise CheckpointError(f"{path}: written by a newer clipes (checkpoint format {version}; this clipes reads "
+                              f"up to {VERSION}); upgrade clipes")
+    if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path}: not a clipes train-seg checkpoint (no model weights or config)")
+    return {**ckpt, "version": version}

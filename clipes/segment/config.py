@@ -1,0 +1,197 @@
+"""The settings of a ``train-seg`` run: presets, a YAML file and flags, each value checked before any work.
+
+A value that cannot mean anything (``--steps 0``, ``--lr nan``, ``lr: fast`` in a config file) is a
+one-line error naming the flag or the file and key it came from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ClipesError
+from .models import SEGMENTERS
+
+__all__ = ["PRESETS", "ConfigError", "TrainConfig", "check_settings", "load_config"]
+
+
+class ConfigError(ClipesError):
+    """A training setting has the wrong type or a value that cannot mean anything."""
+
+
+# DeepLab (deeplab-pytorch's VOC config as CLIP-ES used it, ../shared/clipes-reference.md section 6): SGD
+# momentum 0.9, poly 0.9, lr 2e-4 (ImageNet initialisation), 10x lr on the head's weights and 20x on its
+# biases (no weight decay on those), wd 5e-4, batch 10 (5 x 2 accumulated), crop 321, 20k steps, scales
+# {0.5, 0.75, 1, 1.25, 1.5}, backbone BatchNorm frozen. AdamW for the ViT heads (Segmenter's recipe).
+PRESETS: dict[str, dict[str, Any]] = {
+    "deeplab": {"optimizer": "sgd", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, "crop": 321,
+                "batch_size": 10, "accumulate": 2, "steps": 20000, "head_lr_mult": 10.0, "head_bias_lr_mult": 20.0,
+                "head_bias_decay": False, "freeze_bn": True, "freeze_backbone": False,
+                "scales": [0.5, 0.75, 1.0, 1.25, 1.5]},
+    "vit": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "momentum": 0.9, "crop": 448,
+            "batch_size": 16, "accumulate": 1, "steps": 20000, "head_lr_mult": 1.0, "head_bias_lr_mult": 1.0,
+            "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; ``None`` fields take the model's preset."""
+
+    out: str = "clipes_seg"
+    images: str | None = None
+    masks: str | None = None
+    val_images: str | None = None
+    val_masks: str | None = None
+    confidence: str | None = None
+    dataset: str | None = None
+    root: str | None = None
+    split: str = "train"
+    val_split: str = "val"
+    classes: str = "voc"
+    model: str = "clip-linear"
+    clip_model: str | None = None
+    freeze_backbone: bool | None = None
+    freeze_bn: bool | None = None
+    backbone_weights: str | None = None
+    optimizer: str | None = None
+    lr: float | None = None
+    head_lr_mult: float | None = None
+    head_bias_lr_mult: float | None = None
+    head_bias_decay: bool | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    poly_power: float = 0.9
+    steps: int | None = None
+    batch_size: int | None = None
+    accumulate: int | None = None
+    crop: int | None = None
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    scales: list[float] | None = None
+    bf16: bool = False
+    seed: int = 0
+    val_every: int = 500
+    log_every: int = 10
+    workers: int = 2
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+    stop_at: int | None = None
+
+    def resolved(self) -> TrainConfig:
+        """A checked copy with the preset filled in where a field is None."""
+        if self.model not in SEGMENTERS:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(SEGMENTERS)}")
+        preset = PRESETS[SEGMENTERS[self.model].preset]
+        cfg = TrainConfig(**{f.name: preset.get(f.name) if getattr(self, f.name) is None and f.name in preset
+                             else getattr(self, f.name) for f in fields(self)})
+        check_settings(vars(cfg), lambda key: f"{key} (preset or default)")
+        _check_together(cfg)
+        return cfg
+
+
+def _positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return math.isfinite(v) and v >= 0
+
+
+# field -> (type, test, what a valid value is)
+_NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "lr": (float, _positive, "a positive number"),
+    "head_lr_mult": (float, _positive, "a positive number"),
+    "head_bias_lr_mult": (float, _positive, "a positive number"),
+    "weight_decay": (float, _non_negative, "a number >= 0"),
+    "momentum": (float, lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "poly_power": (float, _non_negative, "a number >= 0"),
+    "scale_min": (float, _positive, "a positive number"),
+    "scale_max": (float, _positive, "a positive number"),
+    "steps": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "batch_size": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "accumulate": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "crop": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "seed": (int, lambda v: v >= 0, "a whole number >= 0"),
+    "val_every": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "log_every": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "workers": (int, lambda v: v >= 0, "a whole number >= 0"),
+    "stop_at": (int, lambda v: v >= 1, "a whole number >= 1"),
+}
+_FLAGS = ("freeze_backbone", "freeze_bn", "head_bias_decay", "bf16", "resume", "overwrite")
+_CHOICES = {"optimizer": ("sgd", "adamw")}
+
+
+def _check_value(key: str, value: Any, name: str) -> None:
+    if value is None:
+        return
+    if key in _NUMBERS:
+        kind, test, what = _NUMBERS[key]
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok_type = ok_type and float(value).is_integer() if isinstance(value, float) else ok_type
+        if not ok_type or not test(kind(value)):
+            raise ConfigError(f"{name}: {value!r} is not {what}")
+    elif key == "scales":
+        if not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and _positive(float(s)) for s in value):
+            raise ConfigError(f"{name}: {value!r} is not a list of positive numbers")
+    elif key in _FLAGS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: {value!r} is not true or false")
+    elif key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ConfigError(f"{name}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+    elif not isinstance(value, str):
+        raise ConfigError(f"{name}: {value!r} is not a string")
+
+
+def check_settings(data: dict[str, Any], name: Callable[[str], str]) -> None:
+    """Each value's type and range; ``name(key)`` says where a value came from in the message."""
+    for key, value in data.items():
+        _check_value(key, value, name(key))
+
+
+def _check_together(cfg: TrainConfig) -> None:
+    """Settings that are valid alone but not together."""
+    if cfg.scale_min > cfg.scale_max:
+        raise ConfigError(f"scale_min {cfg.scale_min} is larger than scale_max {cfg.scale_max}")
+    if cfg.batch_size % cfg.accumulate:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --accumulate {cfg.accumulate}")
+    stride = SEGMENTERS[cfg.model].stride
+    if cfg.crop < stride:
+        raise ConfigError(f"--crop {cfg.crop} is smaller than the model's stride {stride}")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; give one")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """A YAML file's settings, overridden by the flags given on the command line (non-None); every
+    value checked and named by where it came from (the flag, or the file and key)."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot read config ({' '.join(str(e).split())})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(str(k) for k in set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        check_settings(data, lambda key: f"{path}: {key}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    check_settings(given, _flag)
+    data.update(given)
+    return TrainConfig(**data).resolved()
