@@ -58,23 +58,25 @@ def _read_coco(data: dict, class_set: ClassSet, path: Path) -> dict[str, list[in
 
 
 def _coco_labels(data: dict, class_set: ClassSet, path: Path) -> dict[str, list[int]]:
+    """Each image's classes in ascending class order, as the authors' one-hot label lists give them.
+
+    Crowd annotations make no label: the WSSS label lists CLIP-ES uses come from the non-crowd ones.
+    """
     cats = {c["id"]: c["name"] for c in data.get("categories", [])}
     images = {im["id"]: image_key(im["file_name"]) for im in data["images"]}
     try:
         cat_to_class = {cid: class_set.index(name) for cid, name in cats.items()}
     except ClassSetError as e:
         raise LabelsError(f"{path}: COCO category not in class set {class_set.name!r}: {e}") from None
-    out: dict[str, list[int]] = {stem: [] for stem in images.values()}
-    for ann in sorted(data["annotations"], key=lambda a: a.get("id", 0)):
+    found: dict[str, set[int]] = {stem: set() for stem in images.values()}
+    for ann in data["annotations"]:
         if ann["image_id"] not in images:
             raise LabelsError(f"{path}: annotation {ann.get('id')} refers to unknown image {ann['image_id']}")
         if ann["category_id"] not in cat_to_class:
             raise LabelsError(f"{path}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
-        labs = out[images[ann["image_id"]]]
-        c = cat_to_class[ann["category_id"]]
-        if c not in labs:
-            labs.append(c)
-    return out
+        if not ann.get("iscrowd", 0):
+            found[images[ann["image_id"]]].add(cat_to_class[ann["category_id"]])
+    return {stem: sorted(classes) for stem, classes in found.items()}
 
 
 def _read_text(path: Path, class_set: ClassSet) -> dict[str, list[int]]:
@@ -97,7 +99,10 @@ def _read_text(path: Path, class_set: ClassSet) -> dict[str, list[int]]:
 
 
 def read_voc_xml(files: list[Path], class_set: ClassSet) -> dict[str, list[int]]:
-    """VOC ``Annotations/*.xml``: every ``<object><name>``, difficult ones included; key = file stem."""
+    """VOC ``Annotations/*.xml``: every ``<object><name>``, difficult ones included; key = file stem.
+
+    Classes come in ascending class order, as in the authors' one-hot label lists.
+    """
     out = {}
     for f in files:
         try:
@@ -105,7 +110,7 @@ def read_voc_xml(files: list[Path], class_set: ClassSet) -> dict[str, list[int]]
         except ET.ParseError as e:
             raise LabelsError(f"{f}: invalid XML ({e})") from None
         names = [(o.findtext("name") or "").strip() for o in root.iter("object")]
-        out[f.stem] = _indices(names, class_set, str(f))
+        out[f.stem] = sorted(_indices(names, class_set, str(f)))
     return out
 
 

@@ -36,7 +36,9 @@ def test_voc_annotations_folder(tmp_path):
         f"<annotation><filename>2007_000001.jpg</filename>{obj.format('dog', 0)}{obj.format('person', 1)}"
         f"{obj.format('dog', 0)}</annotation>")
     (ann / "2007_000002.xml").write_text(f"<annotation>{obj.format('tvmonitor', 0)}</annotation>")
-    assert read_labels(ann, VOC) == {"2007_000001": [11, 14], "2007_000002": [19]}
+    # ascending class order, as the authors' one-hot lists: person (14) before dog (11) in the file
+    (ann / "2007_000003.xml").write_text(f"<annotation>{obj.format('person', 0)}{obj.format('dog', 0)}</annotation>")
+    assert read_labels(ann, VOC) == {"2007_000001": [11, 14], "2007_000002": [19], "2007_000003": [11, 14]}
 
 
 def test_coco_instances_json(tmp_path):
@@ -46,9 +48,17 @@ def test_coco_instances_json(tmp_path):
         "categories": [{"id": 1, "name": "person"}, {"id": 64, "name": "potted plant"},
                        {"id": 90, "name": "toothbrush"}],
         "annotations": [{"id": 3, "image_id": 1, "category_id": 64}, {"id": 4, "image_id": 1, "category_id": 1},
-                        {"id": 5, "image_id": 1, "category_id": 64}],
+                        {"id": 5, "image_id": 1, "category_id": 64},
+                        {"id": 6, "image_id": 2, "category_id": 90, "iscrowd": 1}],
     }))
-    assert read_labels(f, COCO) == {"COCO_val2014_000000000001": [58, 0], "b": []}
+    # ascending class id (not the order of the annotations); a crowd region makes no label
+    assert read_labels(f, COCO) == {"COCO_val2014_000000000001": [0, 58], "b": []}
+
+
+def test_user_label_files_keep_their_order(tmp_path):
+    f = tmp_path / "labels.json"
+    f.write_text(json.dumps({"a": ["person", "dog"]}))
+    assert read_labels(f, VOC) == {"a": [14, 11]}
 
 
 def test_unknown_class_names_file_and_line(tmp_path):
