@@ -90,10 +90,10 @@ def imagenet_templates() -> list[str]:
     return parse_templates(text, TEMPLATES_FILE)
 
 
-def candidate_templates(class_set: ClassSet, extra: Sequence[str] = ()) -> list[str]:
-    """The ImageNet templates, then the class set's own (e.g. CLIP-ES's ``a clean origami {}.``), then
-    the user's; each once, first appearance kept."""
-    return list(dict.fromkeys([*imagenet_templates(), *class_set.templates, *extra]))
+def candidate_templates(class_set: ClassSet, extra: Sequence[str] = (), imagenet: bool = True) -> list[str]:
+    """CLIP's ImageNet templates (unless ``imagenet`` is False), then the class set's own (CLIP-ES's
+    ``a clean origami {}.`` for voc and coco), then the user's; each once, first appearance kept."""
+    return list(dict.fromkeys([*(imagenet_templates() if imagenet else ()), *class_set.templates, *extra]))
 
 
 @torch.no_grad()

@@ -113,6 +113,8 @@ def rank_command(
     templates: Annotated[Path | None, typer.Option(
         help="Your own candidate templates, one per line, each with one '{}' for the class name; added to "
              "CLIP's 80 ImageNet templates and the class set's own.")] = None,
+    imagenet: Annotated[bool, typer.Option(
+        "--imagenet/--no-imagenet", help="Include CLIP's 80 ImageNet templates among the candidates.")] = True,
     model: Annotated[str | None, typer.Option(
         envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
                                "\\[default: ViT-B-16/openai].")] = None,
@@ -121,7 +123,7 @@ def rank_command(
         help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU.")] = "auto",
     workers: Annotated[int | None, typer.Option(
         help="DataLoader processes decoding images \\[default: up to 8 per GPU, 1 on the CPU].",
-        show_default=False)] = None,
+        show_default=False, min=0)] = None,
     max_side: Annotated[int, typer.Option(
         help="Larger images are scaled down to this longer side for the network, as in clipes label; 0 disables.")
     ] = 1024,
@@ -142,9 +144,9 @@ def rank_command(
              "templates are also scored by pseudo-mask mIoU.")] = None,
     validate: Annotated[int | None, typer.Option(
         help="How many of the best templates to label and score against the ground truth \\[default: 3 with "
-             "--gt; with --dataset, only when given].", show_default=False)] = None,
+             "--gt; with --dataset, only when given].", show_default=False, min=0)] = None,
     show: Annotated[int, typer.Option(help="Rows of the printed table (the class set's template is always "
-                                           "shown); 0 shows all.")] = 20,
+                                           "shown); 0 shows all.", min=0)] = 20,
 ) -> None:
     """Rank prompt templates by CLIP-ES's sharpness on your multi-label images (lower is better)."""
     console = Console(stderr=True)
@@ -153,25 +155,22 @@ def rank_command(
         raise typer.Exit(2)
     with reported_errors(console):
         ranked = _rank(console, images=images, labels=labels, classes=classes, templates=templates,
-                                  model=model, device=device, batch_size=batch_size, workers=workers,
-                                  max_side=max_side or None, exif=not ignore_exif, dataset=dataset, root=root,
-                                  split=split, out=out, write_class_set=write_class_set, gt=gt, validate=validate,
-                                  show=show)
+                       imagenet=imagenet, model=model, device=device, batch_size=batch_size, workers=workers,
+                       max_side=max_side or None, exif=not ignore_exif, dataset=dataset, root=root, split=split,
+                       out=out, write_class_set=write_class_set, gt=gt, validate=validate, show=show)
     console.print(f"best: {escape(repr(ranked[0].template))} (sharpness {ranked[0].sharpness:.6g}) -> "
                   f"{escape(str(out))}" + (f", {escape(str(write_class_set))}" if write_class_set else ""),
                   highlight=False)
 
 
-def _rank(console: Console, *, images, labels, classes, templates, model, device, batch_size, workers, max_side,
-          exif, dataset, root, split, out, write_class_set, gt, validate, show) -> list[TemplateScore]:
+def _rank(console: Console, *, images, labels, classes, templates, imagenet, model, device, batch_size, workers,
+          max_side, exif, dataset, root, split, out, write_class_set, gt, validate, show) -> list[TemplateScore]:
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
-    candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else ())
+    candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)
     _check_output(out, inp.root, "--out", (".json",))
     if write_class_set is not None:
         _check_output(write_class_set, inp.root, "--write-class-set", (".yaml", ".yml"))
     n_validate = validate if validate is not None else (3 if gt is not None else 0)
-    if n_validate < 0:
-        raise ClipesError(f"--validate {n_validate}: give a number of templates, 1 or more")
     if validate is not None and inp.gt is None:
         raise ClipesError("--validate needs ground truth: --gt MASKS (label PNGs or a COCO instances JSON)")
     truth = open_ground_truth(inp.gt, inp.class_set) if n_validate else None
