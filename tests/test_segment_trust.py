@@ -1,0 +1,247 @@
+"""train-seg and segment under hostile input: every mistake a one-line error (exit 2), no silent mix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipes.cli import app
+from clipes.segment.checkpoint import VERSION
+from clipes.segment.train import load_checkpoint
+
+from .conftest import make_tiny_openclip
+from .synthetic import make_dataset
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("seg"), n_train=8, n_val=3, size=32)
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-seg", "--images", str(data / "images"), "--masks", str(data / "noisy"), "--classes",
+            str(data / "classes.txt"), "--model", "tiny", "--steps", "2", "--batch-size", "4", "--crop", "32",
+            "--workers", "0", "--device", "cpu", "--val-every", "100", "--out", str(out), *extra]
+
+
+def _fails(res, *words: str) -> str:
+    """The command ended with one clear message (exit 2, no traceback) containing ``words``; a progress bar
+    may precede it."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and "\nerror:" in "\n" + res.output, res.output
+    said = " ".join(res.output[res.output.rindex("error:"):].split())
+    for w in words:
+        assert w in said, said
+    return said
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "seg"
+    res = runner.invoke(app, _args(data, out))
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--steps", "0"), ("--batch-size", "0"), ("--crop", "0"),
+                                             ("--steps", "-3"), ("--lr", "0"), ("--lr", "-1"), ("--lr", "nan"),
+                                             ("--lr", "inf"), ("--weight-decay", "nan"), ("--workers", "-1"),
+                                             ("--val-every", "0"), ("--accumulate", "0"), ("--stop-at", "0")])
+def test_meaningless_numbers_are_refused_naming_the_flag(data, tmp_path, flag, value):
+    args = [a for a in _args(data, tmp_path / "o") if a]
+    if flag in args:
+        i = args.index(flag)
+        args[i + 1] = value
+    else:
+        args += [flag, value]
+    _fails(runner.invoke(app, args), flag, value)
+    assert not (tmp_path / "o").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(("text", "words"), [("lr: fast\n", ["lr", "'fast'"]), ("steps: 0\n", ["steps"]),
+                                             ("crop: 1.5\n", ["crop"]), ("bf16: maybe\n", ["bf16"]),
+                                             ("scales: [0.5, 0]\n", ["scales"]), ("- lr\n", ["mapping"])])
+def test_config_file_values_are_checked_naming_file_and_key(data, tmp_path, text, words):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    _fails(runner.invoke(app, [*_args(data, tmp_path / "o"), "--config", str(cfg)]), str(cfg), *words)
+
+
+@pytest.mark.parametrize("scales", ["0", "-1", "nan", "1,x", ""])
+def test_segment_scales_are_checked(run, data, tmp_path, scales):
+    res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(run / "last.pt"), "--out",
+                              str(tmp_path / "p"), "--scales", scales, "--device", "cpu"])
+    _fails(res, "--scales")
+
+
+def test_train_seg_refuses_an_existing_run_unless_resume_or_overwrite(data, run, tmp_path):
+    out = tmp_path / "seg"
+    shutil.copytree(run, out)
+    best_before = (out / "last.pt").read_bytes()
+    _fails(runner.invoke(app, _args(data, out)), "already holds a training run", "--resume", "--overwrite")
+    assert (out / "last.pt").read_bytes() == best_before
+    res = runner.invoke(app, _args(data, out, "--overwrite", "--seed", "1"))
+    assert res.exit_code == 0, res.output
+    log = (out / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [2]  # a new log, not appended to the old one
+    assert load_checkpoint(out / "last.pt")["config"]["seed"] == 1
+
+
+def test_resume_without_a_checkpoint_is_an_error(data, tmp_path):
+    _fails(runner.invoke(app, _args(data, tmp_path / "new", "--resume")), "--resume", "last.pt", "not found")
+
+
+def test_resume_with_another_class_set_is_an_error(data, run, tmp_path):
+    out = tmp_path / "seg"
+    shutil.copytree(run, out)
+    other = tmp_path / "classes.txt"
+    other.write_text("disc\nsquare\ntriangle\n")
+    args = _args(data, out, "--resume")
+    args[args.index("--classes") + 1] = str(other)
+    args[args.index("--steps") + 1] = "4"
+    _fails(runner.invoke(app, args), "--resume", "another class set")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\x00\x01", b"PK\x03\x04truncated"])
+def test_garbage_checkpoints_are_clear_errors(data, run, tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(bad), "--out",
+                              str(tmp_path / "p"), "--device", "cpu"])
+    assert "Aborted" not in res.output
+    _fails(res, str(bad), "cannot read checkpoint")
+    out = tmp_path / "seg"
+    shutil.copytree(run, out)
+    (out / "last.pt").write_bytes(content)
+    args = _args(data, out, "--resume")
+    args[args.index("--steps") + 1] = "4"
+    _fails(runner.invoke(app, args), "last.pt", "cannot read checkpoint")
+
+
+def test_checkpoint_format_versions(data, run, tmp_path):
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["version"] == VERSION and ckpt["arch"]["model"] == "tiny"
+    newer = tmp_path / "newer.pt"
+    torch.save({**ckpt, "version": VERSION + 1}, newer)
+    res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(newer), "--out",
+                              str(tmp_path / "p"), "--device", "cpu"])
+    _fails(res, str(newer), "newer clipes", f"format {VERSION + 1}")
+    older = tmp_path / "older.pt"  # format 1: clipes before the version field
+    torch.save({k: v for k, v in ckpt.items() if k not in ("format", "version", "arch")}, older)
+    res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(older), "--out",
+                              str(tmp_path / "p1"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(tmp_path / "foreign.pt"),
+                              "--out", str(tmp_path / "p2"), "--device", "cpu"])
+    _fails(res, "not a clipes train-seg checkpoint")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_mask_values_above_the_class_count_name_the_mask(data, tmp_path, workers):
+    masks = tmp_path / "masks"
+    shutil.copytree(data / "noisy", masks)
+    bad = np.asarray(Image.open(masks / "003.png")).copy()
+    bad[0, 0] = 7
+    Image.fromarray(bad).save(masks / "003.png")
+    args = _args(data, tmp_path / "o", "--steps", "4")
+    args[args.index("--masks") + 1] = str(masks)
+    args[args.index("--workers") + 1] = workers
+    said = _fails(runner.invoke(app, args), str(masks / "003.png"), "7", "2-class set")
+    assert "worker" not in said  # a DataLoader worker's error comes out as its own line
+    assert said.count("error:") == 1 and len(said) < 300
+
+
+def _tiny_clip_file(path: Path) -> Path:
+    torch.save(make_tiny_openclip(seed=3, image=32).state_dict(), path)
+    return path
+
+
+def test_a_checkpoint_is_self_contained(data, tmp_path, monkeypatch):
+    """segment needs neither the CLIP file of training nor the folder it was run from."""
+    clip = _tiny_clip_file(tmp_path / "clip.pt")
+    monkeypatch.chdir(tmp_path)
+    args = _args(data, Path("seg"), "--clip-model", "clip.pt")
+    args[args.index("--model") + 1] = "clip-linear"
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load("seg/last.pt", weights_only=True)
+    assert ckpt["arch"]["clip_vision"]["width"] == 64 and ckpt["arch"]["clip_vision"]["quick_gelu"]
+    first = tmp_path / "pred1"
+    res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", "seg/last.pt", "--out",
+                              str(first), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    clip.unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("CLIPES_MODEL", "/nonexistent/clip.pt")
+    second = tmp_path / "pred2"
+    res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(tmp_path / "seg" / "last.pt"),
+                              "--out", str(second), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for png in sorted(first.glob("*.png")):
+        np.testing.assert_array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(second / png.name)))
+    assert len(list(second.glob("*.png"))) == 3
+
+
+def _segment(data: Path, images: Path, ckpt: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["segment", str(images), "--checkpoint", str(ckpt), "--out", str(out), "--device",
+                               "cpu", *extra])
+
+
+def test_segment_refuses_a_folder_made_with_another_checkpoint_or_settings(data, run, tmp_path):
+    out = tmp_path / "pred"
+    assert _segment(data, data / "val_images", run / "last.pt", out).exit_code == 0
+    other = tmp_path / "other"
+    res = runner.invoke(app, _args(data, other, "--seed", "5"))
+    assert res.exit_code == 0, res.output
+    _fails(_segment(data, data / "val_images", other / "last.pt", out), "other settings", "checkpoint", "--overwrite")
+    _fails(_segment(data, data / "val_images", run / "last.pt", out, "--flip"), "other settings", "flip")
+    copy = tmp_path / "copy.pt"  # the same checkpoint elsewhere is the same model
+    shutil.copy(run / "last.pt", copy)
+    res = _segment(data, data / "val_images", copy, out)
+    assert res.exit_code == 0 and "0 image(s), 3 already done" in " ".join(res.output.split()), res.output
+    res = _segment(data, data / "val_images", other / "last.pt", out, "--overwrite")
+    assert res.exit_code == 0 and "segmented 3 image(s)" in " ".join(res.output.split()), res.output
+
+
+def test_segment_redoes_changed_inputs_and_overwrite_removes_stale_predictions(data, run, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(data / "val_images", images)
+    out = tmp_path / "pred"
+    assert _segment(data, images, run / "last.pt", out).exit_code == 0
+    # replace one image in place by another picture of the same name
+    shutil.copy(data / "images" / "005.png", images / "001.png")
+    os.utime(images / "001.png", ns=(1, 1))
+    res = _segment(data, images, run / "last.pt", out)
+    assert res.exit_code == 0 and "segmented 1 image(s), 2 already done" in " ".join(res.output.split()), res.output
+    expected = tmp_path / "expected"
+    assert _segment(data, data / "images", run / "last.pt", expected).exit_code == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "001.png")), np.asarray(Image.open(expected / "005.png")))
+    (images / "002.png").unlink()
+    assert _segment(data, images, run / "last.pt", out, "--overwrite").exit_code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png"]
+
+
+def test_help_texts_render_fully():
+    wide = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    train = " ".join(runner.invoke(app, ["train-seg", "--help"], env=wide).output.split())
+    for words in ("Training split [train]", "Validation split [val]", "Class set: voc, coco or a file [voc]",
+                  "[clip-linear]", "Weight decay [preset", "Random seed [0]", "DataLoader processes [2]",
+                  "auto, cpu or cuda [auto]"):
+        assert words in train, words
+    seg = runner.invoke(app, ["segment", "--help"], env=wide).output
+    for flag in ("--flip", "--overwrite", "--resume"):
+        assert f"{flag} <bool>" not in " ".join(seg.split()) and f"{flag} <bool>" not in train
+    assert "--flip" in seg
