@@ -114,33 +114,38 @@ def project_tokens(visual: nn.Module, x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def attention_vote(maps: list[Tensor], avg_blocks: slice = AVG_BLOCKS, vote_min: int = VOTE_MIN) -> Tensor:
-    """(B, N, N) mean of ``maps[avg_blocks]``, zeroed where fewer than ``vote_min`` maps exceed their mean."""
-    votes = torch.zeros_like(maps[0], dtype=torch.int16)
-    for a in maps:
-        tau = a.reshape(a.shape[0], -1).mean(dim=-1).view(-1, 1, 1)
-        votes += a > tau
-    return torch.stack(maps[avg_blocks]).mean(dim=0) * (votes >= vote_min).float()
+def attention_vote(maps: list[Tensor], votes: Tensor, vote_min: int = VOTE_MIN) -> Tensor:
+    """(B, N, N) mean of ``maps``, zeroed where fewer than ``vote_min`` blocks attend above their mean.
+
+    ``votes`` counts, per entry, the blocks (all of them) whose map exceeds that map's mean.
+    """
+    return torch.stack(maps).mean(dim=0) * (votes >= vote_min).float()
 
 
-def encode_voted(visual: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+def encode_voted(visual: nn.Module, images: Tensor, avg_blocks: slice = AVG_BLOCKS) -> tuple[Tensor, Tensor]:
     """One pass over all tokens: (B, 1 + N, E) unit features and the (B, N, N) voted attention.
 
     Blocks run as CLIP's, except the last, whose tokens attend only to themselves (additive -100
-    off the diagonal); every block's head-averaged attention before any mask, CLS dropped, votes.
+    off the diagonal). Every block's head-averaged attention before any mask, CLS dropped, votes
+    as it comes; only the ``avg_blocks`` maps are kept for the average.
     """
     x = embed_rounded(visual, images)
     blocks = visual.transformer.resblocks
     length = x.shape[1]
     self_mask = torch.full((length, length), SELF_MASK, device=x.device).fill_diagonal_(0.0)
-    maps = []
+    averaged = set(range(len(blocks))[avg_blocks])
+    votes = torch.zeros((x.shape[0], length - 1, length - 1), dtype=torch.int16, device=x.device)
+    kept = []
     for i, block in enumerate(blocks):
         if i < len(blocks) - 1:
             x, w = block_forward(block, x, need_weights=True)
         else:
             x, w = masked_block(block, x, self_mask, need_weights=True)
-        maps.append(w[:, 1:, 1:].float())
-    return project_tokens(visual, x), attention_vote(maps)
+        a = w[:, 1:, 1:].float()
+        votes += a > a.reshape(a.shape[0], -1).mean(dim=-1).view(-1, 1, 1)
+        if i in averaged:
+            kept.append(a)
+    return project_tokens(visual, x), attention_vote(kept, votes)
 
 
 def component_box_mask(binary: Tensor) -> tuple[Tensor, Tensor]:
