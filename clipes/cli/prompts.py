@@ -125,8 +125,8 @@ def rank_command(
         help="DataLoader processes decoding images \\[default: up to 8 per GPU, 1 on the CPU].",
         show_default=False, min=0)] = None,
     max_side: Annotated[int, typer.Option(
-        help="Larger images are scaled down to this longer side for the network, as in clipes label; 0 disables.")
-    ] = 1024,
+        help="Larger images are scaled down to this longer side for the network, as in clipes label; 0 disables.",
+        min=0)] = 1024,
     ignore_exif: Annotated[bool, typer.Option(
         "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation.")] = False,
     dataset: Annotated[str | None, typer.Option(
@@ -218,9 +218,15 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
                 r.miou, r.miou_images = miou, count
 
     console.print(_table(ranked, inp.class_set.templates, show, truth is not None))
+    if truth is not None:
+        console.print(f"mIoU: pseudo masks of the best {min(n_validate, len(ranked))} template(s) on "
+                      f"{ranked[0].miou_images} image(s) with ground truth in {escape(str(inp.gt))}", highlight=False)
     console.print(f"{len(emb.stems)} image(s) with two or more labels embedded in {embed_s:.2f}s; "
                   f"{len(candidates)} templates scored in {score_s:.2f}s "
                   f"({1000 * score_s / len(candidates):.1f} ms a template) on {dev}", highlight=False)
+    if len(inp.items) > len(labelled):
+        console.print(f"{len(inp.items) - len(labelled)} image(s) have no entry in the labels and are not used",
+                      highlight=False)
     if len(labelled) > len(multi):
         console.print(f"{len(labelled) - len(multi)} labelled image(s) with fewer than two labels do not count "
                       "towards sharpness", highlight=False)
