@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ClipesError
-from .labels import read_labels, read_voc_xml
+from .jsonfile import read_json
+from .labels import image_key, read_labels, read_voc_xml
 from .prompts import ClassSet, load_class_set
 
 __all__ = ["CocoGroundTruth", "DatasetError", "DatasetSplit", "coco_split", "load_split", "voc_split"]
@@ -83,7 +84,8 @@ def coco_split(root: str | Path, split: str) -> DatasetSplit:
     class_set = load_class_set("coco")
     labels = read_labels(ann, class_set)
     data = json.loads(ann.read_text())
-    items = [(Path(im["file_name"]).stem, images / im["file_name"]) for im in data["images"]]
+    # keyed as the labels are: the file name relative to the image folder, sub-folders included
+    items = [(image_key(im["file_name"]), images / im["file_name"]) for im in data["images"]]
     missing = [p for _, p in items if not p.is_file()]
     if missing:
         raise DatasetError(f"{images}: {len(missing)} image(s) listed in {ann.name} are missing, "
@@ -99,6 +101,34 @@ def load_split(name: str, root: str | Path, split: str) -> DatasetSplit:
     raise DatasetError(f"--dataset {name!r}: choose voc or coco")
 
 
+_COCO_FIELDS = {"images": ("id", "file_name", "height", "width"), "categories": ("id", "name"),
+                "annotations": ("image_id", "category_id", "segmentation")}
+
+
+def _checked_instances(path: Path) -> dict:
+    """A COCO instances JSON with the lists and fields ground truth needs, or a ClipesError naming the file."""
+    data = read_json(path, "COCO instances JSON")
+    for key, fields in _COCO_FIELDS.items():
+        entries = data.get(key)
+        if not isinstance(entries, list):
+            raise ClipesError(f"{path}: no {key!r} list; is this a COCO instances JSON?")
+        for i, entry in enumerate(entries):
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                raise ClipesError(f"{path}: {key}[{i}] has no {missing[0]!r}")
+    for i, im in enumerate(data["images"]):
+        if not all(isinstance(im[f], int) and not isinstance(im[f], bool) and im[f] > 0 for f in ("height", "width")):
+            raise ClipesError(f"{path}: images[{i}] needs a positive integer 'height' and 'width'")
+    images = {im["id"] for im in data["images"]}
+    categories = {c["id"] for c in data["categories"]}
+    for i, ann in enumerate(data["annotations"]):
+        if ann["category_id"] not in categories:
+            raise ClipesError(f"{path}: annotations[{i}] has category_id {ann['category_id']}, not in 'categories'")
+        if ann["image_id"] not in images:
+            raise ClipesError(f"{path}: annotations[{i}] has image_id {ann['image_id']}, not in 'images'")
+    return data
+
+
 class CocoGroundTruth:
     """Semantic ground truth rasterised from COCO instances (pycocotools): 0 background, c + 1 class c.
 
@@ -111,14 +141,26 @@ class CocoGroundTruth:
             from pycocotools.coco import COCO
         except ImportError as e:
             raise ClipesError("COCO ground truth needs pycocotools: pip install 'clipes[coco]'") from e
+        self.path = Path(instances_json)
+        data = _checked_instances(self.path)
         with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(instances_json))
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
         self.class_set = class_set or load_class_set("coco")
-        self.cat_to_value = {c["id"]: self.class_set.index(c["name"]) + 1 for c in self.coco.dataset["categories"]}
-        self.by_stem = {Path(im["file_name"]).stem: im["id"] for im in self.coco.dataset["images"]}
+        try:
+            self.cat_to_value = {c["id"]: self.class_set.index(str(c["name"])) + 1
+                                 for c in self.coco.dataset["categories"]}
+        except ClipesError as e:
+            raise ClipesError(f"{self.path}: {e}") from None
+        self.by_stem = {image_key(im["file_name"]): im["id"] for im in self.coco.dataset["images"]}
 
     def __contains__(self, stem: str) -> bool:
         return stem in self.by_stem
+
+    def where(self, stem: str) -> str:
+        """The image's entry in the instances JSON, for messages."""
+        return f"{self.path} (image {self.coco.imgs[self.by_stem[stem]]['file_name']})"
 
     def stems(self) -> list[str]:
         return sorted(self.by_stem)
@@ -131,7 +173,11 @@ class CocoGroundTruth:
         crowd = np.zeros_like(out, dtype=bool)
         covered = np.zeros_like(out, dtype=bool)
         for ann in sorted(anns, key=lambda a: -a.get("area", 0)):
-            m = self.coco.annToMask(ann).astype(bool)
+            try:
+                m = self.coco.annToMask(ann).astype(bool)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+                raise ClipesError(f"{self.where(stem)}: annotation {ann.get('id')} has an unreadable "
+                                  f"segmentation ({type(e).__name__}: {e})") from None
             if ann.get("iscrowd", 0):
                 crowd |= m
             else:

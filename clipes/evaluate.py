@@ -14,8 +14,8 @@ from .errors import ClipesError
 from .masks import IGNORE, voc_palette
 from .prompts import ClassSet
 
-__all__ = ["Evaluation", "FolderGroundTruth", "Scores", "bar_chart", "confusion", "evaluate", "open_ground_truth",
-           "read_label_png", "scores"]
+__all__ = ["Evaluation", "FolderGroundTruth", "Scores", "bar_chart", "check_pair", "confusion", "evaluate",
+           "open_ground_truth", "read_label_png", "scores"]
 
 
 def confusion(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
@@ -112,16 +112,47 @@ class FolderGroundTruth:
     def mask(self, stem: str) -> np.ndarray:
         return read_label_png(self.paths[stem])
 
+    def where(self, stem: str) -> str:
+        """The file holding ``stem``'s ground truth, for messages."""
+        return str(self.paths[stem])
+
 
 def read_label_png(path: Path) -> np.ndarray:
-    """A label map from a palette or single-channel PNG; a clear error for colour images."""
+    """A label map (uint8) from a palette or single-channel PNG; a clear error for colour images and for
+    16-bit or 32-bit values no 8-bit label map holds (casting would read 264 as class 8)."""
     try:
         with Image.open(path) as img:
-            if img.mode not in ("P", "L", "I", "I;16"):
+            if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
                 raise ClipesError(f"{path}: expected a palette or grayscale label PNG, got mode {img.mode}")
-            return np.asarray(img).astype(np.uint8)
+            arr = np.asarray(img)
     except OSError as e:
         raise ClipesError(f"{path}: cannot read label PNG ({e})") from e
+    if arr.dtype != np.uint8:
+        outside = arr[(arr < 0) | (arr > 255)]
+        if outside.size:
+            raise ClipesError(f"{path}: holds label value {int(outside.flat[0])}, outside 0-255 (classes 0-254, "
+                              "255 void); save it as an 8-bit palette or grayscale PNG of class indices")
+    return arr.astype(np.uint8)
+
+
+def _size(arr: np.ndarray) -> str:
+    return f"{arr.shape[1]}x{arr.shape[0]}"
+
+
+def check_pair(pred: np.ndarray, truth: np.ndarray, num_classes: int, pred_where: str, gt_where: str) -> None:
+    """A ClipesError naming the files when a prediction and its ground truth cannot be compared: sizes
+    differ (with a hint when they are the same size turned, as for EXIF-rotated photos), or the ground
+    truth holds a value that is neither a class of the set nor 255."""
+    if pred.shape != truth.shape:
+        hint = ("; the same size turned 90 degrees: the photo has an EXIF orientation its ground truth does "
+                "not follow, so label it with clipes label --ignore-exif" if pred.shape == truth.shape[::-1] else "")
+        raise ClipesError(f"prediction {pred_where} is {_size(pred)} but ground truth {gt_where} is "
+                          f"{_size(truth)}{hint}")
+    outside = truth[(truth != IGNORE) & (truth >= num_classes)]
+    if outside.size:
+        raise ClipesError(f"{gt_where}: ground-truth value {int(outside.max())} is not a class: the class set has "
+                          f"{num_classes} values (0 background to {num_classes - 1}) and 255 (void); "
+                          "is --classes right?")
 
 
 def open_ground_truth(spec: Path, class_set: ClassSet):
@@ -146,8 +177,12 @@ class Evaluation:
         return scores(self.hist)
 
 
-def evaluate(predict, gt, stems: list[str], num_classes: int, progress: Progress | None = None) -> Evaluation:
-    """Accumulate ``confusion(predict(stem), gt.mask(stem))``; ``predict`` returns None when absent."""
+def evaluate(predict, gt, stems: list[str], num_classes: int, progress: Progress | None = None,
+             pred_where=lambda stem: repr(stem)) -> Evaluation:
+    """Accumulate ``confusion(predict(stem), gt.mask(stem))``; ``predict`` returns None when absent.
+
+    ``pred_where(stem)`` names a prediction in the error for a pair that cannot be compared.
+    """
     hist = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
     per_image, missing = {}, []
     task = progress.add_task("evaluating", total=len(stems)) if progress else None
@@ -156,7 +191,9 @@ def evaluate(predict, gt, stems: list[str], num_classes: int, progress: Progress
         if pred is None:
             missing.append(stem)
         else:
-            h = confusion(pred, gt.mask(stem), num_classes)
+            truth = gt.mask(stem)
+            check_pair(pred, truth, num_classes, pred_where(stem), gt.where(stem))
+            h = confusion(pred, truth, num_classes)
             hist += h
             per_image[stem] = scores(h).miou
         if progress is not None:

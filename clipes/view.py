@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import html
-import json
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
 from rich.progress import Progress
 
 from .errors import ClipesError
-from .evaluate import confusion, scores
+from .evaluate import check_pair, confusion, read_label_png, scores
 from .images import ImageError, read_image
+from .jsonfile import read_json
 from .masks import overlay, voc_palette
 from .output import atomic_write, encode_image
 
@@ -74,59 +76,106 @@ table.querySelectorAll("th[data-type]").forEach((th, col) => th.addEventListener
 """
 
 
+def _records(path: Path) -> dict[str, dict]:
+    """``labels.json``: stem -> record; a clear error for a broken file or a stem that leaves the run folder."""
+    records = read_json(path, "run's labels")
+    for stem, rec in records.items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("labels", []), list):
+            raise ClipesError(f"{path}: entry {stem!r} is not a record with a 'labels' list")
+        if not stem or PurePosixPath(stem).is_absolute() or ".." in PurePosixPath(stem).parts:
+            raise ClipesError(f"{path}: entry {stem!r} is not a path inside the run")
+    return records
+
+
+def _palette_mask(mask: np.ndarray) -> Image.Image:
+    img = Image.fromarray(mask, "P")
+    img.putpalette(voc_palette().tobytes())
+    return img
+
+
 def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -> Path:
-    """Write ``run/view/index.html`` with thumbnails; rows sortable, worst IoU first when ``gt`` is given."""
+    """Write ``run/view/index.html`` with thumbnails; rows sortable, worst IoU first when ``gt`` is given.
+
+    Every image of ``labels.json`` with a mask gets a row; one whose photo is not where the manifest's
+    input folder says (moved, or labelled from another folder into the same run) shows its mask alone.
+    Thumbnails mirror the stems' folders (``photo/a/b.jpg``), so no two images share one.
+    """
+    if limit is not None and limit < 1:
+        raise ClipesError(f"--limit {limit}: give a number of images, at least 1")
     manifest_path, labels_path = run / "manifest.json", run / "labels.json"
     if not manifest_path.is_file() or not labels_path.is_file():
         raise ClipesError(f"{run} is not a clipes output folder (no manifest.json / labels.json)")
-    manifest = json.loads(manifest_path.read_text())
-    records = json.loads(labels_path.read_text())
-    source = Path(manifest.get("input", ""))
-    names = manifest.get("settings", {}).get("classes", {}).get("classes", [])
+    manifest = read_json(manifest_path, "run manifest")
+    records = _records(labels_path)
+    settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
+    source = Path(str(manifest.get("input", "")))
+    classes = settings.get("classes") if isinstance(settings.get("classes"), dict) else {}
+    names = [str(n) for n in classes.get("classes", [])] if isinstance(classes.get("classes"), list) else []
     palette = voc_palette()
     view = run / "view"
-    rows, ious = [], []
-    stems = sorted(records)[:limit] if limit else sorted(records)
+    rows, ious, no_photo = [], [], 0
+    stems = sorted(records)[:limit]
     with Progress(transient=True) as progress:
         for stem in progress.track(stems, description="building view"):
             rec = records[stem]
             mask_path = run / "masks" / f"{stem}.png"
-            image_path = source / rec["file"] if "file" in rec else None
-            if not mask_path.is_file() or image_path is None or not image_path.is_file():
+            if not mask_path.is_file():
                 continue
-            try:
-                image = np.asarray(read_image(image_path, manifest.get("settings", {}).get("exif_transpose", True))
-                                   .convert("RGB"))
-            except ImageError:
-                continue
-            mask = np.asarray(Image.open(mask_path))
+            mask = read_label_png(mask_path)
+            image, note = None, ""
+            image_path = source / str(rec["file"]) if "file" in rec else None
+            if image_path is None or not image_path.is_file():
+                note = f"photo not found ({image_path or 'no file recorded'})"
+            else:
+                try:
+                    image = np.asarray(read_image(image_path, settings.get("exif_transpose", True)).convert("RGB"))
+                except ImageError as e:
+                    note = f"photo unreadable ({e})"
+                if image is not None and image.shape[:2] != mask.shape:
+                    image, note = None, f"photo {image_path} is no longer the labelled one (another size)"
+            no_photo += image is None
             iou = float("nan")
             if gt is not None and stem in gt:
                 n = len(names) + 1
-                iou = scores(confusion(mask, gt.mask(stem), n)).miou
+                truth = gt.mask(stem)
+                check_pair(mask, truth, n, str(mask_path), gt.where(stem))
+                iou = scores(confusion(mask, truth, n)).miou
                 ious.append(iou)
-            safe = stem.replace("/", "__")
-            atomic_write(view / "img" / f"{safe}.jpg", _thumb(image, thumb))
-            atomic_write(view / "img" / f"{safe}.mask.jpg", _thumb(overlay(Image.fromarray(image), mask), thumb))
+            src = {kind: quote(f"{kind}/{stem}.jpg") for kind in ("photo", "mask")}
+            if image is not None:
+                atomic_write(view / "photo" / f"{stem}.jpg", _thumb(image, thumb))
+                atomic_write(view / "mask" / f"{stem}.jpg", _thumb(overlay(Image.fromarray(image), mask), thumb))
+                photo_html = f'<img src="{html.escape(src["photo"])}" alt="photo">'
+            else:
+                atomic_write(view / "mask" / f"{stem}.jpg", _thumb(_palette_mask(mask), thumb))
+                photo_html = f"<em>{html.escape(note)}</em>"
             cams_html = []
             cam_file = run / "cams" / f"{stem}.npz"
-            if cam_file.is_file():
-                with np.load(cam_file) as data:
-                    for j, (c, cam) in enumerate(zip(data["labels"], data["cam_refined"], strict=True)):
-                        atomic_write(view / "img" / f"{safe}.cam{j}.jpg", _thumb(heatmap(image, cam), thumb // 2))
-                        cams_html.append(f'<figure><img src="img/{html.escape(safe)}.cam{j}.jpg" alt="">'
-                                         f"<figcaption>{html.escape(names[int(c)] if names else str(c))}"
-                                         "</figcaption></figure>")
+            if cam_file.is_file() and image is not None:
+                try:
+                    with np.load(cam_file) as data:
+                        cams = list(zip(data["labels"], data["cam_refined"], strict=True))
+                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+                    raise ClipesError(f"{cam_file}: cannot read saved CAMs ({type(e).__name__}: {e})") from None
+                for j, (c, cam) in enumerate(cams):
+                    cam_src = quote(f"cam/{stem}.{j}.jpg")
+                    atomic_write(view / "cam" / f"{stem}.{j}.jpg", _thumb(heatmap(image, cam), thumb // 2))
+                    label = names[int(c)] if 0 <= int(c) < len(names) else str(c)
+                    cams_html.append(f'<figure><img src="{html.escape(cam_src)}" alt="">'
+                                     f"<figcaption>{html.escape(label)}</figcaption></figure>")
             swatches = " ".join(
                 f'<span class="swatch" style="background: rgb{tuple(int(x) for x in palette[names.index(lab) + 1])}">'
-                f"</span>{html.escape(lab)}" if lab in names else html.escape(lab) for lab in rec["labels"])
+                f"</span>{html.escape(lab)}" if lab in names else html.escape(str(lab))
+                for lab in rec.get("labels", []))
             rows.append(
                 f'<tr><td>{html.escape(stem)}</td><td data-v="{iou}">{"" if np.isnan(iou) else f"{100 * iou:.1f}"}'
-                f"</td><td>{swatches}</td><td>{html.escape(rec.get('source', ''))}</td>"
-                f'<td><img src="img/{html.escape(safe)}.jpg" alt=""></td>'
-                f'<td><img src="img/{html.escape(safe)}.mask.jpg" alt=""></td>'
+                f"</td><td>{swatches}</td><td>{html.escape(str(rec.get('source', '')))}</td>"
+                f"<td>{photo_html}</td>"
+                f'<td><img src="{html.escape(src["mask"])}" alt="mask"></td>'
                 f'<td><div class="cams">{"".join(cams_html) or "(run with --save-cams)"}</div></td></tr>')
     summary = f"{len(rows)} image(s) from {html.escape(str(source))}"
+    if no_photo:
+        summary += f"; {no_photo} shown without their photo (moved, changed, or labelled from another folder)"
     if ious:
         summary += f"; mean per-image mIoU {100 * float(np.nanmean(ious)):.1f} (click IoU to sort, worst first)"
     page = _PAGE.format(title=html.escape(run.name), summary=summary, rows="\n".join(rows),

@@ -133,8 +133,8 @@ def test_voc_label_eval_view_end_to_end(voc_root, golden, tmp_path):
 
     _invoke("view", out, "--gt", gt_dir)
     page = (out / "view" / "index.html").read_text()
-    assert page.count("<tr><td>") == 5 and "2009_000573.cam1.jpg" in page and "mean per-image mIoU" in page
-    assert (out / "view" / "img" / "2009_000573.mask.jpg").is_file()
+    assert page.count("<tr><td>") == 5 and "cam/2009_000573.1.jpg" in page and "mean per-image mIoU" in page
+    assert (out / "view" / "mask" / "2009_000573.jpg").is_file()
 
 
 def test_coco_label_and_eval(coco_root, golden, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -12,6 +13,8 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from ..errors import ClipesError
+from ..jsonfile import read_json
+from ..prompts import ClassSet, ClassSetError, builtin_class_sets, class_set_from_dict, load_class_set
 
 
 @contextmanager
@@ -91,3 +94,20 @@ def positive_floats(text: str, example: str = "1,2") -> list[float]:
             raise typer.BadParameter(f"{part.strip()!r} in {text!r}: each value must be a finite number > 0")
         values.append(value)
     return values
+
+
+def run_class_set(run: Path, classes: str | None, default: str) -> ClassSet:
+    """``--classes`` if given, else the class set a clipes run recorded in its manifest, else ``default``."""
+    manifest = run / "manifest.json"
+    if classes is not None or not manifest.is_file():
+        return load_class_set(classes or default)
+    settings = read_json(manifest, "run manifest").get("settings")
+    saved = settings.get("classes") if isinstance(settings, dict) else None
+    if not isinstance(saved, dict):
+        raise ClipesError(f"{manifest}: records no class set (settings.classes); give --classes")
+    if "classes" not in saved and saved.get("name") in builtin_class_sets():
+        return load_class_set(saved["name"])
+    try:
+        return class_set_from_dict(saved)
+    except ClassSetError as e:
+        raise ClassSetError(f"{manifest}: {e}") from None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
 import typer
+from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
@@ -17,35 +19,76 @@ from rich.table import Table
 from ..errors import ClipesError
 from ..evaluate import bar_chart, evaluate, open_ground_truth, read_label_png
 from ..masks import pseudo_mask
-from ..prompts import ClassSet, load_class_set
-from .common import reported_errors
+from ..output import atomic_write, encode_image
+from .common import positive_floats, reported_errors, run_class_set
 
 
-def _class_set(pred: Path, classes: str | None, gt: Path) -> ClassSet:
-    manifest = pred / "manifest.json"
-    if classes is None and manifest.is_file():
-        saved = json.loads(manifest.read_text()).get("settings", {}).get("classes", {})
-        if saved.get("name") in ("voc", "coco"):
-            return load_class_set(saved["name"])
-    return load_class_set(classes or ("coco" if gt.suffix.lower() == ".json" else "voc"))
+class _Masks:
+    """Predicted label PNGs ``<folder>/<stem>.png``; None for a stem without one."""
 
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
 
-def _mask_reader(folder: Path):
-    def predict(stem: str) -> np.ndarray | None:
-        path = folder / f"{stem}.png"
+    def where(self, stem: str) -> str:
+        return str(self.folder / f"{stem}.png")
+
+    def __call__(self, stem: str) -> np.ndarray | None:
+        path = self.folder / f"{stem}.png"
         return read_label_png(path) if path.is_file() else None
-    return predict
 
 
-def _cam_reader(folder: Path, power: float):
-    def predict(stem: str) -> np.ndarray | None:
-        path = folder / f"{stem}.npz"
+class _Cams(_Masks):
+    """Masks made from a run's saved CAMs (``cams/<stem>.npz``) with background power ``power``."""
+
+    def __init__(self, folder: Path, power: float) -> None:
+        super().__init__(folder)
+        self.power = power
+
+    def where(self, stem: str) -> str:
+        return f"{self.folder / f'{stem}.npz'} (background power {self.power:g})"
+
+    def __call__(self, stem: str) -> np.ndarray | None:
+        path = self.folder / f"{stem}.npz"
         if not path.is_file():
             return None
-        with np.load(path) as data:
-            cams, labels = torch.from_numpy(data["cam_refined"]), torch.from_numpy(data["labels"])
-        return pseudo_mask(cams, labels, power).numpy()
-    return predict
+        try:
+            with np.load(path) as data:
+                cams, labels = data["cam_refined"], data["labels"]
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            raise ClipesError(f"{path}: cannot read saved CAMs ({type(e).__name__}: {e}); delete it and rerun "
+                              "clipes label --save-cams") from None
+        if cams.ndim != 3 or labels.ndim != 1 or len(cams) != len(labels) or not np.isfinite(cams).all():
+            raise ClipesError(f"{path}: 'cam_refined' {cams.shape} and 'labels' {labels.shape} are not one finite "
+                              "map per label; delete it and rerun clipes label --save-cams")
+        return pseudo_mask(torch.from_numpy(cams), torch.from_numpy(labels.astype(np.int64)), self.power).numpy()
+
+
+def _write(path: Path, data: bytes, flag: str) -> None:
+    """Write an output the user named, creating its folder; a clear error naming the flag otherwise."""
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ClipesError(f"{flag} {path}: {blocking} is a file, not a folder")
+    if path.is_dir():
+        raise ClipesError(f"{flag} {path}: is a folder; give a file name")
+    try:
+        atomic_write(path, data)
+    except (OSError, ClipesError) as e:
+        raise ClipesError(f"{flag} {path}: {e}") from None
+
+
+def _no_nan(value):
+    """JSON has no NaN: undefined scores (no ground-truth pixel) are written as null."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return None if isinstance(value, float) and not np.isfinite(value) else value
+
+
+def _powers(value: str | None) -> str | None:
+    if value is not None:
+        positive_floats(value)
+    return value
 
 
 def _report(console: Console, names: list[str], ev, title: str) -> None:
@@ -70,13 +113,15 @@ def eval_command(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a bar chart of per-class IoU (PNG) here.")] = None,
     search_bg_power: Annotated[str | None, typer.Option(
-        help="Comma-separated background powers t to try on the run's saved CAMs (cams/, --save-cams); "
-             "the reference searches 1,2.")] = None,
+        help="Comma-separated background powers t > 0 to try on the run's saved CAMs (cams/, --save-cams); "
+             "the reference searches 1,2.", callback=_powers)] = None,
 ) -> None:
     """Score masks against ground truth: per-class IoU, mIoU, pixel accuracy, precision and recall."""
     console = Console(stderr=True)
     with reported_errors(console):
-        class_set = _class_set(pred, classes, gt)
+        if not pred.is_dir():
+            raise ClipesError(f"{pred} is not a folder of predictions")
+        class_set = run_class_set(pred, classes, "coco" if gt.suffix.lower() == ".json" else "voc")
         names = ["background", *class_set.classes]
         truth = open_ground_truth(gt, class_set)
         is_run = (pred / "masks").is_dir()
@@ -86,13 +131,14 @@ def eval_command(
             if search_bg_power:
                 if not (pred / "cams").is_dir():
                     raise ClipesError(f"{pred}/cams not found: --search-bg-power needs a run made with --save-cams")
-                powers = [float(t) for t in search_bg_power.split(",")]
-                for t in powers:
-                    results[t] = evaluate(_cam_reader(pred / "cams", t), truth, stems, len(names), progress)
+                for t in positive_floats(search_bg_power):
+                    reader = _Cams(pred / "cams", t)
+                    results[t] = evaluate(reader, truth, stems, len(names), progress, reader.where)
                 best = max(results, key=lambda t: results[t].scores.miou)
                 ev = results[best]
             else:
-                ev = evaluate(_mask_reader(pred / "masks" if is_run else pred), truth, stems, len(names), progress)
+                reader = _Masks(pred / "masks" if is_run else pred)
+                ev = evaluate(reader, truth, stems, len(names), progress, reader.where)
         if not ev.per_image:
             raise ClipesError(f"no prediction in {pred} matches a ground-truth image in {gt}")
 
@@ -115,9 +161,13 @@ def eval_command(
         report["bg_power"] = best
     json_out = json_out or (pred / "eval.json" if is_run else None)
     plot = plot or (pred / "eval_iou.png" if is_run else None)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=1) + "\n")
-    if plot:
-        bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}", ev.scores.present).save(plot)
+    with reported_errors(console):
+        if json_out:
+            _write(json_out, (json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n").encode(), "--json")
+        if plot:
+            chart = bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}",
+                              ev.scores.present)
+            fmt = Image.registered_extensions().get(plot.suffix.lower(), "PNG")
+            _write(plot, encode_image(chart.convert("RGB") if fmt == "JPEG" else chart, fmt), "--plot")
     target = f" -> {escape(str(json_out))}" if json_out else ""
     console.print(f"mIoU {100 * ev.scores.miou:.2f}{target}", highlight=False)

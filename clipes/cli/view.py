@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,25 +10,22 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..evaluate import open_ground_truth
-from ..prompts import load_class_set
 from ..view import build_view
-from .common import reported_errors
+from .common import finite, reported_errors, run_class_set
 
 
 def view_command(
     out: Annotated[Path, typer.Argument(help="A clipes output folder (from clipes label).")],
     gt: Annotated[Path | None, typer.Option(help="Ground truth (label PNG folder or COCO JSON) for per-image IoU.")
                   ] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images (by name), N >= 1 \\[default: all].",
+                                              callback=finite(1), show_default=False)] = None,
 ) -> None:
     """Write OUT/view/index.html: photo, pseudo mask, CAMs per class and, with --gt, IoU per image."""
     console = Console(stderr=True)
     with reported_errors(console):
         truth = None
         if gt is not None:
-            manifest = out / "manifest.json"
-            name = json.loads(manifest.read_text()).get("settings", {}).get("classes", {}).get("name", "voc") \
-                if manifest.is_file() else "voc"
-            truth = open_ground_truth(gt, load_class_set(name if name in ("voc", "coco") else "voc"))
+            truth = open_ground_truth(gt, run_class_set(out, None, "coco" if gt.suffix.lower() == ".json" else "voc"))
         page = build_view(out, truth, limit)
     console.print(f"wrote {escape(str(page))}", highlight=False)

@@ -171,14 +171,15 @@ def _from_mapping(data: dict, name: str) -> ClassSet:
     )
 
 
-def class_set_from_dict(data: dict, where: str) -> ClassSet:
+def class_set_from_dict(data: dict) -> ClassSet:
     """The class set a run recorded (``ClassSet.to_dict``, in its manifest), checked as a user file is."""
-    if not isinstance(data, dict) or not isinstance(data.get("classes"), list) \
-            or not isinstance(data.get("prompts"), list) or len(data["prompts"]) != len(data["classes"]):
-        raise ClassSetError(f"{where}: the recorded class set needs 'classes' and as many 'prompts'")
-    entries = [{"name": c, "prompt": p} for c, p in zip(data["classes"], data["prompts"], strict=True)]
+    classes = data.get("classes") if isinstance(data, dict) else None
+    prompts = data.get("prompts", classes) if isinstance(data, dict) else None
+    if not isinstance(classes, list) or not isinstance(prompts, list) or len(prompts) != len(classes):
+        raise ClassSetError("the recorded class set needs a 'classes' list (and as many 'prompts')")
+    entries = [{"name": c, "prompt": p} for c, p in zip(classes, prompts, strict=True)]
     return _from_mapping({**{k: v for k, v in data.items() if k in _KEYS}, "classes": entries},
-                         str(data.get("name", where)))
+                         str(data.get("name", "recorded")))
 
 
 def _parse_text(text: str, name: str) -> dict:
