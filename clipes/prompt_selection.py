@@ -37,7 +37,7 @@ from .errors import ClipesError
 from .evaluate import evaluate, scores
 from .labeler import Labeler
 from .model import ClipModel
-from .prompts import ClassSet, _key
+from .prompts import ClassSet, _key, _template_ok
 from .text import encode_prompts
 from .vit import block_forward, encode_trunk
 
@@ -54,10 +54,10 @@ class TemplateError(ClipesError):
 
 
 def check_template(template: str, where: str) -> str:
-    """A template must hold exactly one ``{}`` (the class prompt) and no other brace."""
-    if template.count("{}") != 1 or "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
+    """A template holds exactly one ``{}`` for the class prompt, as class sets require (``{{ }}`` are literal)."""
+    if not _template_ok(template):
         raise TemplateError(f"{where}: template {template!r} needs exactly one '{{}}' for the class name "
-                            "and no other braces")
+                            "and no other field (write '{{' and '}}' for literal braces)")
     return template
 
 

@@ -132,11 +132,16 @@ def test_imagenet_templates_are_clips():
     ("a photo of a cat.\n", "exactly one"),
     ("a {} and a {}.\n", "exactly one"),
     ("a {0} photo.\n", "exactly one"),
-    ("a {} in {braces}.\n", "no other braces"),
+    ("a {} in {braces}.\n", "no other field"),
 ])
 def test_bad_template_files(tmp_path, text, match):
     with pytest.raises(ps.TemplateError, match=match):
         ps.read_templates(_write(tmp_path / "t.txt", text))
+
+
+def test_template_file_literal_braces_and_comments(tmp_path):
+    got = ps.read_templates(_write(tmp_path / "t.txt", "# mine\n\n  a {{curly}} {}.  \nitap of my {}.\n"))
+    assert got == ["a {{curly}} {}.", "itap of my {}."] and got[0].format("cat") == "a {curly} cat."
 
 
 # --- the command ----------------------------------------------------------------------------------------------
