@@ -16,13 +16,15 @@ from ..run import LabelConfig, label_folder
 from .common import OneLineErrorGroup, finite, reported_errors
 from .evaluate import eval_command
 from .prompts import app as prompts_app
+from .tag import tag_command
 from .train import segment_command, train_seg_command
 from .view import view_command
 
 app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).", cls=OneLineErrorGroup,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-# The smallest --max-side: two ViT-B/16 patches. One patch gives a constant CAM, hence all-background masks.
+# The smallest --max-side: two ViT-B/16 patches. With one patch the CAM is constant and every mask all
+# background (measured: --max-side 16 gives a 1x1 grid and an all-0 mask).
 MIN_MAX_SIDE = 32
 
 
@@ -50,7 +52,7 @@ def _device(value: str) -> str:
     try:
         resolve_device(value)
     except ClipesError as e:
-        raise typer.BadParameter(str(e)) from None
+        raise typer.BadParameter(str(e).removeprefix("--device ")) from None
     return value
 
 
@@ -84,8 +86,11 @@ def label(
     box_threshold: Annotated[float | None, typer.Option(
         help="CAA box threshold, in \\[0, 1] \\[default: the class set's, 0.4 VOC, 0.7 COCO].",
         callback=finite(0, 1))] = None,
+    tagger: Annotated[str, typer.Option(
+        help="Without --labels: how labels are inferred, tagclip (TagCLIP) or global (CLIP's CLS embedding).")
+    ] = "tagclip",
     zero_shot_threshold: Annotated[float, typer.Option(
-        help="Without --labels: softmax score (in \\[0, 1]) a class needs to count as present.",
+        help="With --tagger global: softmax score (in \\[0, 1]) a class needs to count as present.",
         callback=finite(0, 1))] = 0.1,
     max_side: Annotated[int, typer.Option(
         help="Larger images are scaled down to this longer side for the network (masks keep the "
@@ -122,7 +127,7 @@ def label(
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
                       workers=workers, crf=crf, confidence=confidence, crf_workers=crf_workers, dataset=dataset,
-                      split=split)
+                      split=split, tagger=tagger)
     with reported_errors(console):
         summary = label_folder(cfg, console)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -145,6 +150,7 @@ app.command("eval")(eval_command)
 app.command("view")(view_command)
 app.command("train-seg")(train_seg_command)
 app.command("segment")(segment_command)
+app.command("tag")(tag_command)
 app.add_typer(prompts_app, name="prompts")
 
 

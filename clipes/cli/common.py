@@ -72,11 +72,12 @@ def finite(low: float | None = None, high: float | None = None, *, low_open: boo
     def check(value: float | None) -> float | None:
         if value is None:
             return value
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value <= low if low_open else value < low)
-        bad |= high is not None and (value >= high if high_open else value > high)
-        if bad:
-            raise typer.BadParameter(f"{value:g} is not a finite number {_range_text(low, high, low_open, high_open)}")
+        wanted = _range_text(low, high, low_open, high_open)
+        if not math.isfinite(value):
+            raise typer.BadParameter(f"{value:g} is not a finite number {wanted}")
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
+            raise typer.BadParameter(f"{value:g} is not {wanted}")
         return value
     return check
 
@@ -105,8 +106,10 @@ def run_class_set(run: Path, classes: str | None, default: str) -> ClassSet:
     saved = settings.get("classes") if isinstance(settings, dict) else None
     if not isinstance(saved, dict):
         raise ClipesError(f"{manifest}: records no class set (settings.classes); give --classes")
-    if "classes" not in saved and saved.get("name") in builtin_class_sets():
-        return load_class_set(saved["name"])
+    if saved.get("name") in builtin_class_sets():
+        builtin = load_class_set(saved["name"])  # with its aliases, which a manifest does not record
+        if "classes" not in saved or saved["classes"] == list(builtin.classes):
+            return builtin
     try:
         return class_set_from_dict(saved)
     except ClassSetError as e:

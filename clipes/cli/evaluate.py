@@ -55,7 +55,8 @@ class _Cams(_Masks):
             with np.load(path) as data:
                 cams, labels = data["cam_refined"], data["labels"]
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-            raise ClipesError(f"{path}: cannot read saved CAMs ({type(e).__name__}: {e}); delete it and rerun "
+            why = "not an .npz archive" if "pickle" in str(e) else f"{type(e).__name__}: {e}"
+            raise ClipesError(f"{path}: cannot read saved CAMs ({why}); delete it and rerun "
                               "clipes label --save-cams") from None
         if cams.ndim != 3 or labels.ndim != 1 or len(cams) != len(labels) or not np.isfinite(cams).all():
             raise ClipesError(f"{path}: 'cam_refined' {cams.shape} and 'labels' {labels.shape} are not one finite "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import string
 from dataclasses import dataclass, field
 from importlib import resources
@@ -222,5 +223,6 @@ def load_class_set(spec: str | Path) -> ClassSet:
         data = _parse_text(text, path.stem)
     try:
         return _from_mapping(data, path.stem)
-    except ClassSetError as e:
-        raise ClassSetError(f"{path}: {e}") from e
+    except ClassSetError as e:  # name the file once, not also the set it would have been
+        why = re.sub(r"^class set '[^']*': ", "", str(e)).removeprefix(f"{path.stem}: ")
+        raise ClassSetError(f"{path}: {why}") from e
