@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -18,6 +17,7 @@ from ..errors import ClipesError
 from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
 from ..output import atomic_write, check_outside, encode_image
+from ..provenance import file_digest, input_stamp
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
 from .models import SEGMENTERS, build_segmenter
@@ -110,21 +110,6 @@ def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: t
     return class_argmax(total[0]).to(torch.uint8).cpu().numpy()
 
 
-def _digest(path: Path) -> str:
-    """``sha256:<hex>`` of a checkpoint: the same model wherever it lies or however it is named."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
-
-
-def _stamp(path: Path, images: Path) -> dict[str, Any]:
-    """An input as a rerun sees it: its path in the input folder, size and modification time."""
-    st = path.stat()
-    return {"file": path.relative_to(images).as_posix(), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _read_record(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -157,7 +142,7 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
         raise ClipesError(f"--out {out} is a file, not a folder")
     check_outside(images, out)
     items = find_images(images)
-    settings = {"checkpoint": _digest(checkpoint) if checkpoint.is_file() else str(checkpoint),
+    settings = {"checkpoint": file_digest(checkpoint) if checkpoint.is_file() else str(checkpoint),
                 "scales": list(scales), "flip": flip}
     record_path = out / RECORD
     previous = _read_record(record_path)
@@ -180,7 +165,7 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
     last_save = time.monotonic()
     for stem, path in progress.track(items, description="segmenting"):
         target = out / f"{stem}.png"
-        stamp = _stamp(path, images)
+        stamp = input_stamp(path, path.relative_to(images).as_posix())
         if done_before.get(stem) == stamp and target.is_file():
             skipped += 1
             continue
