@@ -343,3 +343,18 @@ def test_show_prints_what_is_encoded(tmp_path, tiny_clip):
 def test_show_bad_class_file(tmp_path):
     res = runner.invoke(app, ["prompts", "show", "--classes", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("command", ["rank", "show"])
+def test_help_texts_render_in_full(command):
+    """Rich markup must not eat any of the help (a bracket taken for a tag vanishes)."""
+    import typer.main
+
+    res = runner.invoke(app, ["prompts", command, "--help"], env={"COLUMNS": "1000"})
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.replace("│", " ").split())
+    cmd = typer.main.get_command(app).commands["prompts"].commands[command]
+    texts = [p.help for p in cmd.params if getattr(p, "help", None)] + [cmd.help]
+    assert len(texts) > 2
+    for text in texts:
+        assert " ".join(text.replace("\\[", "[").split()) in said, text
