@@ -101,7 +101,7 @@ def test_other_settings_in_the_same_folder_are_refused(tmp_path, images, golden)
 
 def test_zero_shot_run_records_inferred_labels(tmp_path, images, golden):
     out = tmp_path / "out"
-    res = _label(images, out, model=golden / "tiny-clip-vit-b16-random.pt")
+    res = _label(images, out, "--tagger", "global", model=golden / "tiny-clip-vit-b16-random.pt")
     assert res.exit_code == 0, res.output
     labels = json.loads((out / "labels.json").read_text())
     assert set(labels) == {"chelsea", "sub/coffee", "gray", "alpha"}
