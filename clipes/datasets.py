@@ -38,6 +38,19 @@ class DatasetSplit:
     labels: dict[str, list[int]]
     gt_dir: Path | None = None
     coco_json: Path | None = None
+    left_out: int = 0
+
+
+def read_split_file(path: Path) -> list[str]:
+    """Image names, one per line (first word; folders and an image suffix dropped), as the authors' lists."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"--split-file {path}: cannot read it ({e})") from None
+    stems = [image_key(line.split()[0]).rsplit("/", 1)[-1] for line in lines if line.strip()]
+    if not stems:
+        raise DatasetError(f"--split-file {path}: no image names in it")
+    return stems
 
 
 def _voc_root(root: Path) -> Path:
@@ -47,16 +60,15 @@ def _voc_root(root: Path) -> Path:
     raise DatasetError(f"{root}: no JPEGImages/ found (expected VOCdevkit/VOC2012 or a folder holding it)")
 
 
-def voc_split(root: str | Path, split: str) -> DatasetSplit:
-    """PASCAL VOC 2012: ``ImageSets/Segmentation[Aug]/<split>.txt``, labels from ``Annotations/``."""
+def voc_split(root: str | Path, split: str, split_file: Path | None = None) -> DatasetSplit:
+    """PASCAL VOC 2012: ``ImageSets/Segmentation[Aug]/<split>.txt`` or ``split_file``; labels from ``Annotations/``."""
     voc = _voc_root(Path(root))
     candidates = [voc / "ImageSets" / "Segmentation" / f"{split}.txt",
                   voc / "ImageSets" / "SegmentationAug" / f"{split}.txt", voc / "ImageSets" / "Main" / f"{split}.txt"]
-    split_file = next((c for c in candidates if c.is_file()), None)
+    split_file = split_file or next((c for c in candidates if c.is_file()), None)
     if split_file is None:
         raise DatasetError(f"{voc}: no split file for {split!r} (looked for {', '.join(str(c) for c in candidates)})")
-    stems = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
-    stems = [s.rsplit("/", 1)[-1].removesuffix(".jpg") for s in stems]
+    stems = read_split_file(split_file)
     class_set = load_class_set("voc")
     ann = voc / "Annotations"
     if not ann.is_dir():
@@ -71,8 +83,12 @@ def voc_split(root: str | Path, split: str) -> DatasetSplit:
                         labels, gt_dir=gt)
 
 
-def coco_split(root: str | Path, split: str) -> DatasetSplit:
-    """MS COCO 2014: ``<split>2014/`` images and ``annotations/instances_<split>2014.json``."""
+def coco_split(root: str | Path, split: str, split_file: Path | None = None) -> DatasetSplit:
+    """MS COCO 2014: ``<split>2014/`` images and ``annotations/instances_<split>2014.json``.
+
+    As the authors' lists (82,081 train and 40,137 val images), only images with at least one
+    (non-crowd) label are taken, unless ``split_file`` names the images; ``left_out`` counts the rest.
+    """
     root = Path(root)
     split = split.removesuffix("2014")
     ann = root / "annotations" / f"instances_{split}2014.json"
@@ -86,18 +102,29 @@ def coco_split(root: str | Path, split: str) -> DatasetSplit:
     data = json.loads(ann.read_text())
     # keyed as the labels are: the file name relative to the image folder, sub-folders included
     items = [(image_key(im["file_name"]), images / im["file_name"]) for im in data["images"]]
+    if split_file is not None:
+        listed = set(read_split_file(split_file))
+        known = {stem.rsplit("/", 1)[-1] for stem, _ in items}
+        unknown = sorted(listed - known)
+        if unknown:
+            raise DatasetError(f"--split-file {split_file}: {len(unknown)} name(s) not in {ann.name}, "
+                               f"e.g. {unknown[0]}")
+        kept = [(stem, p) for stem, p in items if stem.rsplit("/", 1)[-1] in listed]
+    else:
+        kept = [(stem, p) for stem, p in items if labels.get(stem)]
+    left_out, items = len(items) - len(kept), kept
     missing = [p for _, p in items if not p.is_file()]
     if missing:
         raise DatasetError(f"{images}: {len(missing)} image(s) listed in {ann.name} are missing, "
                            f"e.g. {missing[0].name}")
-    return DatasetSplit(f"coco/{split}", class_set, root, sorted(items), labels, coco_json=ann)
+    return DatasetSplit(f"coco/{split}", class_set, root, sorted(items), labels, coco_json=ann, left_out=left_out)
 
 
-def load_split(name: str, root: str | Path, split: str) -> DatasetSplit:
+def load_split(name: str, root: str | Path, split: str, split_file: Path | None = None) -> DatasetSplit:
     if name == "voc":
-        return voc_split(root, split)
+        return voc_split(root, split, split_file)
     if name == "coco":
-        return coco_split(root, split)
+        return coco_split(root, split, split_file)
     raise DatasetError(f"--dataset {name!r}: choose voc or coco")
 
 
@@ -154,6 +181,10 @@ class CocoGroundTruth:
         except ClipesError as e:
             raise ClipesError(f"{self.path}: {e}") from None
         self.by_stem = {image_key(im["file_name"]): im["id"] for im in self.coco.dataset["images"]}
+        # scored, as labelled, are the images with at least one non-crowd object (the authors' lists)
+        with_objects = {a["image_id"] for a in self.coco.dataset["annotations"] if not a.get("iscrowd", 0)}
+        self.scored = sorted(stem for stem, i in self.by_stem.items() if i in with_objects)
+        self.left_out = len(self.by_stem) - len(self.scored)
 
     def __contains__(self, stem: str) -> bool:
         return stem in self.by_stem
@@ -163,7 +194,7 @@ class CocoGroundTruth:
         return f"{self.path} (image {self.coco.imgs[self.by_stem[stem]]['file_name']})"
 
     def stems(self) -> list[str]:
-        return sorted(self.by_stem)
+        return list(self.scored)
 
     def mask(self, stem: str) -> np.ndarray:
         image_id = self.by_stem[stem]

@@ -33,6 +33,7 @@ from .model import ClipModel, cpu_has_fast_bf16, load_clip, resolve_device
 from .output import OutputError, RunOutput, check_outside, check_writable
 from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
+from .tagging import tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
 
@@ -72,7 +73,9 @@ class LabelConfig:
     crf_workers: int = 0
     dataset: str | None = None
     split: str = "train"
+    split_file: Path | None = None
     per_pair_backward: bool = False
+    tagger: str = "tagclip"
 
 
 @dataclass
@@ -138,7 +141,7 @@ class _BatchSizer:
         while start < len(prepared):
             chunk = prepared[start:start + self.batch_size]
             try:
-                out += self.labeler.label_prepared(chunk)
+                out += self.labeler.label_prepared(chunk, skip_unusable=True)
             except (RuntimeError, MemoryError) as e:
                 if not _is_out_of_memory(e):
                     raise
@@ -257,7 +260,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
                         num_workers=decoders, pin_memory=device.type == "cuda")
     with _crf_pool(cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
         labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
-                          zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side,
+                          zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
                           per_pair_backward=cfg.per_pair_backward, crf=cfg.crf and pool is None,
                           confidence=cfg.confidence if pool is None else None,
                           autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
@@ -281,8 +284,11 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     if cfg.dataset:
         if cfg.classes not in ("voc", cfg.dataset):
             raise ClipesError(f"--dataset {cfg.dataset} comes with its own class set; drop --classes {cfg.classes}")
-        split = load_split(cfg.dataset, cfg.images, cfg.split)
+        split = load_split(cfg.dataset, cfg.images, cfg.split, cfg.split_file)
         items, class_set = split.items, split.class_set
+        if split.left_out:
+            console.print(f"{split.left_out} image(s) of {split.name} have no label and are left out, as in the "
+                          "authors' lists (--split-file names the images to take)", highlight=False)
         given = read_labels(cfg.labels, class_set) if cfg.labels else split.labels
     else:
         items = find_images(cfg.images)
@@ -324,6 +330,7 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
         classes["name"] = None  # a user file's name is its file name: a copy elsewhere is the same set
     return {"model": model_identity(cfg.model), "classes": classes, "dtype": dtype_name, "bg_power": cfg.bg_power,
             "zero_shot_threshold": cfg.zero_shot_threshold if given is None else None,
+            "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold) if given is None else None,
             "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
             "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose, "crf": cfg.crf,
             "confidence": cfg.confidence}

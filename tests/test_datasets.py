@@ -161,3 +161,45 @@ def test_crf_options(tmp_path, golden, voc_root):
     cams = np.load(out / "cams" / f"{stem}.npz")
     assert ((mask == 255) == (cams["confidence"] < 0.95)).all()
     assert cams["confidence"].shape == mask.shape
+
+
+def test_coco_takes_the_images_with_labels_as_the_authors_lists(golden, tmp_path):
+    """Unannotated and crowd-only images are left out of labelling and scoring; sub-folders match."""
+    root = tmp_path / "coco"
+    (root / "val2014" / "sub").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    photo = Image.open(golden / "images" / "chelsea.png").convert("RGB").resize((96, 64))
+    names = ["COCO_val2014_000000000001.jpg", "COCO_val2014_000000000002.jpg", "COCO_val2014_000000000003.jpg",
+             "sub/COCO_val2014_000000000004.jpg"]
+    images = []
+    for i, name in enumerate(names, 1):
+        photo.save(root / "val2014" / name)
+        images.append({"id": i, "file_name": name, "height": 64, "width": 96})
+    box = {"segmentation": _polygon(10, 10, 50, 40), "area": 1200, "bbox": [10, 10, 40, 30]}
+    anns = [{"id": 1, "image_id": 1, "category_id": 17, "iscrowd": 0, **box},   # cat
+            {"id": 2, "image_id": 3, "category_id": 47, "iscrowd": 1, **box},   # a crowd only: no label
+            {"id": 3, "image_id": 4, "category_id": 47, "iscrowd": 0, **box}]   # cup, in a sub-folder
+    ann = root / "annotations" / "instances_val2014.json"
+    ann.write_text(json.dumps({"images": images, "annotations": anns,
+                               "categories": [{"id": 17, "name": "cat"}, {"id": 47, "name": "cup"}]}))
+    split = coco_split(root, "val")
+    assert [s for s, _ in split.items] == ["COCO_val2014_000000000001", "sub/COCO_val2014_000000000004"]
+    assert split.left_out == 2 and split.labels["sub/COCO_val2014_000000000004"] == [41]
+    listed = tmp_path / "val.txt"
+    listed.write_text("COCO_val2014_000000000002\nCOCO_val2014_000000000004.jpg\n")
+    chosen = coco_split(root, "val", listed)
+    assert [s for s, _ in chosen.items] == ["COCO_val2014_000000000002", "sub/COCO_val2014_000000000004"]
+    listed.write_text("COCO_val2014_000000000009\n")
+    with pytest.raises(DatasetError, match="1 name.s. not in instances_val2014.json"):
+        coco_split(root, "val", listed)
+
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["label", str(root), "--dataset", "coco", "--split", "val", "--out", str(out),
+                              "--model", str(golden / "tiny-clip-vit-b16-random.pt"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "2 image(s) of coco/val have no label and are left out" in " ".join(res.output.split())
+    assert (out / "masks" / "sub" / "COCO_val2014_000000000004.png").is_file()
+    assert not (out / "masks" / "COCO_val2014_000000000002.png").exists()
+    res = runner.invoke(app, ["eval", str(out), str(ann)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "eval.json").read_text())["images"] == 2 and "have no prediction" not in res.output

@@ -115,6 +115,9 @@ def label(
         help="voc or coco: IMAGES is the dataset root; images and labels come from --split.")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (voc: train, val, train_aug, ...; coco: train, val).")
                      ] = "train",
+    split_file: Annotated[Path | None, typer.Option(
+        help="With --dataset: the images to take, one name per line (default: the split's list for VOC; "
+             "for COCO every image with at least one label).")] = None,
     confidence: Annotated[float | None, typer.Option(
         help="With --crf: pixels whose CRF probability is below this (CLIP-ES: 0.95) become 255, "
              "ignored by train-seg; in (0, 1].", callback=finite(0, 1, low_open=True))] = None,
@@ -127,7 +130,7 @@ def label(
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
                       workers=workers, crf=crf, confidence=confidence, crf_workers=crf_workers, dataset=dataset,
-                      split=split, tagger=tagger)
+                      split=split, split_file=split_file, tagger=tagger)
     with reported_errors(console):
         summary = label_folder(cfg, console)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -125,6 +125,9 @@ def eval_command(
         class_set = run_class_set(pred, classes, "coco" if gt.suffix.lower() == ".json" else "voc")
         names = ["background", *class_set.classes]
         truth = open_ground_truth(gt, class_set)
+        if getattr(truth, "left_out", 0):
+            console.print(f"{truth.left_out} image(s) of {escape(str(gt))} have no object and are not scored, as in "
+                          "the authors' lists", highlight=False)
         is_run = (pred / "masks").is_dir()
         stems = truth.stems()
         results = {}
