@@ -1,94 +1,17 @@
-"""Dense CRF refinement of CLIP-ES pseudo masks, as the reference runs it (pydensecrf).
-
-Optional: ``pip install 'clipes[crf]'`` brings ``pydensecrf2``, a maintained build of Krähenbühl's
-fully-connected CRF (``pydensecrf`` API).
-"""
+"""The dense CRF's functions under their first import path; the code lives in ``clipes.refiners.crf``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .refiners.crf import (
+    CrfParams,
+    CrfRefiner,
+    CrfUnavailableError,
+    bilateral_image,
+    crf_labels,
+    crf_unary,
+    dense_crf,
+    require_pydensecrf,
+)
 
-import numpy as np
-
-from .errors import ClipesError
-from .masks import IGNORE
-
-__all__ = ["CrfParams", "CrfUnavailableError", "bilateral_image", "crf_labels", "crf_unary", "dense_crf",
-           "require_pydensecrf"]
-
-# Caffe's BGR means that the reference subtracts before casting the bilateral image to uint8.
-_BGR_MEAN = (104.008, 116.669, 122.675)
-
-
-class CrfUnavailableError(ClipesError):
-    """--crf was asked for but pydensecrf is not installed."""
-
-
-@dataclass(frozen=True)
-class CrfParams:
-    """The reference's settings (CLIP-ES, 75.0 mIoU on VOC train)."""
-
-    iterations: int = 10
-    gaussian_sxy: float = 1
-    gaussian_compat: float = 3
-    bilateral_sxy: float = 67
-    bilateral_srgb: float = 3
-    bilateral_compat: float = 4
-
-
-def bilateral_image(rgb: np.ndarray) -> np.ndarray:
-    """The colour image the reference gives the bilateral term: BGR minus the Caffe means, as uint8.
-
-    The reference casts negative floats to uint8, which wraps around on x86 (truncate, then modulo
-    256); this does the same explicitly.
-    """
-    bgr = rgb[..., ::-1].astype(np.float32) - np.asarray(_BGR_MEAN, dtype=np.float32)
-    return np.ascontiguousarray(np.mod(np.trunc(bgr).astype(np.int64), 256).astype(np.uint8))
-
-
-def crf_unary(cams: np.ndarray, bg_power: float = 1.0) -> np.ndarray:
-    """-log of [background, cams] computed in float16 as the reference stores its CAMs: (C + 1, H*W)."""
-    cams16 = np.asarray(cams, dtype=np.float16)
-    bg = np.power(1 - np.max(cams16, axis=0, keepdims=True), np.float16(bg_power)) if len(cams16) else \
-        np.ones((1, *cams16.shape[1:]), dtype=np.float16)
-    probs = np.concatenate([bg, cams16], axis=0)
-    probs = np.clip(probs, np.float16(1e-5), np.float16(1.0))
-    return np.ascontiguousarray((-np.log(probs)).reshape(probs.shape[0], -1).astype(np.float32))
-
-
-def require_pydensecrf():
-    """The ``pydensecrf.densecrf`` module, or a clear error naming the extra to install."""
-    try:
-        import pydensecrf.densecrf as dcrf
-    except ImportError as e:
-        raise CrfUnavailableError("--crf needs pydensecrf: pip install 'clipes[crf]' (the pydensecrf2 package)") from e
-    return dcrf
-
-
-def dense_crf(rgb: np.ndarray, unary: np.ndarray, params: CrfParams | None = None) -> np.ndarray:
-    """Mean-field inference of the dense CRF: (H, W, 3) uint8 image, (C, H*W) unary -> (C, H, W) marginals."""
-    dcrf = require_pydensecrf()
-    params = params or CrfParams()
-    h, w = rgb.shape[:2]
-    crf = dcrf.DenseCRF2D(w, h, unary.shape[0])
-    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
-    crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
-    crf.addPairwiseBilateral(sxy=params.bilateral_sxy, srgb=params.bilateral_srgb, rgbim=bilateral_image(rgb),
-                             compat=params.bilateral_compat)
-    return np.asarray(crf.inference(params.iterations), dtype=np.float32).reshape(unary.shape[0], h, w)
-
-
-def crf_labels(rgb: np.ndarray, cams: np.ndarray, labels: np.ndarray, bg_power: float = 1.0,
-               confidence: float | None = None, params: CrfParams | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """CRF-refined label map (0 = background, c + 1 = class c) and the per-pixel CRF confidence.
-
-    With ``confidence``, pixels whose CRF probability is below it are set to 255 (ignored by the
-    confidence-guided loss).
-    """
-    q = dense_crf(rgb, crf_unary(cams, bg_power), params)
-    keys = np.concatenate([[0], np.asarray(labels, dtype=np.int64) + 1])
-    mask = keys[np.argmax(q, axis=0)].astype(np.uint8)
-    conf = np.max(q, axis=0)
-    if confidence is not None:
-        mask[conf < confidence] = IGNORE
-    return mask, conf
+__all__ = ["CrfParams", "CrfRefiner", "CrfUnavailableError", "bilateral_image", "crf_labels", "crf_unary",
+           "dense_crf", "require_pydensecrf"]

@@ -12,11 +12,12 @@ from torch import Tensor
 
 from .caa import box_mask, refine_cams, sinkhorn_affinity, upsample
 from .cam import CamPairs, softmax_gradcam, softmax_gradcam_per_pair
-from .crf import CrfParams, crf_labels
 from .images import preprocess, to_rgb_or_gray
 from .masks import pseudo_mask
 from .model import ClipModel
 from .prompts import ClassSet
+from .refiners import CrfRefiner, DeviceRefiner, HostRefiner, Refined, Refiner
+from .refiners.crf import CrfParams
 from .tagging import GlobalTagger, Tagger, TaggerError, make_tagger, tagger_class
 from .text import TextFeatures, encode_class_set
 from .vit import encode_trunk
@@ -33,10 +34,11 @@ class LabelResult:
     background and c + 1 = class c. ``probs`` is the softmax over [labels] + [background prompts];
     ``attention`` (n, n) the head- and block-averaged patch attention CAA starts from (None unless
     the Labeler keeps it: 4.6 MB an image at 513 x 513); ``box_mask``
-    (k, n) the class boxes. With the CRF, ``mask`` is the CRF's label map (255 where its
-    probability is below the confidence threshold, if one is set) and ``confidence`` (H, W) that
-    probability. Labels found by a tagger have ``label_source`` its source (``tagclip``,
-    ``zero-shot``), ``scores`` the scores it keeps and ``threshold`` the score they had to pass.
+    (k, n) the class boxes. With a pixel refiner, ``mask`` is its label map (255 where it ignores
+    a pixel, e.g. the CRF's probability below the confidence threshold, or PAR's two runs
+    disagreeing) and ``confidence`` (H, W) its per-pixel probability, if it has one (the CRF).
+    Labels found by a tagger have ``label_source`` its source (``tagclip``, ``zero-shot``),
+    ``scores`` the scores it keeps and ``threshold`` the score they had to pass.
     """
 
     labels: np.ndarray
@@ -58,7 +60,7 @@ class LabelResult:
 class PreparedImage:
     """A network-ready image: normalised (3, H', W') tensor, original (H, W), class indices or None.
 
-    ``rgb`` keeps the original pixels (H, W, 3) uint8 when the CRF or an overlay needs them.
+    ``rgb`` keeps the original pixels (H, W, 3) uint8 when a pixel refiner or an overlay needs them.
     """
 
     tensor: Tensor
@@ -76,8 +78,10 @@ class Labeler:
     ``zero_shot_threshold`` is the global tagger's threshold, the softmax score over all classes
     plus background prompts above which a class counts as present.
     ``per_pair_backward`` runs one backward per (image, class), the reference's cost: a baseline
-    for benchmarks, with the same results. ``crf`` refines masks with the reference's dense CRF;
-    ``confidence`` then marks pixels whose CRF probability is below it as 255. ``autocast``
+    for benchmarks, with the same results. ``refiner`` turns the refined CAMs into the mask at
+    pixel level (``clipes.refiners``: the dense CRF, PAR); ``crf=True`` is ``CrfRefiner(confidence,
+    crf_params)``, the reference's dense CRF, with ``confidence`` marking pixels whose CRF
+    probability is below it as 255. ``autocast``
     (bf16 or fp16) runs the transformer's matrix products in low precision while the residual
     stream, layer norms, softmaxes and CAA stay fp32 (``torch.autocast``). ``keep_attention``
     returns the attention CAA starts from in every result.
@@ -86,8 +90,8 @@ class Labeler:
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
                  attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False,
-                 crf: bool = False, confidence: float | None = None, crf_params: CrfParams | None = None,
-                 autocast: torch.dtype | None = None, keep_attention: bool = False,
+                 refiner: Refiner | None = None, crf: bool = False, confidence: float | None = None,
+                 crf_params: CrfParams | None = None, autocast: torch.dtype | None = None, keep_attention: bool = False,
                  tagger: Tagger | str = "global") -> None:
         depth = len(clip.visual.transformer.resblocks)
         if not 1 <= attn_blocks <= depth:
@@ -102,7 +106,9 @@ class Labeler:
         self._gradcam = softmax_gradcam_per_pair if per_pair_backward else softmax_gradcam
         if confidence is not None and not crf:
             raise ValueError("a confidence threshold needs the CRF (crf=True)")
-        self.crf, self.confidence, self.crf_params = crf, confidence, crf_params or CrfParams()
+        if crf and refiner is not None:
+            raise ValueError("give either crf=True or a refiner, not both")
+        self.refiner = CrfRefiner(confidence, crf_params) if crf else refiner
         self.autocast = autocast
         self.keep_attention = keep_attention
         self.text: TextFeatures = encode_class_set(clip, class_set)
@@ -143,7 +149,7 @@ class Labeler:
         image = to_rgb_or_gray(image)
         tensor = preprocess(image, self.clip.patch_size, self.max_side)
         indices = None if labels is None else self.class_indices(labels)
-        rgb = np.asarray(image.convert("RGB")) if self.crf else None
+        rgb = np.asarray(image.convert("RGB")) if self.refiner is not None else None
         return PreparedImage(tensor, (image.height, image.width), indices, rgb)
 
     def label(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> LabelResult:
@@ -225,19 +231,22 @@ class Labeler:
             span = slice(spans[i], spans[i + 1])
             refined_low = refine_cams(affinity[i], cams[span], boxes[span])
             refined = upsample(refined_low, p.size)
-            mask = None if self.crf else pseudo_mask(refined, class_ids[span], self.bg_power)
+            mask = None if self.refiner is not None else pseudo_mask(refined, class_ids[span], self.bg_power)
             queued.append((refined_low, refined, mask))
+        pixel = self._refine_on_device(group, [q[1] for q in queued], [class_ids[spans[i]:spans[i + 1]]
+                                                                      for i in range(len(group))])
 
         out = []
         for i, (p, lab, (refined_low, refined, mask)) in enumerate(zip(group, labels, queued, strict=True)):
             span, k = slice(spans[i], spans[i + 1]), len(lab)
             refined_np = refined.cpu().numpy()
             confidence = None
-            if self.crf:
-                if p.rgb is None:
-                    raise ValueError("the CRF needs the original pixels: prepare images with this Labeler")
-                mask_np, confidence = crf_labels(p.rgb, refined_np, lab, self.bg_power, self.confidence,
-                                                 self.crf_params)
+            if isinstance(self.refiner, HostRefiner):
+                mask_np, confidence = self.refiner.refine_image(self._rgb(p), refined_np,
+                                                                np.asarray(lab, dtype=np.int64), self.bg_power)
+            elif pixel is not None:
+                mask_np = pixel[i].mask.cpu().numpy()
+                confidence = None if pixel[i].confidence is None else pixel[i].confidence.cpu().numpy()
             else:
                 mask_np = mask.cpu().numpy()
             prob = probs[spans[i], : k + len(self.text.bg)] if k else probs.new_zeros(0)
@@ -248,6 +257,21 @@ class Labeler:
                 probs=prob.cpu().numpy(), input_size=(images.shape[-2], images.shape[-1]),
                 label_source=sources[i], scores=scores[i], threshold=thresholds[i]))
         return out
+
+    @staticmethod
+    def _rgb(p: PreparedImage) -> np.ndarray:
+        if p.rgb is None:
+            raise ValueError("a pixel refiner needs the original pixels: prepare images with this Labeler")
+        return p.rgb
+
+    def _refine_on_device(self, group: list[PreparedImage], refined: list[Tensor], class_ids: list[Tensor]
+                          ) -> list[Refined] | None:
+        """A device refiner's results for the group (queued on the device like the rest), else None."""
+        if not isinstance(self.refiner, DeviceRefiner):
+            return None
+        device = refined[0].device if refined else self.clip.device
+        images = [torch.tensor(self._rgb(p), device=device) for p in group]
+        return self.refiner.refine(images, [r.float() for r in refined], class_ids, self.bg_power)
 
     def _pairs(self, labels: list[list[int]]) -> CamPairs | None:
         """The (image, class) pairs of a group and each image's text set: its classes, then background."""
