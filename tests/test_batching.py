@@ -54,7 +54,7 @@ class _FakeLabeler:
     def __init__(self, fits: int) -> None:
         self.fits, self.calls = fits, []
 
-    def label_prepared(self, chunk):
+    def label_prepared(self, chunk, skip_unusable: bool = False):
         if len(chunk) > self.fits:
             raise torch.OutOfMemoryError("fake")
         self.calls.append(len(chunk))
