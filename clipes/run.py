@@ -21,7 +21,6 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .crf import crf_labels, require_pydensecrf
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import load_split
 from .distributed import DistInfo, broadcast_from_rank0, gather_to_rank0, process_group
@@ -33,6 +32,7 @@ from .model import ClipModel, cpu_has_fast_bf16, load_clip, resolve_device
 from .output import OutputError, RunOutput, check_outside, check_writable
 from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
+from .refiners import HostRefiner, Refiner, make_refiner
 from .tagging import tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
@@ -46,9 +46,11 @@ class LabelConfig:
 
     ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
     ``workers`` None is automatic: up to 8 DataLoader processes per GPU, 1 on the CPU (see
-    ``decode_workers``). ``crf_workers`` 0 is automatic: a process pool on the CPU cores that the
-    DataLoader and the main process leave, when at least two are left; else the CRF runs in the
-    main process.
+    ``decode_workers``). ``refine`` names the pixel refiner (``clipes.refiners``: crf, par; None:
+    none); ``confidence`` is the CRF's option, ``par_bg_high`` / ``par_bg_low`` PAR's (None: the
+    refiner's default). ``crf_workers`` 0 is automatic: a process pool on the CPU cores that the
+    DataLoader and the main process leave, when at least two are left, for a refiner that runs on
+    the host (the CRF); else it runs in the main process.
     """
 
     images: Path | None
@@ -68,8 +70,10 @@ class LabelConfig:
     overwrite: bool = False
     batch_size: int | None = None
     workers: int | None = None
-    crf: bool = False
+    refine: str | None = None
     confidence: float | None = None
+    par_bg_high: float | None = None
+    par_bg_low: float | None = None
     crf_workers: int = 0
     dataset: str | None = None
     split: str = "train"
@@ -236,12 +240,17 @@ def decode_workers(requested: int | None, device: torch.device, world: int = 1) 
     return max(1, min(8, (os.cpu_count() or 1) // world - 1))
 
 
+def _refiner(cfg: LabelConfig) -> Refiner | None:
+    """The pixel refiner ``cfg`` asks for; an option of another refiner is refused by its flag."""
+    return make_refiner(cfg.refine, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low)
+
+
 @contextmanager
-def _crf_pool(cfg: LabelConfig, decoders: int) -> Iterator[ProcessPoolExecutor | None]:
-    """Processes for the dense CRF (CPU-bound, one image each), or None without ``--crf``."""
+def _crf_pool(refiner: Refiner | None, cfg: LabelConfig, decoders: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Processes for a host refiner such as the dense CRF (CPU-bound, one image each), else None."""
     workers = cfg.crf_workers or (os.cpu_count() or 1) - decoders - 1
-    if not cfg.crf or workers < (1 if cfg.crf_workers else 2):
-        yield None  # no CRF, or too few spare cores for a pool to pay off: the engine runs it in-process
+    if not isinstance(refiner, HostRefiner) or workers < (1 if cfg.crf_workers else 2):
+        yield None  # none, on the device, or too few spare cores for a pool to pay off: the engine runs it
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         yield pool
@@ -250,23 +259,23 @@ def _crf_pool(cfg: LabelConfig, decoders: int) -> Iterator[ProcessPoolExecutor |
 def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[_Item], class_set, dtype_name: str,
                 device: torch.device, dist_info: DistInfo, out: RunOutput, manifest: dict,
                 summary: RunSummary) -> None:
-    """Run the batched engine over ``todo``, the CRF in a process pool if it pays."""
+    """Run the batched engine over ``todo``, a host refiner (the CRF) in a process pool if it pays."""
+    refiner = _refiner(cfg)
     batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
     decoders = decode_workers(cfg.workers, device, dist_info.world)
     sizes = [probe_input_size(it.path, clip.patch_size, cfg.max_side, cfg.exif_transpose) for it in todo]
     dataset = ImageFolderDataset([(it.stem, it.path, it.labels) for it in todo], clip.patch_size, cfg.max_side,
-                                 cfg.exif_transpose, keep_image=cfg.overlays or cfg.crf)
+                                 cfg.exif_transpose, keep_image=cfg.overlays or refiner is not None)
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                         num_workers=decoders, pin_memory=device.type == "cuda")
-    with _crf_pool(cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
+    with _crf_pool(refiner, cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
         labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                           zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
-                          per_pair_backward=cfg.per_pair_backward, crf=cfg.crf and pool is None,
-                          confidence=cfg.confidence if pool is None else None,
+                          per_pair_backward=cfg.per_pair_backward, refiner=refiner if pool is None else None,
                           autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
 
         def crf(rgb, result: LabelResult) -> Future:
-            return pool.submit(crf_labels, rgb, result.cam_refined, result.labels, cfg.bg_power, cfg.confidence)
+            return pool.submit(refiner.refine_image, rgb, result.cam_refined, result.labels, cfg.bg_power)
 
         _run_batches(loader, {it.stem: it for it in todo}, _BatchSizer(labeler, batch_size), out, class_set.classes,
                      summary, progress, lambda: out.flush(manifest), None if pool is None else crf)
@@ -297,10 +306,9 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     check_outside(cfg.images, cfg.out)
     check_writable(cfg.out)
     dtype_name = cfg.dtype or "float32"
-    if cfg.confidence is not None and not cfg.crf:
-        raise ClipesError("--confidence needs --crf (it thresholds the CRF's probabilities)")
-    if cfg.crf:
-        require_pydensecrf()
+    refiner = _refiner(cfg)
+    if refiner is not None:
+        refiner.check()
     if dtype_name not in DTYPES:
         raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)
@@ -332,8 +340,8 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
             "zero_shot_threshold": cfg.zero_shot_threshold if given is None else None,
             "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold) if given is None else None,
             "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
-            "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose, "crf": cfg.crf,
-            "confidence": cfg.confidence}
+            "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose,
+            "refiner": None if (refiner := _refiner(cfg)) is None else refiner.settings()}
 
 
 def _open(out: RunOutput, dist_info: DistInfo) -> None:

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from ..errors import ClipesError
 from ..model import MODEL_ENV, resolve_device
+from ..refiners import REFINERS
 from ..run import LabelConfig, label_folder
 from .common import OneLineErrorGroup, finite, reported_errors
 from .evaluate import eval_command
@@ -45,6 +46,12 @@ def _max_side(value: int) -> int:
 def _batch_size(value: str) -> str:
     if value != "auto" and not (value.isdigit() and int(value) > 0):
         raise typer.BadParameter(f"{value!r} is neither a positive integer nor 'auto'")
+    return value
+
+
+def _refine(value: str | None) -> str | None:
+    if value is not None and value not in (*REFINERS, "none"):
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINERS)} or none")
     return value
 
 
@@ -107,7 +114,18 @@ def label(
         help="DataLoader processes decoding and resizing images \\[default: up to 8 per GPU, 1 on the CPU].",
         show_default=False, callback=finite(0))] = None,
     crf: Annotated[bool, typer.Option("--crf", help="Refine masks with the reference's dense CRF "
-                                                   "(pip install 'clipes\\[crf]').")] = False,
+                                                   "(pip install 'clipes\\[crf]'); the same as --refine crf.")] = False,
+    refine: Annotated[str | None, typer.Option(
+        help="Pixel refiner of the masks: crf (the reference's dense CRF, on the CPU), par (AFA's PAR, on "
+             "--device; 255 between its two background thresholds) or none \\[default: none].",
+        show_default=False, callback=_refine)] = None,
+    par_bg_high: Annotated[float | None, typer.Option(
+        help="With --refine par: the background score of the run that decides foreground, in \\[0, 1] "
+             "\\[default: 0.55, AFA's].", show_default=False, callback=finite(0, 1))] = None,
+    par_bg_low: Annotated[float | None, typer.Option(
+        help="With --refine par: the background score of the run that must agree on background (else 255), "
+             "in \\[0, 1], at most --par-bg-high \\[default: 0.35, AFA's].", show_default=False,
+        callback=finite(0, 1))] = None,
     crf_workers: Annotated[int, typer.Option(
         help="Processes running the CRF \\[0: the cores the DataLoader and main process leave, if two or more; "
              "else in-process].", callback=finite(0))] = 0,
@@ -124,12 +142,16 @@ def label(
 ) -> None:
     """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
     console = Console(stderr=True)
+    if crf and refine not in (None, "crf"):
+        with reported_errors(console):
+            raise ClipesError(f"--crf is --refine crf; it cannot go with --refine {refine}")
     cfg = LabelConfig(images=images, out=out, classes=classes, labels=labels, model=model, device=device,
                       dtype=dtype, bg_power=bg_power, box_threshold=box_threshold,
                       zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
-                      workers=workers, crf=crf, confidence=confidence, crf_workers=crf_workers, dataset=dataset,
+                      workers=workers, refine="crf" if crf else refine, confidence=confidence,
+                      par_bg_high=par_bg_high, par_bg_low=par_bg_low, crf_workers=crf_workers, dataset=dataset,
                       split=split, split_file=split_file, tagger=tagger)
     with reported_errors(console):
         summary = label_folder(cfg, console)

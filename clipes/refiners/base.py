@@ -58,6 +58,11 @@ class Refiner(ABC):
     def spelling(cls) -> str:
         return f"--refine {cls.name}"
 
+    def check(self) -> None:
+        """Raise a ``ClipesError`` when this refiner cannot run here (a missing package); called
+        before a run writes anything."""
+        return None
+
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """What identifies this refiner's masks (name and parameters), for a run's manifest."""

@@ -117,10 +117,12 @@ class CrfRefiner(HostRefiner):
     def spelling(cls) -> str:
         return "--crf"
 
+    def check(self) -> None:
+        require_pydensecrf()
+
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, "confidence": self.confidence, **asdict(self.params)}
 
     def refine_image(self, image: np.ndarray, cams: np.ndarray, labels: np.ndarray,
                      bg_power: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
-        require_pydensecrf()
         return crf_labels(image, cams, labels, bg_power, self.confidence, self.params)
