@@ -15,6 +15,8 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,7 +28,8 @@ from .labeler import LabelResult
 from .masks import mask_to_png, overlay
 from .provenance import settings_key
 
-__all__ = ["OutputError", "RunOutput", "atomic_write", "check_outside", "check_writable", "encode_image"]
+__all__ = ["OutputError", "RunOutput", "atomic_write", "check_outside", "check_writable", "encode_image",
+           "folder_lock"]
 
 try:
     import fcntl
@@ -86,6 +89,45 @@ def check_writable(out: Path) -> None:
         raise OutputError(what)
     if not os.access(target, os.W_OK | os.X_OK) or os.statvfs(target).f_flag & os.ST_RDONLY:
         raise OutputError(f"--out {out}: {target} is not writable")
+
+
+def _take_lock(folder: Path) -> IO[str] | None:
+    """Lock ``folder`` for this process (``folder/.clipes/lock``), or say who holds it; None without fcntl.
+
+    The lock is the kernel's (flock): it goes with the process, so a killed run leaves none behind.
+    """
+    if fcntl is None:
+        return None
+    path = folder / RunOutput.STATE / "lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until released
+    except OSError as e:
+        raise OutputError(f"cannot write to {folder}: {e.strerror or e}") from e
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise OutputError(f"{folder} is being written by another clipes run ({holder}); wait for it to "
+                          "finish or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """One writer at a time in ``folder``: a second clipes run into it is refused with a message."""
+    held = _take_lock(folder)
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.close()
 
 
 # what each kind of output is called, relative to the run folder
@@ -213,7 +255,7 @@ class RunOutput:
         try:
             state.mkdir(parents=True, exist_ok=True)
             if self.rank == 0:
-                self._take_lock(state / "lock")
+                self._lock = _take_lock(self.root)
                 if self.overwrite:
                     self._clear()
             name = "records.jsonl" if self.world == 1 else f"records.rank{self.rank}.jsonl"
@@ -221,24 +263,6 @@ class RunOutput:
         except OSError as e:
             self.close()
             raise OutputError(f"cannot write to {self.root}: {e.strerror or e}") from e
-
-    def _take_lock(self, path: Path) -> None:
-        if fcntl is None:
-            return
-        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held until close()
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise OutputError(f"{self.root} is being written by another clipes run ({holder}); wait for it to "
-                              "finish or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        self._lock = f
 
     def _clear(self) -> None:
         """``overwrite``: remove every output and record of earlier runs, and what was derived from them."""
@@ -286,6 +310,8 @@ class RunOutput:
                "outputs": {kind: len(data) for kind, data in files.items()}}
         if result.scores:
             rec["scores"] = result.scores
+        if result.threshold is not None:
+            rec["threshold"] = round(result.threshold, 8)
         line = json.dumps(rec) + "\n"
         with self._mutex:
             if self._journal is None:
@@ -305,6 +331,8 @@ class RunOutput:
             entry: dict[str, Any] = {"labels": rec["labels"], "source": rec["source"], "file": rec["input"]["file"]}
             if "scores" in rec:
                 entry["scores"] = rec["scores"]
+            if "threshold" in rec:
+                entry["threshold"] = rec["threshold"]
             labels[stem] = entry
         return (json.dumps(labels, indent=1) + "\n").encode()
 

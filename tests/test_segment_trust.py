@@ -245,3 +245,30 @@ def test_help_texts_render_fully():
     for flag in ("--flip", "--overwrite", "--resume"):
         assert f"{flag} <bool>" not in " ".join(seg.split()) and f"{flag} <bool>" not in train
     assert "--flip" in seg
+
+
+def _held(folder: Path):
+    """Hold ``folder``'s writer lock as a running clipes would."""
+    import fcntl
+
+    (folder / ".clipes").mkdir(parents=True, exist_ok=True)
+    f = open(folder / ".clipes" / "lock", "a+")  # noqa: SIM115 - closed by the caller
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.write("pid 777\n")
+    f.flush()
+    return f
+
+
+def test_a_second_writer_is_refused(data, run, tmp_path):
+    out = tmp_path / "seg"
+    with _held(out):
+        _fails(runner.invoke(app, _args(data, out)), "being written by another clipes run (pid 777)")
+        assert not (out / "last.pt").exists()
+    pred = tmp_path / "pred"
+    with _held(pred):
+        _fails(runner.invoke(app, ["segment", str(data / "images"), "--checkpoint", str(run / "last.pt"),
+                                   "--out", str(pred), "--device", "cpu"]), "being written by another clipes run")
+        assert not list(pred.glob("*.png"))
+    res = runner.invoke(app, ["segment", str(data / "images"), "--checkpoint", str(run / "last.pt"), "--out",
+                              str(pred), "--device", "cpu"])
+    assert res.exit_code == 0, res.output  # the lock goes with the process that held it

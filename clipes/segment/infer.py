@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ClipesError
 from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
-from ..output import atomic_write, check_outside, encode_image
+from ..output import atomic_write, check_outside, encode_image, folder_lock
 from ..provenance import file_digest, input_stamp
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
@@ -154,6 +154,15 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
         raise ClipesError(f"--out {out} holds predictions made with other settings ({', '.join(changed) or 'all'}); "
                           "use --overwrite to redo them or choose another --out")
     model, cfg, _ = load_segmenter(checkpoint, device)
+    with folder_lock(out):
+        return _segment_all(model, cfg, items, images, out, device, scales, flip, overwrite, progress, save_every,
+                            settings, previous)
+
+
+def _segment_all(model, cfg, items, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],
+                 flip: bool, overwrite: bool, progress, save_every: float, settings: dict[str, Any],
+                 previous: dict[str, Any] | None) -> tuple[int, int, list[str]]:
+    record_path = out / RECORD
     done_before: dict[str, Any] = {} if overwrite or previous is None else dict(previous["images"])
     if overwrite and previous is not None:  # predictions of images that are gone from the input go too
         current = {stem for stem, _ in items}

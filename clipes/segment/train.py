@@ -12,7 +12,7 @@ import os
 import random
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from ..errors import ClipesError
 from ..evaluate import confusion, scores
 from ..masks import IGNORE, class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
-from ..output import atomic_write
+from ..output import atomic_write, folder_lock
 from ..prompts import load_class_set
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
@@ -126,8 +126,11 @@ def load_checkpoint(path: str | Path) -> dict:
     return read_checkpoint(path)
 
 
-def _prepare_run_folder(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
-    """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it)."""
+def _prepare_run_folder(out: Path, cfg: TrainConfig, info: DistInfo, held: ExitStack) -> None:
+    """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it).
+
+    Rank 0 then locks the folder for the rest of the run (``held``): one run writes into it at a time.
+    """
     if out.exists() and not out.is_dir():
         raise ClipesError(f"--out {out} is a file, not a folder")
     found = [name for name in RUN_FILES if (out / name).exists()]
@@ -138,6 +141,8 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, info: DistInfo) -> None:
     elif found and not cfg.overwrite:
         raise ClipesError(f"--out {out} already holds a training run ({', '.join(found)}); use --resume to continue "
                           "it, --overwrite to replace it, or another --out")
+    if info.is_main:
+        held.enter_context(folder_lock(out))
     if info.world > 1:
         dist.barrier()  # every rank has looked before rank 0 removes or writes anything
     if cfg.overwrite and info.is_main:
@@ -209,11 +214,13 @@ def train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
     if cfg.model.startswith("clip") and cfg.clip_model is None:  # record what was used, for `clipes segment`
         cfg.clip_model = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     device = resolve_device(cfg.device)
-    with process_group(device) as (device, info):
-        return _train(cfg, console, device, info)
+    with process_group(device) as (device, info), ExitStack() as held:
+        return _train(cfg, console, device, info, held)
 
 
-def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo,
+           held: ExitStack) -> dict[str, Any]:
+    """``held`` keeps rank 0's lock on the run folder until training ends."""
     out = Path(cfg.out)
     class_set = load_class_set(cfg.classes)
     num_classes = len(class_set) + 1
@@ -225,7 +232,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     if not items:
         raise ClipesError("no training images: give --images and --masks, or --dataset with --root")
     val_items = _items(cfg, val=True)
-    _prepare_run_folder(out, cfg, info)
+    _prepare_run_folder(out, cfg, info, held)
     last = out / "last.pt"
     ckpt = load_checkpoint(last) if cfg.resume else None
     if ckpt is not None:
