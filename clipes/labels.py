@@ -42,6 +42,8 @@ def _indices(names: list[str], class_set: ClassSet, where: str) -> list[int]:
 def _read_json_map(data: dict, class_set: ClassSet, path: Path) -> dict[str, list[int]]:
     out = {}
     for key, names in data.items():
+        if isinstance(names, dict) and "labels" in names:  # clipes tag's and clipes label's labels.json entries
+            names = names["labels"]
         if isinstance(names, str):
             names = [names]
         if not isinstance(names, list):
