@@ -172,3 +172,11 @@ def test_version_and_dataset_class_clash(tmp_path):
     assert res.exit_code == 0 and res.output.startswith("clipes ")
     res = runner.invoke(app, ["label", str(tmp_path), "--dataset", "voc", "--classes", "coco"])
     assert res.exit_code == 2 and "comes with its own class set" in res.output
+
+
+@pytest.mark.parametrize("command", ["label", "eval", "view", "train-seg", "segment", "tag", "prompts rank"])
+def test_flags_show_as_flags_in_help(command):
+    """A switch is written ``--flip``, not ``--flip <bool>`` (typer 0.29 printed a metavar for every flag)."""
+    res = runner.invoke(app, [*command.split(), "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "--help" in res.output, res.output
+    assert "<bool>" not in res.output
