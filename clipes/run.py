@@ -33,6 +33,7 @@ from .output import OutputError, RunOutput, check_outside, check_writable
 from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
 from .refiners import HostRefiner, Refiner, make_refiner
+from .refiners.crf_torch import with_crf_backend
 from .tagging import tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
@@ -50,7 +51,8 @@ class LabelConfig:
     none); ``confidence`` is the CRF's option, ``par_bg_high`` / ``par_bg_low`` PAR's (None: the
     refiner's default). ``crf_workers`` 0 is automatic: a process pool on the CPU cores that the
     DataLoader and the main process leave, when at least two are left, for a refiner that runs on
-    the host (the CRF); else it runs in the main process.
+    the host (the CRF); else it runs in the main process. ``crf_backend`` runs the CRF with torch
+    (on ``device``, batched) or pydensecrf (host CPU); None: torch on a GPU, pydensecrf on the CPU.
     """
 
     images: Path | None
@@ -75,6 +77,7 @@ class LabelConfig:
     par_bg_high: float | None = None
     par_bg_low: float | None = None
     crf_workers: int = 0
+    crf_backend: str | None = None
     dataset: str | None = None
     split: str = "train"
     split_file: Path | None = None
@@ -242,7 +245,8 @@ def decode_workers(requested: int | None, device: torch.device, world: int = 1) 
 
 def _refiner(cfg: LabelConfig) -> Refiner | None:
     """The pixel refiner ``cfg`` asks for; an option of another refiner is refused by its flag."""
-    return make_refiner(cfg.refine, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low)
+    refiner = make_refiner(cfg.refine, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low)
+    return with_crf_backend(refiner, cfg.crf_backend, resolve_device(cfg.device))
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from rich.markup import escape
 from ..errors import ClipesError
 from ..model import MODEL_ENV, resolve_device
 from ..refiners import REFINERS
+from ..refiners.crf_torch import CRF_BACKENDS
 from ..run import LabelConfig, label_folder
 from .common import OneLineErrorGroup, finite, reported_errors
 from .evaluate import eval_command
@@ -52,6 +53,12 @@ def _batch_size(value: str) -> str:
 def _refine(value: str | None) -> str | None:
     if value is not None and value not in (*REFINERS, "none"):
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINERS)} or none")
+    return value
+
+
+def _crf_backend(value: str | None) -> str | None:
+    if value is not None and value not in CRF_BACKENDS:
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CRF_BACKENDS)}")
     return value
 
 
@@ -129,6 +136,10 @@ def label(
     crf_workers: Annotated[int, typer.Option(
         help="Processes running the CRF \\[0: the cores the DataLoader and main process leave, if two or more; "
              "else in-process].", callback=finite(0))] = 0,
+    crf_backend: Annotated[str | None, typer.Option(
+        help="With --crf: torch (on --device, batched; no compiler or extra package) or pydensecrf (host CPU) "
+             "\\[default: torch on a GPU, pydensecrf on the CPU when installed].", show_default=False,
+        callback=_crf_backend)] = None,
     dataset: Annotated[str | None, typer.Option(
         help="voc or coco: IMAGES is the dataset root; images and labels come from --split.")] = None,
     split: Annotated[str, typer.Option(help="Dataset split (voc: train, val, train_aug, ...; coco: train, val).")
@@ -151,7 +162,8 @@ def label(
                       exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
                       workers=workers, refine="crf" if crf else refine, confidence=confidence,
-                      par_bg_high=par_bg_high, par_bg_low=par_bg_low, crf_workers=crf_workers, dataset=dataset,
+                      par_bg_high=par_bg_high, par_bg_low=par_bg_low, crf_workers=crf_workers, crf_backend=crf_backend,
+                      dataset=dataset,
                       split=split, split_file=split_file, tagger=tagger)
     with reported_errors(console):
         summary = label_folder(cfg, console)

@@ -121,7 +121,7 @@ class CrfRefiner(HostRefiner):
         require_pydensecrf()
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "confidence": self.confidence, **asdict(self.params)}
+        return {"name": self.name, "backend": "pydensecrf", "confidence": self.confidence, **asdict(self.params)}
 
     def refine_image(self, image: np.ndarray, cams: np.ndarray, labels: np.ndarray,
                      bg_power: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
