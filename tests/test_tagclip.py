@@ -120,10 +120,8 @@ def test_patch_level_intermediates_match_the_authors(outputs, stem):
         assert (ours[~same] == 0).sum() + (ref["attn_weight"][~same] == 0).sum() == (~same).sum()
 
 
-def test_labeler_tags_images_without_labels_with_tagclip(tiny_clip, voc):
-    if not TAGCLIP.is_dir():
-        pytest.skip("no TagCLIP golden data")
-    labeler = Labeler(tiny_clip, voc, tagger="tagclip")
+def test_labeler_tags_images_without_labels_with_tagclip(tiny_clip, voc, tagclip):
+    labeler = Labeler(tiny_clip, voc, tagger=tagclip)
     res = labeler.label(Image.open(GOLDEN / "images" / "chelsea.png"))
     ref = golden("chelsea")
     assert res.labels.tolist() == ref["labels"].tolist() and res.label_source == "tagclip"
@@ -212,7 +210,7 @@ def test_global_tagger_reuses_or_recomputes_the_trunk(tiny_clip, voc):
     assert alone.labels == shared.labels and alone.thresholds == [0.05, 0.05]
 
 
-def test_bad_inputs_get_clear_errors(tiny_clip, voc, tmp_path):
+def test_bad_inputs_get_clear_errors(tiny_clip, voc, tagclip, tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("cat\n")
     with pytest.raises(TaggerError, match="needs at least 2"):
@@ -223,7 +221,7 @@ def test_bad_inputs_get_clear_errors(tiny_clip, voc, tmp_path):
         load_class_set(empty)
     with pytest.raises(TaggerError, match="--tagger 'nope'"):
         Labeler(tiny_clip, voc, tagger="nope")
-    labeler = Labeler(tiny_clip, voc, tagger="tagclip")
+    labeler = Labeler(tiny_clip, voc, tagger=tagclip)
     with pytest.raises(TaggerError, match="too small for TagCLIP.*16x32 px"):
         labeler.label(Image.new("RGB", (12, 30)))
     assert labeler.label(Image.new("RGB", (12, 30)), ["cat"]).labels.tolist() == [7]  # labels given: fine
