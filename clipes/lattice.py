@@ -174,11 +174,12 @@ def _sorted_runs(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return perm, first.nonzero().squeeze(1), torch.cumsum(first.long(), 0) - 1
 
 
-def build_lattice(features: Tensor, image: Tensor | None = None) -> Lattice:
+def build_lattice(features: Tensor, image: Tensor | None = None, gpu_layout: bool | None = None) -> Lattice:
     """The lattice of ``features`` (N, d) float32; ``image`` (N,) int64 says which image each point is in.
 
     Points of different images never share a lattice point, so one lattice filters a batch of
-    images of any sizes as if each were filtered alone.
+    images of any sizes as if each were filtered alone. ``gpu_layout`` (default: off the CPU)
+    lays the sparse matrices out for cuSPARSE: 32-bit indices, sorted columns.
     """
     if features.ndim != 2 or features.shape[1] < 1 or features.shape[0] < 1:
         raise ValueError(f"features must be (N, d) with N, d >= 1, not {tuple(features.shape)}")
@@ -205,12 +206,21 @@ def build_lattice(features: Tensor, image: Tensor | None = None) -> Lattice:
     vertices[perm] = ids
     vertices = vertices.reshape(n, d + 1)
     crow = torch.cat([starts, torch.tensor([len(perm)], device=dev)])
+    # the slice visits a point's vertices in order, each weight times alpha first (the reference's order);
+    # cuSPARSE wants the columns of a row sorted, so on a GPU they are (the order of a sum of six changes)
+    slice_cols, slice_weights = vertices, bary * _alpha(d)
+    index = torch.int64
+    if dev.type != "cpu" if gpu_layout is None else gpu_layout:
+        slice_cols, order = vertices.sort(dim=1)
+        slice_weights = slice_weights.gather(1, order)
+        index = torch.int32 if n * (d + 1) < 2**31 else torch.int64  # cuSPARSE is faster on 32-bit indices
     with warnings.catch_warnings():  # CSR support is flagged beta; matrix-times-dense is all we use of it
         warnings.simplefilter("ignore", UserWarning)
-        splat_matrix = torch.sparse_csr_tensor(crow, perm // (d + 1), bary.reshape(-1)[perm], size=(m, n))
-        # the slice visits a point's vertices in order, each weight times alpha first (the reference's order)
-        slice_matrix = torch.sparse_csr_tensor(torch.arange(0, n * (d + 1) + 1, d + 1, device=dev),
-                                               vertices.reshape(-1), (bary * _alpha(d)).reshape(-1), size=(n, m + 1))
+        splat_matrix = torch.sparse_csr_tensor(crow.to(index), (perm // (d + 1)).to(index), bary.reshape(-1)[perm],
+                                               size=(m, n))
+        slice_matrix = torch.sparse_csr_tensor(torch.arange(0, n * (d + 1) + 1, d + 1, device=dev, dtype=index),
+                                               slice_cols.reshape(-1).to(index), slice_weights.reshape(-1),
+                                               size=(n, m + 1))
     neighbours = torch.full((d + 1, 2, m + 1), m, dtype=torch.int64, device=dev)
     arange = torch.arange(m, device=dev)
     for j in range(d + 1):
