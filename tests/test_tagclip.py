@@ -318,3 +318,11 @@ def test_label_without_labels_runs_tagclip_and_refuses_another_tagger(tmp_path, 
     again = runner.invoke(app, ["label", str(folder), "--out", str(out), "--model", model, "--device", "cpu",
                                 "--tagger", "global"])
     assert again.exit_code == 2 and "tagger" in again.output
+
+
+def test_patch_level_maths_stays_float32_under_autocast(tagclip):
+    image = preprocess(Image.open(GOLDEN / "images" / "chelsea.png").resize((96, 64)), 16)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tagclip.run(image)
+    assert out.logits_coarse.dtype == out.boxes.refined.dtype == out.logits_max.dtype == torch.float32
+    assert out.labels[0] == [c for c, v in enumerate(out.logits_max[0].tolist()) if v > float(out.thresholds[0])]

@@ -367,11 +367,13 @@ class TagCLIP(Tagger):
             raise TaggerError(for_reason)
         text = self.text.to(images.device)
         features, attn = encode_voted(visual, images)
-        coarse = ((self.logit_scale * features) @ text.T)[:, 1:].softmax(dim=-1)
-        smoothed = attn @ coarse
-        boxes = refine_in_boxes(smoothed, coarse, attn, grid)
-        best = boxes.refined.amax(dim=1)[:, : self.num_fg]
-        crops = crop_regions(boxes.refined, best, grid)
+        # the patch-level maths stays float32 under autocast (only the transformers run in low precision)
+        with torch.autocast(images.device.type, enabled=False):
+            coarse = ((self.logit_scale * features) @ text.T)[:, 1:].softmax(dim=-1)
+            smoothed = attn @ coarse
+            boxes = refine_in_boxes(smoothed, coarse, attn, grid)
+            best = boxes.refined.amax(dim=1)[:, : self.num_fg]
+            crops = crop_regions(boxes.refined, best, grid)
         final = best.clone()
         keeps, probs = self._reidentify(images, crops, final)
         labels, thresholds = relative_labels(final)
@@ -403,7 +405,8 @@ class TagCLIP(Tagger):
             for block in visual.transformer.resblocks:
                 x, _ = masked_block(block, x, mask)
             cls = project_tokens(visual, x[:, :1])[:, 0]
-            prob = ((self.logit_scale * cls) @ text.T).softmax(dim=-1)
+            with torch.autocast(images.device.type, enabled=False):
+                prob = ((self.logit_scale * cls) @ text.T).softmax(dim=-1)
             for (i, k), kp, pr in zip(jobs[s:s + self.crop_batch], keep, prob, strict=True):
                 scores[i, k] = MIX * scores[i, k] + (1 - MIX) * pr[k]
                 per_image_keep[i].append(kp)
