@@ -284,6 +284,8 @@ def test_tag_refuses_bad_inputs(tmp_path, folder, golden):
     assert res.exit_code == 2 and "no classes" in res.output
     res = runner.invoke(app, ["tag", str(folder), "--tagger", "nope", "--out", str(tmp_path / "t.json")])
     assert res.exit_code == 2 and "--tagger 'nope'" in res.output
+    res = runner.invoke(app, ["tag", str(folder), "--out", str(tmp_path), "--model", model])
+    assert res.exit_code == 2 and "is a folder" in res.output
     assert not (tmp_path / "t.json").exists()
 
 

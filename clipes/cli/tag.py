@@ -20,7 +20,7 @@ from ..errors import ClipesError
 from ..images import find_images
 from ..labels import read_labels
 from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import atomic_write, check_outside
+from ..output import atomic_write, check_outside, check_writable
 from ..prompts import ClassSet, load_class_set
 from ..tagging import TAGGERS, make_tagger, tagger_settings
 from ..tagging.folder import TagRun, labels_file_bytes, tag_images
@@ -59,6 +59,16 @@ def _truth(tagged: TagRun, gt: dict[str, list[int]], num_classes: int) -> tuple[
         truth[i, gt[s] if s in gt else gt[s.rsplit("/", 1)[-1]]] = 1
     scores = torch.stack([tagged.tagged[s].scores for s in stems])
     return scores, truth, len(tagged.tagged) - len(stems)
+
+
+def _write(path: Path, data: bytes, flag: str) -> None:
+    """Write atomically; a folder or an unwritable place is the user's ``flag`` error, not a traceback."""
+    if path.is_dir():
+        raise ClipesError(f"{flag} {path} is a folder; give a file name such as {path / 'tags.json'}")
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        raise ClipesError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
 
 
 def _report(console: Console, metrics: TagMetrics, title: str) -> None:
@@ -116,7 +126,10 @@ def tag_command(
                 raise ClipesError(f"--dataset {dataset} brings its own ground truth; drop --gt")
             truth = read_labels(gt, class_set)
         metrics_path = metrics_out or out.with_suffix(".metrics.json")
+        if out.is_dir():
+            raise ClipesError(f"--out {out} is a folder; give a file name such as {out / 'tags.json'}")
         check_outside(folder, out)
+        check_writable(out.parent)  # before minutes of tagging, not after
         if truth is not None:
             check_outside(folder, metrics_path)
         dev = resolve_device(device)
@@ -130,7 +143,7 @@ def tag_command(
                              max_side=max_side or None, exif_transpose=not ignore_exif, workers=workers,
                              advance=lambda n: progress.advance(task, n))
         seconds = time.perf_counter() - start
-        atomic_write(out, labels_file_bytes(run, class_set.classes))
+        _write(out, labels_file_bytes(run, class_set.classes), "--out")
     console.print(f"tagged {len(run.tagged)} image(s) in {seconds:.1f}s "
                   f"({len(run.tagged) / max(seconds, 1e-9):.2f} img/s), {len(run.failed)} skipped -> "
                   f"{escape(str(out))}", highlight=False)
@@ -143,7 +156,7 @@ def tag_command(
         metrics = tag_metrics(scores, onehot, class_set.classes)
         report = {"tagger": tagger_settings(tagger, class_set), "classes": class_set.name, "labels": str(out),
                   "images_without_ground_truth": without, **metrics.to_dict()}
-        atomic_write(metrics_path, (json.dumps(report, indent=1) + "\n").encode())
+        _write(metrics_path, (json.dumps(report, indent=1) + "\n").encode(), "--metrics")
     _report(Console(), metrics, f"{tagger} on {metrics.images} image(s)")
     if without:
         console.print(f"[yellow]{without} tagged image(s) have no ground truth[/] (not scored)", highlight=False)
