@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 3 and 5 ask for, in one run (about 6 minutes on an H100/H200).
+# The GPU measurements issues 3, 5 and 14 ask for, in one run (about 6 minutes on an H100/H200).
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, in the repo root: wheels and golden data to carry
 #   bash benchmarks/gpu_check.sh run       # on the GPU machine, with carry [".whl", ".golden"]
@@ -40,6 +40,12 @@ run() {
         --model .golden/tiny-clip-vit-b16-random.pt --json "$out/dtype_agreement_gpu_tiny.json"
     python3 benchmarks/dtype_agreement.py --device cuda --images .golden/images --labels .golden/labels.json \
         --model ViT-B-16 --json "$out/dtype_agreement_gpu_vitb16.json"
+    # issue 14: the torch dense CRF on the golden photos in batches of 16, then CLIP-ES's training labels
+    # (clipes label --crf --crf-backend torch --confidence 0.95) end to end, bf16, on VOC-sized JPEGs made
+    # from the golden photos (random colour fields would make the CRF's lattice 4x larger); bar: >= 150 img/s
+    python3 benchmarks/crf_backends.py --device cuda --backends torch --copies 16 --json "$out/crf_backends_gpu.json"
+    python3 benchmarks/label_folder.py --device cuda --dtype bfloat16 --images 2048 --warmup 256 --workers 12 \
+        --crf-backend torch --confidence 0.95 --photos .golden/images --json "$out/label_folder_gpu_bf16_crf_torch.json"
     # issue 5: ViT-B/16 + linear head, batch 16, crop 448, bf16
     python3 benchmarks/train_step.py --model clip-linear --clip-model ViT-B-16 --batch-size 16 --crop 448 --bf16 \
         --steps 20 --device cuda | tee "$out/train_step_gpu_vitb16_linear_bf16.json"
