@@ -142,12 +142,15 @@ def test_standalone_par_matches_the_authors(par_golden, stem):
 
 
 def test_refiner_batches_images_of_other_sizes_and_class_orders(par_golden):
-    """``ParRefiner.refine`` on a group (one image twice, another with its labels unsorted) = AFA's labels."""
-    stems = ["coffee", "chelsea", "coffee"]
+    """``ParRefiner.refine`` on a group = AFA's labels: coffee (labels unsorted) three times, in a batch of
+    two (the pixel budget holds two of its 200 x 300 working sizes) and one of one, and chelsea alone."""
+    stems = ["coffee", "chelsea", "coffee", "coffee"]
     inputs = [_inputs(s) for s in stems]
-    res = ParRefiner().refine([torch.from_numpy(r) for r, _, _ in inputs], [torch.from_numpy(c) for _, c, _ in inputs],
-                              [torch.from_numpy(lab) for _, _, lab in inputs])
+    res = ParRefiner(max_pixels=2 * 200 * 300 + 1).refine([torch.from_numpy(r) for r, _, _ in inputs],
+                                                         [torch.from_numpy(c) for _, c, _ in inputs],
+                                                         [torch.from_numpy(lab) for _, _, lab in inputs])
     assert list(inputs[0][2]) == [10, 4]  # not ascending: the refiner sorts the channels as AFA's keys are
+    assert torch.equal(res[0].mask, res[2].mask) and torch.equal(res[0].mask, res[3].mask)  # batching changes nothing
     for stem, r in zip(stems, res, strict=True):
         ref = _load(stem)
         assert r.mask.dtype == torch.uint8 and r.confidence is None
@@ -339,6 +342,8 @@ def test_cli_label_refine_par_masks_train(golden, tmp_path):
     assert res.exit_code == 2 and "other settings (refiner)" in res.output
     res = runner.invoke(app, [*base, "--crf", "--refine", "par"])
     assert res.exit_code == 2 and "--crf is --refine crf" in res.output
+    res = runner.invoke(app, [*base, "--refine", "densecrf"])
+    assert res.exit_code == 2 and "'densecrf': choose one of crf, par or none" in res.output
     res = runner.invoke(app, [*base, "--refine", "par", "--confidence", "0.9"])
     assert res.exit_code == 2 and "--confidence needs --crf, not --refine par" in res.output
 

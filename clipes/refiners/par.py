@@ -32,6 +32,8 @@ ITERATIONS = 10  # VOC (COCO: 15)
 W1 = 0.3  # temperature of both the colour and the position term
 W2 = 0.01  # weight of the position softmax
 BG_HIGH, BG_LOW = 0.55, 0.35  # AFA's background scores for pseudo labels
+# working-size pixels per batch: the affinity's intermediates take about 1 KB a pixel
+MAX_PIXELS = 2**20
 NORM_MEAN = (123.675, 116.28, 103.53)  # AFA's RGB normalisation
 NORM_STD = (58.395, 57.12, 57.375)
 # the 8 neighbours of a 3x3 stencil in raster order without the centre, (dy, dx), dy = row
@@ -199,14 +201,16 @@ class ParRefiner(DeviceRefiner):
 
     ``bg_high`` / ``bg_low``: the background channel of the two runs (AFA: 0.55 / 0.35); pixels
     whose high run says background but low run does not are 255. ``bg_power`` is not used: the
-    background is a constant score here, as in AFA.
+    background is a constant score here, as in AFA. Images of equal size and class count run as
+    one batch of at most ``max_pixels`` working-size pixels (an image larger than that alone);
+    batching does not change the numbers.
     """
 
     name = "par"
     flags: ClassVar[dict[str, str]] = {"bg_high": "--par-bg-high", "bg_low": "--par-bg-low"}
 
     def __init__(self, bg_high: float = BG_HIGH, bg_low: float = BG_LOW, dilations: Sequence[int] = DILATIONS,
-                 iterations: int = ITERATIONS) -> None:
+                 iterations: int = ITERATIONS, max_pixels: int = MAX_PIXELS) -> None:
         for key, value in (("bg_high", bg_high), ("bg_low", bg_low)):
             if not (math.isfinite(value) and 0 <= value <= 1):
                 raise RefinerError(f"{self.flags[key]} {value}: a background score must be in [0, 1]")
@@ -217,6 +221,7 @@ class ParRefiner(DeviceRefiner):
             raise RefinerError("PAR needs positive dilations and a non-negative number of iterations")
         self.bg_high, self.bg_low = float(bg_high), float(bg_low)
         self.dilations, self.iterations = tuple(int(d) for d in dilations), int(iterations)
+        self.max_pixels = max_pixels
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, "bg_high": self.bg_high, "bg_low": self.bg_low, "dilations": list(self.dilations),
@@ -231,7 +236,11 @@ class ParRefiner(DeviceRefiner):
                 raise ValueError(f"PAR takes (H, W, 3) images and (k, H, W) CAMs of the same size, not "
                                  f"{tuple(image.shape)} and {tuple(cam.shape)}")
             batches.setdefault((*image.shape[:2], cam.shape[0]), []).append(i)
+        chunks = []
         for (h, w, _), idx in batches.items():
+            step = max(1, self.max_pixels // math.prod(working_size(h, w)))
+            chunks += [(h, w, idx[i:i + step]) for i in range(0, len(idx), step)]
+        for h, w, idx in chunks:
             order = [labels[i].to(cams[i].device).argsort() for i in idx]
             cam = torch.stack([cams[i][o] for i, o in zip(idx, order, strict=True)])
             keys = torch.stack([torch.cat([labels[i].new_zeros(1), labels[i][o.to(labels[i].device)] + 1])
