@@ -47,12 +47,15 @@ def crf_unary_torch(cams: Tensor, bg_power: float = 1.0) -> Tensor:
     """``crf_unary`` on a (k, H, W) tensor: -log of [background, cams] in float16, as (H*W, k + 1) float32."""
     h, w = cams.shape[-2:]
     cams16 = cams.to(torch.float16)
+
+    def half(x: float) -> Tensor:
+        return torch.tensor(x, dtype=torch.float16, device=cams.device)
+
     if len(cams16):
-        bg = torch.pow(1 - cams16.amax(0, keepdim=True), torch.tensor(bg_power, dtype=torch.float16))
+        bg = torch.pow(1 - cams16.amax(0, keepdim=True), half(bg_power))
     else:
         bg = torch.ones(1, h, w, dtype=torch.float16, device=cams.device)
-    probs = torch.cat([bg, cams16]).clamp(torch.tensor(1e-5, dtype=torch.float16),
-                                          torch.tensor(1.0, dtype=torch.float16))
+    probs = torch.cat([bg, cams16]).clamp(half(1e-5), half(1.0))
     return (-torch.log(probs)).float().reshape(len(probs), -1).T
 
 
