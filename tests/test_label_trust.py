@@ -232,10 +232,10 @@ def test_a_full_disk_stops_with_a_message_and_a_rerun_resumes(tmp_path, images, 
 def test_out_of_memory_on_the_cpu_skips_the_image(tmp_path, images, model, monkeypatch):  # noqa: F811
     real = Labeler.label_prepared
 
-    def tight_memory(self, prepared):
+    def tight_memory(self, prepared, **options):
         if any(p.size == (100, 150) for p in prepared):  # chelsea.jpg: "too large" for this machine
             torch.empty(1 << 60, dtype=torch.uint8)  # the CPU allocator's own error
-        return real(self, prepared)
+        return real(self, prepared, **options)
 
     monkeypatch.setattr(Labeler, "label_prepared", tight_memory)
     out = tmp_path / "out"
