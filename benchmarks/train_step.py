@@ -31,9 +31,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     device = resolve_device(args.device)
-    cfg = TrainConfig(model=args.model, clip_model=args.clip_model, freeze_backbone=not args.finetune).resolved()
-    model = build_segmenter(args.model, 21, clip_model=args.clip_model, freeze_backbone=not args.finetune,
-                            backbone_weights="random").to(device).train()
+    # the preset decides what trains (DeepLab: the whole network, backbone BatchNorm frozen); --finetune the CLIP ViT
+    cfg = TrainConfig(model=args.model, clip_model=args.clip_model,
+                      freeze_backbone=False if args.finetune else None).resolved()
+    model = build_segmenter(args.model, 21, clip_model=args.clip_model, freeze_backbone=cfg.freeze_backbone,
+                            backbone_weights="random", freeze_bn=cfg.freeze_bn).to(device).train()
     opt = _optimizer(model, cfg)
     x = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device)
     y = torch.randint(0, 21, (args.batch_size, args.crop, args.crop), device=device)
