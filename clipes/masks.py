@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["IGNORE", "class_argmax", "mask_to_png", "overlay", "pseudo_mask", "voc_palette"]
+__all__ = ["IGNORE", "class_argmax", "mask_to_png", "overlay", "pseudo_mask", "threshold_mask", "voc_palette"]
 
 IGNORE = 255
 
@@ -28,6 +28,21 @@ def pseudo_mask(cams: Tensor, labels: Tensor, bg_power: float = 1.0) -> Tensor:
     if cams.shape[0] == 0:
         return torch.zeros(cams.shape[1:], dtype=torch.uint8, device=cams.device)
     bg = (1 - cams.max(dim=0, keepdim=True).values).pow(bg_power)
+    return _label_map(bg, cams, labels)
+
+
+def threshold_mask(cams: Tensor, labels: Tensor, threshold: float) -> Tensor:
+    """argmax over [threshold, cams]: background where no class map exceeds ``threshold``.
+
+    The reference's other evaluation mode (``eval_cam.py`` with ``cam_eval_thres < 1``): a constant
+    background score, searched over 0.05 to 0.6. Ties go to the background, as ``np.argmax`` does.
+    """
+    if cams.shape[0] == 0:
+        return torch.zeros(cams.shape[1:], dtype=torch.uint8, device=cams.device)
+    return _label_map(torch.full_like(cams[:1], threshold), cams, labels)
+
+
+def _label_map(bg: Tensor, cams: Tensor, labels: Tensor) -> Tensor:
     index = class_argmax(torch.cat([bg, cams], dim=0))
     keys = torch.cat([labels.new_zeros(1), labels + 1]).to(cams.device)
     return keys[index].to(torch.uint8)

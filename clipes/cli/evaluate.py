@@ -18,7 +18,7 @@ from rich.table import Table
 
 from ..errors import ClipesError
 from ..evaluate import bar_chart, evaluate, open_ground_truth, read_label_png
-from ..masks import pseudo_mask
+from ..masks import pseudo_mask, threshold_mask
 from ..output import atomic_write, encode_image
 from .common import positive_floats, reported_errors, run_class_set
 
@@ -37,15 +37,20 @@ class _Masks:
         return read_label_png(path) if path.is_file() else None
 
 
-class _Cams(_Masks):
-    """Masks made from a run's saved CAMs (``cams/<stem>.npz``) with background power ``power``."""
+# the two ways the reference scores background from saved CAMs (eval_cam.py): a power of 1 - max, or a constant
+_BACKGROUND = {"power": ("background power", pseudo_mask), "threshold": ("background threshold", threshold_mask)}
 
-    def __init__(self, folder: Path, power: float) -> None:
+
+class _Cams(_Masks):
+    """Masks made from a run's saved CAMs (``cams/<stem>.npz``): background power or threshold ``value``."""
+
+    def __init__(self, folder: Path, mode: str, value: float) -> None:
         super().__init__(folder)
-        self.power = power
+        self.name, self.make = _BACKGROUND[mode]
+        self.value = value
 
     def where(self, stem: str) -> str:
-        return f"{self.folder / f'{stem}.npz'} (background power {self.power:g})"
+        return f"{self.folder / f'{stem}.npz'} ({self.name} {self.value:g})"
 
     def __call__(self, stem: str) -> np.ndarray | None:
         path = self.folder / f"{stem}.npz"
@@ -61,7 +66,7 @@ class _Cams(_Masks):
         if cams.ndim != 3 or labels.ndim != 1 or len(cams) != len(labels) or not np.isfinite(cams).all():
             raise ClipesError(f"{path}: 'cam_refined' {cams.shape} and 'labels' {labels.shape} are not one finite "
                               "map per label; delete it and rerun clipes label --save-cams")
-        return pseudo_mask(torch.from_numpy(cams), torch.from_numpy(labels.astype(np.int64)), self.power).numpy()
+        return self.make(torch.from_numpy(cams), torch.from_numpy(labels.astype(np.int64)), self.value).numpy()
 
 
 def _write(path: Path, data: bytes, flag: str) -> None:
@@ -92,6 +97,12 @@ def _powers(value: str | None) -> str | None:
     return value
 
 
+def _thresholds(value: str | None) -> str | None:
+    if value is not None and any(t >= 1 for t in positive_floats(value)):
+        raise typer.BadParameter(f"{value!r}: background thresholds are CAM scores, each in (0, 1)")
+    return value
+
+
 def _report(console: Console, names: list[str], ev, title: str) -> None:
     sc = ev.scores
     table = Table(title=title)
@@ -116,6 +127,9 @@ def eval_command(
     search_bg_power: Annotated[str | None, typer.Option(
         help="Comma-separated background powers t > 0 to try on the run's saved CAMs (cams/, --save-cams); "
              "the reference searches 1,2.", callback=_powers)] = None,
+    search_bg_threshold: Annotated[str | None, typer.Option(
+        help="Comma-separated constant background scores in (0, 1) to try on the saved CAMs instead (the "
+             "reference's other mode searches 0.05,0.1,...,0.6).", callback=_thresholds)] = None,
 ) -> None:
     """Score masks against ground truth: per-class IoU, mIoU, pixel accuracy, precision and recall."""
     console = Console(stderr=True)
@@ -131,12 +145,17 @@ def eval_command(
         is_run = (pred / "masks").is_dir()
         stems = truth.stems()
         results = {}
+        if search_bg_power and search_bg_threshold:
+            raise ClipesError("--search-bg-power and --search-bg-threshold are two ways to score background: "
+                              "give one")
+        mode, flag, search = ("power", "--search-bg-power", search_bg_power) if search_bg_power else \
+            ("threshold", "--search-bg-threshold", search_bg_threshold)
         with Progress(console=console, transient=True) as progress:
-            if search_bg_power:
+            if search:
                 if not (pred / "cams").is_dir():
-                    raise ClipesError(f"{pred}/cams not found: --search-bg-power needs a run made with --save-cams")
-                for t in positive_floats(search_bg_power):
-                    reader = _Cams(pred / "cams", t)
+                    raise ClipesError(f"{pred}/cams not found: {flag} needs a run made with --save-cams")
+                for t in positive_floats(search):
+                    reader = _Cams(pred / "cams", mode, t)
                     results[t] = evaluate(reader, truth, stems, len(names), progress, reader.where)
                 best = max(results, key=lambda t: results[t].scores.miou)
                 ev = results[best]
@@ -146,23 +165,24 @@ def eval_command(
         if not ev.per_image:
             raise ClipesError(f"no prediction in {pred} matches a ground-truth image in {gt}")
 
-    if search_bg_power:
-        table = Table(title="background power search")
-        table.add_column("t", justify="right")
+    symbol = "t" if mode == "power" else "threshold"
+    if search:
+        table = Table(title=f"background {mode} search")
+        table.add_column(symbol, justify="right")
         table.add_column("mIoU", justify="right")
         for t, r in results.items():
             table.add_row(f"{t:g}", f"{100 * r.scores.miou:.2f}" + (" (best)" if t == best else ""))
         console.print(table)
-    title = f"{len(ev.per_image)} image(s), {pred}" + (f", t = {best:g}" if search_bg_power else "")
+    title = f"{len(ev.per_image)} image(s), {pred}" + (f", {symbol} = {best:g}" if search else "")
     _report(console, names, ev, title)
     if ev.missing:
         console.print(f"[yellow]{len(ev.missing)} ground-truth image(s) have no prediction[/] (not scored): "
                       + escape(", ".join(ev.missing[:5])) + (" ..." if len(ev.missing) > 5 else ""))
     report = {**ev.scores.to_dict(names), "images": len(ev.per_image), "missing": ev.missing,
               "per_image_miou": ev.per_image, "prediction": str(pred), "ground_truth": str(gt)}
-    if search_bg_power:
-        report["bg_power_search"] = {f"{t:g}": r.scores.miou for t, r in results.items()}
-        report["bg_power"] = best
+    if search:
+        report[f"bg_{mode}_search"] = {f"{t:g}": r.scores.miou for t, r in results.items()}
+        report[f"bg_{mode}"] = best
     json_out = json_out or (pred / "eval.json" if is_run else None)
     plot = plot or (pred / "eval_iou.png" if is_run else None)
     with reported_errors(console):
