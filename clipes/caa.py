@@ -21,18 +21,23 @@ def sinkhorn_affinity(attn: Tensor, rounds: int = 3) -> Tensor:
     return t @ t
 
 
-def _components(binary: Tensor) -> Tensor:
+def _components(binary: Tensor, rounds_per_check: int = 8) -> Tensor:
     """8-connected components of (P, h, w) booleans: every pixel of a region carries the region's
-    largest flat index + 1 (0 on background). Label propagation by 3x3 max-pooling, on any device."""
+    largest flat index + 1 (0 on background). Label propagation by 3x3 max-pooling, on any device.
+
+    Propagation past the fixed point changes nothing, so convergence is checked only every
+    ``rounds_per_check`` rounds: each check waits for the device, the rounds between do not.
+    """
     h, w = binary.shape[1:]
     ids = torch.arange(1, h * w + 1, device=binary.device, dtype=torch.float32).view(1, h, w)
     mask = binary.float()
     labels = ids * mask
     while True:
-        grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * mask
-        if torch.equal(grown, labels):
+        before = labels
+        for _ in range(rounds_per_check):
+            labels = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * mask
+        if torch.equal(before, labels):
             return labels.long()
-        labels = grown
 
 
 def _boxes_mask(binary: Tensor) -> Tensor:

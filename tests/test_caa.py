@@ -144,3 +144,12 @@ def test_class_argmax_is_argmax_with_first_maximum_on_ties():
     expected = np.argmax(scores.numpy(), axis=0)  # numpy, as the reference: first maximum wins
     np.testing.assert_array_equal(class_argmax(scores).numpy(), expected)
     np.testing.assert_array_equal(class_argmax(scores).numpy(), scores.argmax(0).numpy())
+
+
+@pytest.mark.parametrize("rounds", [1, 3, 8])
+def test_components_do_not_depend_on_how_often_convergence_is_checked(rounds):
+    from clipes.caa import _components
+
+    g = torch.Generator().manual_seed(rounds)
+    binary = torch.rand((4, 23, 31), generator=g) > 0.45
+    np.testing.assert_array_equal(_components(binary, rounds).numpy(), _components(binary, 1).numpy())
