@@ -272,3 +272,14 @@ def test_a_second_writer_is_refused(data, run, tmp_path):
     res = runner.invoke(app, ["segment", str(data / "images"), "--checkpoint", str(run / "last.pt"), "--out",
                               str(pred), "--device", "cpu"])
     assert res.exit_code == 0, res.output  # the lock goes with the process that held it
+
+
+def test_confidence_from_a_run_without_the_crf_says_so(data, tmp_path):
+    """A --refine par (or plain) run saves CAMs without a CRF confidence: say what --confidence needs."""
+    run_dir = tmp_path / "par_run"
+    (run_dir / "cams").mkdir(parents=True)
+    for img in (data / "images").glob("*.png"):
+        np.savez(run_dir / "cams" / f"{img.stem}.npz", labels=np.zeros(1, np.int64),
+                 cam_refined=np.zeros((1, 32, 32), np.float32))
+    _fails(runner.invoke(app, _args(data, tmp_path / "o", "--confidence", str(run_dir))),
+           "holds no CRF confidence", "--crf --save-cams")

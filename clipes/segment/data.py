@@ -83,6 +83,10 @@ class SegDataset(Dataset):
         if item.confidence:
             try:
                 with np.load(item.confidence) as data:
+                    if "confidence" not in data:
+                        raise ClipesError(f"{item.confidence}: holds no CRF confidence; --confidence needs a "
+                                          "clipes label run made with --crf --save-cams (PAR and plain runs "
+                                          "save none)")
                     weight = data["confidence"].astype(np.float32)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 raise ClipesError(f"{item.confidence}: cannot read its confidence array ({e})") from None
