@@ -11,6 +11,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from .batching import HalvingBatches
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import load_split
 from .distributed import DistInfo, broadcast_from_rank0, gather_to_rank0, process_group
@@ -123,46 +125,10 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     disable=not enabled)
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    """A GPU's out-of-memory error, or the CPU allocator's (a RuntimeError, or Python's MemoryError)."""
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
-
-
-class _BatchSizer:
-    """Runs the engine on a batch, halving the batch size for good after an out-of-memory error.
-
-    The CPU follows the GPU's rule: an image that does not fit even alone is reported and skipped.
-    """
-
-    def __init__(self, labeler: Labeler, batch_size: int) -> None:
-        self.labeler = labeler
-        self.batch_size = batch_size
-
-    def __call__(self, prepared: list[PreparedImage]) -> list[LabelResult | str]:
-        """Results in order; for an image that does not fit even alone, the reason as a string."""
-        out: list[LabelResult | str] = []
-        start = 0
-        while start < len(prepared):
-            chunk = prepared[start:start + self.batch_size]
-            try:
-                out += self.labeler.label_prepared(chunk, skip_unusable=True)
-            except (RuntimeError, MemoryError) as e:
-                if not _is_out_of_memory(e):
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if len(chunk) == 1:
-                    h, w = chunk[0].tensor.shape[-2:]
-                    out.append(f"out of memory at input size {h}x{w}; lower --max-side")
-                    start += 1
-                else:
-                    self.batch_size = max(1, len(chunk) // 2)
-                continue
-            start += len(chunk)
-        return out
+def _batch_sizer(labeler: Labeler, batch_size: int) -> HalvingBatches[PreparedImage, LabelResult]:
+    """The engine over a batch, halved for good on out-of-memory; an image too large alone is skipped."""
+    return HalvingBatches(partial(labeler.label_prepared, skip_unusable=True), batch_size,
+                          lambda p: tuple(p.tensor.shape[-2:]))
 
 
 @dataclass(frozen=True)
@@ -184,7 +150,7 @@ def _write(out: RunOutput, item: _Item, result: LabelResult | Future, class_name
     out.write(item.stem, result, class_names, item.stamp, item.given, image)
 
 
-def _run_batches(loader: DataLoader, items: dict[str, _Item], sizer: _BatchSizer, out: RunOutput,
+def _run_batches(loader: DataLoader, items: dict[str, _Item], sizer: HalvingBatches, out: RunOutput,
                  class_names: tuple[str, ...], summary: RunSummary, progress: Progress, flush, crf=None) -> None:
     """Engine on the main thread, decoding in DataLoader workers, writing on background threads.
 
@@ -281,7 +247,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
         def crf(rgb, result: LabelResult) -> Future:
             return pool.submit(refiner.refine_image, rgb, result.cam_refined, result.labels, cfg.bg_power)
 
-        _run_batches(loader, {it.stem: it for it in todo}, _BatchSizer(labeler, batch_size), out, class_set.classes,
+        _run_batches(loader, {it.stem: it for it in todo}, _batch_sizer(labeler, batch_size), out, class_set.classes,
                      summary, progress, lambda: out.flush(manifest), None if pool is None else crf)
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
+from clipes.batching import HalvingBatches
 from clipes.data import ImageFolderDataset, probe_input_size, size_batches
-from clipes.run import _BatchSizer, decode_workers
+from clipes.run import decode_workers
 
 from .test_cli import _label, _labels_file, _tree_digest, images  # noqa: F401 - fixture reused
 
@@ -69,10 +70,10 @@ def _prepared(n: int):
 
 def test_batch_sizer_halves_on_out_of_memory_and_keeps_order():
     fake = _FakeLabeler(fits=3)
-    sizer = _BatchSizer(fake, 8)
+    sizer = HalvingBatches(fake.label_prepared, 8, lambda p: tuple(p.tensor.shape[-2:]))
     assert sizer(_prepared(7)) == [f"result-{i}" for i in range(7)]
     assert sizer.batch_size == 3 and fake.calls == [3, 3, 1]  # 7 -> OOM -> halves of 3
-    zero = _BatchSizer(_FakeLabeler(fits=0), 2)
+    zero = HalvingBatches(_FakeLabeler(fits=0).label_prepared, 2, lambda p: tuple(p.tensor.shape[-2:]))
     out = zero(_prepared(2))
     assert all("out of memory at input size 16x16" in o for o in out)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from ..batching import HalvingBatches
 from ..data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .base import Tagger
 
@@ -34,11 +35,6 @@ class TagRun:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "not enough memory" in str(e)))
-
-
 def tag_images(tagger: Tagger, items: list[tuple[str, Path]], *, batch_size: int, max_side: int | None,
                exif_transpose: bool = True, workers: int = 1,
                advance: Callable[[int], None] | None = None) -> TagRun:
@@ -55,6 +51,13 @@ def tag_images(tagger: Tagger, items: list[tuple[str, Path]], *, batch_size: int
                         num_workers=workers, pin_memory=clip.device.type == "cuda")
     files = {stem: f"{stem}{path.suffix}" for stem, path in items}
     run = TagRun()
+
+    def tag(chunk: list[Sample]) -> list[tuple[torch.Tensor, list[int], float]]:
+        tags = tagger.tag(torch.stack([s.prepared.tensor.to(clip.device, clip.dtype, non_blocking=True)
+                                       for s in chunk]))
+        return list(zip(tags.scores, tags.labels, tags.thresholds, strict=True))
+
+    sizer = HalvingBatches(tag, batch_size, lambda s: tuple(s.prepared.tensor.shape[-2:]))
     for batch in loader:
         batch: list[Sample]
         good = []
@@ -64,28 +67,11 @@ def tag_images(tagger: Tagger, items: list[tuple[str, Path]], *, batch_size: int
                 good.append(s)
             else:
                 run.failed.append((s.path, reason if s.prepared is None else f"{s.path}: {reason}"))
-        start = 0
-        while start < len(good):
-            chunk = good[start:start + batch_size]
-            try:
-                images = torch.stack([s.prepared.tensor.to(clip.device, clip.dtype, non_blocking=True) for s in chunk])
-                tags = tagger.tag(images)
-            except (RuntimeError, MemoryError) as e:
-                if not _is_out_of_memory(e):
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                if len(chunk) == 1:
-                    h, w = chunk[0].prepared.tensor.shape[-2:]
-                    run.failed.append((chunk[0].path, f"{chunk[0].path}: out of memory at input size {h}x{w}; "
-                                                      "lower --max-side"))
-                    start += 1
-                else:
-                    batch_size = max(1, len(chunk) // 2)
-                continue
-            for j, s in enumerate(chunk):
-                run.tagged[s.stem] = TaggedImage(files[s.stem], tags.scores[j], tags.labels[j], tags.thresholds[j])
-            start += len(chunk)
+        for s, tags in zip(good, sizer(good), strict=True):
+            if isinstance(tags, str):
+                run.failed.append((s.path, f"{s.path}: {tags}"))
+            else:
+                run.tagged[s.stem] = TaggedImage(files[s.stem], *tags)
         if advance is not None:
             advance(len(batch))
     return run
