@@ -39,7 +39,7 @@ from .labeler import Labeler
 from .model import ClipModel
 from .prompts import ClassSet, _key, _template_ok
 from .text import encode_prompts
-from .vit import block_forward, encode_trunk
+from .vit import cls_embedding, encode_trunk
 
 __all__ = ["Embedded", "TemplateError", "TemplateScore", "candidate_templates", "class_probs", "class_set_yaml",
            "embed_images", "image_embeddings", "image_sharpness", "imagenet_templates", "label_matrix",
@@ -105,11 +105,7 @@ def image_embeddings(clip: ClipModel, images: Tensor) -> Tensor:
     """
     visual = clip.visual
     tokens, _ = encode_trunk(visual, images, attn_blocks=1)
-    y, _ = block_forward(visual.transformer.resblocks[-1], tokens)
-    feats = visual.ln_post(y[:, 0])
-    if visual.proj is not None:
-        feats = feats @ visual.proj
-    return F.normalize(feats.float(), dim=-1)
+    return F.normalize(cls_embedding(visual, tokens).float(), dim=-1)
 
 
 def class_probs(image_emb: Tensor, text_emb: Tensor, logit_scale: float) -> Tensor:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["attention", "block_forward", "embed", "encode_trunk", "head_mean_attention", "interpolate_pos_embed",
-           "merge_heads", "project_heads"]
+__all__ = ["attention", "block_forward", "cls_embedding", "embed", "encode_trunk", "head_mean_attention",
+           "interpolate_pos_embed", "merge_heads", "project_heads"]
 
 
 def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -126,3 +126,11 @@ def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int = 8) -> tup
         n = x.shape[1] - 1
         attn_sum = x.new_zeros(x.shape[0], n, n, dtype=torch.float32)
     return x, attn_sum
+
+
+def cls_embedding(visual: nn.Module, trunk: Tensor) -> Tensor:
+    """CLIP's image embedding from the trunk's tokens (B, L, D): the last block, ``ln_post`` on the CLS
+    token, then ``proj``; (B, E), not normalised. At the image's own resolution, as ``trunk`` is."""
+    y, _ = block_forward(visual.transformer.resblocks[-1], trunk)
+    feats = visual.ln_post(y[:, 0])
+    return feats @ visual.proj if visual.proj is not None else feats

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..model import ClipModel
 from ..prompts import ClassSet
 from ..text import TextFeatures, encode_class_set
-from ..vit import block_forward, encode_trunk
+from ..vit import cls_embedding, encode_trunk
 from .base import Tagger, Tags
 
 __all__ = ["GlobalTagger"]
@@ -41,9 +41,7 @@ class GlobalTagger(Tagger):
         visual = self.clip.visual
         if trunk is None:
             trunk, _ = encode_trunk(visual, images, attn_blocks=1)
-        y, _ = block_forward(visual.transformer.resblocks[-1], trunk)
-        feats = visual.ln_post(y[:, 0])
-        feats = F.normalize(feats @ visual.proj if visual.proj is not None else feats, dim=-1)
+        feats = F.normalize(cls_embedding(visual, trunk), dim=-1)
         text = torch.cat([self.text.fg, self.text.bg]).to(feats.dtype)
         probs = (self.logit_scale * feats @ text.T).float().softmax(dim=-1)[:, : len(self.class_set)].cpu()
         picked = []
