@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "broadcast_from_rank0", "gather_to_rank0", "init_from_env", "process_group", "shutdown"]
+__all__ = ["DistInfo", "first_failure", "gather_to_rank0", "init_from_env", "process_group", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,17 @@ def gather_to_rank0(obj: Any, info: DistInfo) -> list[Any] | None:
     return out
 
 
-def broadcast_from_rank0(obj: Any, info: DistInfo) -> Any:
-    """Rank 0's ``obj`` on every rank (``obj`` itself without torchrun)."""
+def first_failure(error: str | None, info: DistInfo) -> tuple[int, str] | None:
+    """(rank, message) of the first rank whose ``error`` is not None, the same on every rank; None if none.
+
+    Every rank calls it at the same point, so a rank that failed tells the others instead of leaving
+    them waiting at the job's next collective.
+    """
     if info.world == 1:
-        return obj
-    box = [obj if info.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return None if error is None else (0, error)
+    errors: list[str | None] = [None] * info.world
+    dist.all_gather_object(errors, error)
+    return next(((rank, e) for rank, e in enumerate(errors) if e is not None), None)
 
 
 def shutdown(info: DistInfo) -> None:

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from .batching import HalvingBatches
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import load_split
-from .distributed import DistInfo, broadcast_from_rank0, gather_to_rank0, process_group
+from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
 from .errors import ClipesError
 from .images import find_images
 from .labeler import Labeler, LabelResult, PreparedImage
@@ -314,21 +314,6 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
             "refiner": None if (refiner := _refiner(cfg)) is None else refiner.settings()}
 
 
-def _open(out: RunOutput, dist_info: DistInfo) -> None:
-    """Rank 0 takes the folder (lock, ``--overwrite``'s clearing) before the other ranks start writing."""
-    error = None
-    if dist_info.is_main:
-        try:
-            out.open()
-        except OutputError as e:
-            error = str(e)
-    error = broadcast_from_rank0(error, dist_info)
-    if error is not None:
-        raise OutputError(error)
-    if not dist_info.is_main:
-        out.open()
-
-
 def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,
                   device: torch.device, dist_info: DistInfo) -> RunSummary:
     out = RunOutput(cfg.out, _settings(cfg, class_set, given, dtype_name), save_cams=cfg.save_cams,
@@ -350,6 +335,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
             summary.skipped += 1
         else:
             todo.append(_Item(stem, path, stamp, labels, names))
+    work = bool(todo)  # the job's, not this rank's share: every rank takes the same path below
     todo = todo[dist_info.rank::dist_info.world]
     if not dist_info.is_main:
         summary.failed, summary.unlabelled = [], []  # rank 0 reports those for the job
@@ -357,16 +343,32 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
                 "input": str(cfg.images.resolve()), "options": {k: str(v) if isinstance(v, Path) else v
                                                                for k, v in asdict(cfg).items()},
                 "versions": _versions(), "device": str(device), "world_size": dist_info.world}
-    if not todo and not out.records and not cfg.overwrite:
+    if not work and not out.records and not cfg.overwrite:
         return summary  # nothing to write: the folder is left as it is (or never made)
-    # the model is loaded before anything is written: a model that does not load leaves no trace
-    clip = load_clip(cfg.model, device=device) if todo else None
+    # the model is loaded before anything is written: a model that does not load leaves no trace.
+    # Every rank loads it when the job has work (a rank whose share is empty too), then rank 0 takes
+    # the folder (lock, --overwrite's clearing) before the others write; a failure on any rank stops
+    # them all here instead of leaving them waiting for it at the next collective.
+    clip, failure = None, None
+    try:
+        clip = load_clip(cfg.model, device=device) if work else None
+        if dist_info.is_main:
+            out.open()
+    except Exception as e:
+        failure = e
+    failed = first_failure(None if failure is None else str(failure), dist_info)
+    if failed is not None:
+        out.close()
+        if failure is not None:
+            raise failure
+        raise ClipesError(f"rank {failed[0]} stopped the run: {failed[1]}")
     if clip is not None:
         manifest["model"] = {"spec": clip.spec, "arch": clip.arch}
     start = time.perf_counter()
-    _open(out, dist_info)
     ok = False
     try:
+        if not dist_info.is_main:
+            out.open()
         out.flush(manifest)
         if todo:
             _label_todo(cfg, console, clip, todo, class_set, dtype_name, device, dist_info, out, manifest, summary)

@@ -135,3 +135,23 @@ def test_decode_workers_default_scales_with_the_device(monkeypatch):
     assert decode_workers(None, torch.device("cuda"), world=4) == 3  # 16 cores shared by 4 GPU processes
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert decode_workers(None, torch.device("cuda"), world=2) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_more_processes_than_images_to_do(tmp_path, golden):
+    """A rank with nothing to do still joins the job's collectives (it used to leave early and crash the others)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.open(golden / "images" / "chelsea.png").resize((64, 48)).save(folder / "a.png")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"a": ["cat"]}))
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29533", "-m", "clipes", "label", str(folder), "--labels", str(labels),
+                          "--model", str(golden / "tiny-clip-vit-b16-random.pt"), "--device", "cpu",
+                          "--workers", "0", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "labelled 1 image(s)" in run.stderr
+    assert (out / "masks" / "a.png").is_file()
+    assert json.loads((out / "manifest.json").read_text())["summary"]["labelled"] == 1
