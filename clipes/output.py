@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,6 +131,21 @@ def folder_lock(folder: Path) -> Iterator[None]:
             held.close()
 
 
+def _written(rec: dict[str, Any]) -> int:
+    """When a journal record was written (ns since the epoch; 0 if it does not say)."""
+    t = rec.get("written_ns")
+    return t if isinstance(t, int) else 0
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last byte is not a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 # what each kind of output is called, relative to the run folder
 _KINDS = {"mask": ("masks", ".png"), "cams": ("cams", ".npz"), "overlay": ("overlays", ".jpg")}
 # files derived from the masks: stale once the masks are redone from scratch
@@ -173,7 +189,11 @@ class RunOutput:
         return [state / "records.jsonl", *sorted(state.glob("records.rank*.jsonl"))]
 
     def _read_records(self) -> dict[str, dict[str, Any]]:
-        """The last record of every image in the journals; a line cut short by a kill is passed over."""
+        """The latest record of every image in the journals; a line cut short by a kill is passed over.
+
+        Latest by the time each record holds, not by journal: a torchrun job killed before its merge
+        leaves per-rank journals that are older than what a later run appends to the main one.
+        """
         records: dict[str, dict[str, Any]] = {}
         for path in self._journals():
             try:
@@ -188,7 +208,9 @@ class RunOutput:
                 except json.JSONDecodeError:
                     continue
                 if isinstance(rec, dict) and isinstance(rec.get("stem"), str):
-                    records[rec["stem"]] = rec
+                    seen = records.get(rec["stem"])
+                    if seen is None or _written(rec) >= _written(seen):
+                        records[rec["stem"]] = rec
         return records
 
     def _check_settings(self) -> None:
@@ -260,6 +282,8 @@ class RunOutput:
                     self._clear()
             name = "records.jsonl" if self.world == 1 else f"records.rank{self.rank}.jsonl"
             self._journal = open(state / name, "a", encoding="utf-8")  # noqa: SIM115 - held for the run
+            if _ends_mid_line(state / name):  # a kill cut the last line: the next record starts on its own
+                self._journal.write("\n")
         except OSError as e:
             self.close()
             raise OutputError(f"cannot write to {self.root}: {e.strerror or e}") from e
@@ -305,7 +329,7 @@ class RunOutput:
                 self.path(kind, stem).unlink(missing_ok=True)  # an older result of this image
         for kind, data in files.items():
             atomic_write(self.path(kind, stem), data)
-        rec = {"stem": stem, "settings": self.key, "input": stamp, "given": given,
+        rec = {"stem": stem, "written_ns": time.time_ns(), "settings": self.key, "input": stamp, "given": given,
                "labels": [class_names[i] for i in result.labels], "source": result.label_source,
                "outputs": {kind: len(data) for kind, data in files.items()}}
         if result.scores:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipes.labeler import Labeler
+from clipes.labeler import Labeler, LabelResult
 from clipes.labels import read_labels
 from clipes.output import OutputError, RunOutput
 from clipes.prompts import load_class_set
@@ -274,3 +274,44 @@ def test_a_journal_line_cut_short_is_passed_over(tmp_path):
     assert set(RunOutput(out, {"x": 1}).records) == {"a"}
     with pytest.raises(OutputError, match="other settings"):  # the record names other settings
         RunOutput(out, {"x": 2})
+
+
+def _result(labels: list[int]) -> LabelResult:
+    mask = np.zeros((4, 4), dtype=np.uint8)
+    mask[0, 0] = labels[0] + 1 if labels else 0
+    k = len(labels)
+    return LabelResult(labels=np.asarray(labels, dtype=np.int64), mask=mask, cam=np.zeros((k, 1, 1)),
+                       cam_refined=np.zeros((k, 4, 4)), cam_refined_lowres=np.zeros((k, 1, 1)),
+                       box_mask=np.zeros((k, 1)), attention=None, probs=np.zeros(0), input_size=(16, 16))
+
+
+def test_the_latest_record_wins_whichever_journal_holds_it(tmp_path):
+    """A torchrun job killed before its merge leaves per-rank journals; a later single-process run that
+    redoes an image (its input changed) must not be overridden by them."""
+    out, settings, classes = tmp_path / "out", {"x": 1}, ("cat", "dog")
+    old, new = {"file": "a.png", "size": 1, "mtime_ns": 1}, {"file": "a.png", "size": 2, "mtime_ns": 2}
+    killed = RunOutput(out, settings, rank=0, world=2)
+    killed.open()
+    killed.write("a", _result([0]), classes, old, ["cat"])
+    killed.close()  # no finalize: the job was killed
+    rerun = RunOutput(out, settings)
+    assert not rerun.is_done("a", new, ["dog"])
+    rerun.open()
+    rerun.write("a", _result([1]), classes, new, ["dog"])
+    rerun.close_journal()
+    rerun.finalize({})
+    rerun.close()
+    assert json.loads((out / "labels.json").read_text())["a"]["labels"] == ["dog"]
+    assert RunOutput(out, settings).is_done("a", new, ["dog"])
+
+
+def test_a_record_after_a_line_cut_short_is_kept(tmp_path):
+    out, settings = tmp_path / "out", {"x": 1}
+    (out / ".clipes").mkdir(parents=True)
+    stamp = {"file": "a.png", "size": 1, "mtime_ns": 1}
+    (out / ".clipes" / "records.jsonl").write_text('{"stem": "b", "sett')  # a kill in the middle of a line
+    run = RunOutput(out, settings)
+    run.open()
+    run.write("a", _result([0]), ("cat",), stamp, None)
+    run.close()
+    assert RunOutput(out, settings).is_done("a", stamp, None)
