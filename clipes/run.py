@@ -306,8 +306,8 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
     classes = class_set.to_dict()
     if class_set.name not in builtin_class_sets():
         classes["name"] = None  # a user file's name is its file name: a copy elsewhere is the same set
+    # a tagger's settings hold its threshold when it has one (--zero-shot-threshold is the global tagger's)
     return {"model": model_identity(cfg.model), "classes": classes, "dtype": dtype_name, "bg_power": cfg.bg_power,
-            "zero_shot_threshold": cfg.zero_shot_threshold if given is None else None,
             "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold) if given is None else None,
             "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
             "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose,

@@ -315,3 +315,18 @@ def test_a_record_after_a_line_cut_short_is_kept(tmp_path):
     run.write("a", _result([0]), ("cat",), stamp, None)
     run.close()
     assert RunOutput(out, settings).is_done("a", stamp, None)
+
+
+def test_a_threshold_the_tagger_does_not_use_is_no_setting(tmp_path):
+    """--zero-shot-threshold is the global tagger's: under TagCLIP a resume with another value is the same run."""
+    from dataclasses import replace
+
+    from clipes.run import LabelConfig, _settings
+
+    voc = load_class_set("voc")
+    cfg = LabelConfig(images=tmp_path, out=tmp_path / "out", model="ViT-B-16/openai", device="cpu")
+    assert _settings(replace(cfg, zero_shot_threshold=0.3), voc, None, "float32") == \
+        _settings(cfg, voc, None, "float32")
+    plain = replace(cfg, tagger="global")
+    assert _settings(replace(plain, zero_shot_threshold=0.3), voc, None, "float32") != \
+        _settings(plain, voc, None, "float32")
