@@ -36,7 +36,7 @@ from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
 from .refiners import HostRefiner, Refiner, make_refiner
 from .refiners.crf_torch import with_crf_backend
-from .tagging import tagger_settings
+from .tagging import tagger_class, tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
 
@@ -279,6 +279,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     refiner = _refiner(cfg)
     if refiner is not None:
         refiner.check()
+    tagger_class(cfg.tagger)  # checked with given labels too, before anything is written
     if dtype_name not in DTYPES:
         raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)

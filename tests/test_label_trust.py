@@ -163,6 +163,13 @@ def test_nothing_is_written_before_the_model_loads(tmp_path, images, model):  # 
     assert res.exit_code == 0 and "labelled 4 image(s)" in res.output, res.output
 
 
+def test_an_unknown_tagger_is_refused_before_anything_is_written(tmp_path, images, model):  # noqa: F811
+    out = tmp_path / "out"
+    res = _label(images, out, "--labels", str(_labels_file(tmp_path)), "--tagger", "bogus", model=model)
+    assert res.exit_code == 2 and "--tagger 'bogus'" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("case", ["file", "under_file", "read_only"])
 def test_an_output_folder_that_cannot_be_written_is_refused_first(tmp_path, images, model, monkeypatch, case):  # noqa: F811
     out = tmp_path / "out"
