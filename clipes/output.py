@@ -113,6 +113,10 @@ def _take_lock(folder: Path) -> IO[str] | None:
         f.close()
         raise OutputError(f"{folder} is being written by another clipes run ({holder}); wait for it to "
                           "finish or choose another --out") from None
+    except OSError as e:  # a file system without flock
+        f.close()
+        raise OutputError(f"cannot lock {folder} for this run: {e.strerror or e}; choose an --out on a "
+                          "local disk") from e
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}\n")

@@ -337,3 +337,17 @@ def test_a_threshold_the_tagger_does_not_use_is_no_setting(tmp_path):
     plain = replace(cfg, tagger="global")
     assert _settings(replace(plain, zero_shot_threshold=0.3), voc, None, "float32") != \
         _settings(plain, voc, None, "float32")
+
+
+def test_a_folder_that_cannot_be_locked_is_a_clear_error(tmp_path, monkeypatch):
+    """A file system without flock (some network and FUSE mounts) is a message, not a traceback."""
+    import fcntl
+
+    from clipes.output import folder_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OutputError, match="cannot lock"), folder_lock(tmp_path / "out"):
+        pass
