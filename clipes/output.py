@@ -234,8 +234,11 @@ class RunOutput:
         if any(rec.get("settings") != self.key for rec in self.records.values()):
             raise OutputError(f"{self.root} holds outputs made with other settings (recorded in "
                               f"{self.STATE}/, its manifest.json is missing or edited); {refuse}")
+        # masks without a record nor a manifest (which a run writes before its first mask) are not clipes'
+        # own; with the manifest they are the first masks of a run killed before their records: redone
         masks = self.root / "masks"
-        if not self.records and masks.is_dir() and any(p.is_file() for p in masks.rglob("*.png")):
+        if not self.records and not manifest.exists() and masks.is_dir() and \
+                any(p.is_file() for p in masks.rglob("*.png")):
             raise OutputError(f"{self.root} holds masks that no clipes run recorded; {refuse}")
 
     def path(self, kind: str, stem: str) -> Path:

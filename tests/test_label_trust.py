@@ -351,3 +351,17 @@ def test_a_folder_that_cannot_be_locked_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(OutputError, match="cannot lock"), folder_lock(tmp_path / "out"):
         pass
+
+
+def test_a_kill_before_the_first_record_is_resumed(tmp_path, images, model):  # noqa: F811
+    """Masks written before any record (a kill right after the first masks) are redone, not refused, when
+    the folder's manifest says which run made them; masks of no clipes run are still refused."""
+    out = tmp_path / "out"
+    assert _label(images, out, "--tagger", "global", model=model).exit_code == 0
+    (out / ".clipes" / "records.jsonl").unlink()  # the masks stay, the manifest of this run too
+    res = _label(images, out, "--tagger", "global", model=model)
+    assert res.exit_code == 0 and "labelled 4 image(s)" in res.output, res.output
+    (out / ".clipes" / "records.jsonl").unlink()
+    (out / "manifest.json").unlink()
+    res = _label(images, out, "--tagger", "global", model=model)
+    assert res.exit_code == 2 and "no clipes run recorded" in res.output
