@@ -30,10 +30,12 @@ def prompt_strings(names: list[str] | tuple[str, ...], templates: tuple[str, ...
 
 def _pooled_positions(model: open_clip.CLIP, tokens: Tensor) -> Tensor | None:
     """Where ``encode_text`` reads each prompt's feature (its end token), or None for other pooling."""
-    if model.text_pool_type == "argmax":
+    pool = getattr(model, "text_pool_type", "argmax")  # open_clip before 2.24 always pooled at the argmax
+    eos = getattr(model, "text_eos_id", None)
+    if pool == "argmax":
         return tokens.argmax(dim=-1)
-    if model.text_pool_type == "eos" and model.text_eos_id is not None:
-        return (tokens == model.text_eos_id).int().argmax(dim=-1)
+    if pool == "eos" and eos is not None:
+        return (tokens == eos).int().argmax(dim=-1)
     return None
 
 
