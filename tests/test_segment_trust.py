@@ -77,6 +77,25 @@ def test_config_file_values_are_checked_naming_file_and_key(data, tmp_path, text
     _fails(runner.invoke(app, [*_args(data, tmp_path / "o"), "--config", str(cfg)]), str(cfg), *words)
 
 
+def test_whole_numbers_written_as_floats_in_a_config_file_are_whole_numbers(data, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("steps: 2.0\nbatch_size: 4.0\ncrop: 32.0\n")
+    args = _args(data, tmp_path / "o", "--config", str(cfg))
+    for flag in ("--steps", "--batch-size", "--crop"):  # from the file only
+        i = args.index(flag)
+        del args[i:i + 2]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(tmp_path / "o" / "last.pt")["step"] == 2
+
+
+def test_nothing_is_written_before_the_model_is_built(data, tmp_path):
+    args = _args(data, tmp_path / "o", "--backbone-weights", str(tmp_path / "missing.pth"))
+    args[args.index("--model") + 1] = "deeplabv3-resnet50"
+    _fails(runner.invoke(app, args), "--backbone-weights", "missing.pth")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("scales", ["0", "-1", "nan", "1,x", ""])
 def test_segment_scales_are_checked(run, data, tmp_path, scales):
     res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(run / "last.pt"), "--out",

@@ -92,6 +92,9 @@ class TrainConfig:
         cfg = TrainConfig(**{f.name: preset.get(f.name) if getattr(self, f.name) is None and f.name in preset
                              else getattr(self, f.name) for f in fields(self)})
         check_settings(vars(cfg), lambda key: f"{key} (preset or default)")
+        for key, (kind, _, _) in _NUMBERS.items():  # `steps: 2.0` passes the check as a whole number: make it one
+            if getattr(cfg, key) is not None:
+                setattr(cfg, key, kind(getattr(cfg, key)))
         _check_together(cfg)
         return cfg
 

@@ -33,7 +33,7 @@ from ..errors import ClipesError
 from ..evaluate import confusion, scores
 from ..masks import IGNORE, class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
-from ..output import atomic_write, folder_lock
+from ..output import atomic_write, check_writable, folder_lock
 from ..prompts import load_class_set
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
@@ -126,13 +126,12 @@ def load_checkpoint(path: str | Path) -> dict:
     return read_checkpoint(path)
 
 
-def _prepare_run_folder(out: Path, cfg: TrainConfig, info: DistInfo, held: ExitStack) -> None:
-    """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it).
-
-    Rank 0 then locks the folder for the rest of the run (``held``): one run writes into it at a time.
-    """
+def _check_run_folder(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it),
+    and an --out that cannot be written; writes nothing."""
     if out.exists() and not out.is_dir():
         raise ClipesError(f"--out {out} is a file, not a folder")
+    check_writable(out)
     found = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume:
         if not (out / "last.pt").is_file():
@@ -141,6 +140,11 @@ def _prepare_run_folder(out: Path, cfg: TrainConfig, info: DistInfo, held: ExitS
     elif found and not cfg.overwrite:
         raise ClipesError(f"--out {out} already holds a training run ({', '.join(found)}); use --resume to continue "
                           "it, --overwrite to replace it, or another --out")
+
+
+def _claim_run_folder(out: Path, cfg: TrainConfig, info: DistInfo, held: ExitStack) -> None:
+    """Once the inputs and the model have checked out: rank 0 locks the folder for the rest of the run
+    (``held``; one run writes into it at a time) and, for --overwrite, removes the earlier run's files."""
     if info.is_main:
         held.enter_context(folder_lock(out))
     if info.world > 1:
@@ -232,7 +236,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     if not items:
         raise ClipesError("no training images: give --images and --masks, or --dataset with --root")
     val_items = _items(cfg, val=True)
-    _prepare_run_folder(out, cfg, info, held)
+    _check_run_folder(out, cfg)
     last = out / "last.pt"
     ckpt = load_checkpoint(last) if cfg.resume else None
     if ckpt is not None:
@@ -256,6 +260,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
         start, best = int(ckpt["step"]), float(ckpt["best_miou"])
         if info.is_main:
             console.print(f"resumed from {escape(str(last))} at step {start}")
+    _claim_run_folder(out, cfg, info, held)
     if info.world > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
