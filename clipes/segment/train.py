@@ -93,9 +93,6 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-_param_groups = param_groups  # the name benchmarks/train_step.py imported
-
-
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
