@@ -61,6 +61,35 @@ def test_label_refuses_meaningless_numbers_at_parse_time(tmp_path, photos, flag,
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("command", [["tag"], ["prompts", "rank", "--labels", "labels.json"]])
+@pytest.mark.parametrize("value", ["1", "16", "-5"])
+def test_tag_and_prompts_rank_refuse_a_max_side_under_two_patches(tmp_path, photos, command, value):
+    """As clipes label: one patch gives TagCLIP nothing to tag (every image skipped, exit 0) and pseudo
+    masks all background."""
+    res = runner.invoke(app, [*command[:1], *command[1:2], str(photos), *command[2:], "--out",
+                              str(tmp_path / "o.json"), "--model", str(tmp_path / "no-such-model.pt"),
+                              "--max-side", value])
+    _clear_error(res, "--max-side", value)
+
+
+def test_tag_with_no_image_tagged_fails_and_writes_nothing(tmp_path, golden):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    Image.fromarray(np.zeros((10, 40, 3), np.uint8)).save(folder / "thin.png")  # one patch high: under 2x2
+    res = runner.invoke(app, ["tag", str(folder), "--out", str(tmp_path / "tags.json"), "--model",
+                              str(golden / "tiny-clip-vit-b16-random.pt"), "--device", "cpu", "--workers", "0"])
+    _clear_error(res, "no image", "tagged")
+    assert not (tmp_path / "tags.json").exists()
+
+
+def test_prompts_rank_out_under_a_file_is_refused_before_the_model_loads(tmp_path, photos):
+    (tmp_path / "labels.json").write_text(json.dumps({"a": ["cat", "dog"]}))
+    res = runner.invoke(app, ["prompts", "rank", str(photos), "--labels", str(tmp_path / "labels.json"),
+                              "--out", str(tmp_path / "labels.json" / "r.json"), "--model",
+                              str(tmp_path / "no-such-model.pt")])
+    _clear_error(res, "--out", "is a file")
+
+
 def test_label_accepts_the_edges_of_each_range(tmp_path):
     """Boundary values parse: the run then stops at the (missing) input folder, not at an option."""
     res = runner.invoke(app, ["label", str(tmp_path / "nope"), "--max-side", "0", "--box-threshold", "0",

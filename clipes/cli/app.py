@@ -15,7 +15,7 @@ from ..model import MODEL_ENV, resolve_device
 from ..refiners import REFINERS
 from ..refiners.crf_torch import CRF_BACKENDS
 from ..run import LabelConfig, label_folder
-from .common import OneLineErrorGroup, finite, reported_errors
+from .common import MIN_MAX_SIDE, OneLineErrorGroup, batch_size_option, finite, max_side_option, reported_errors
 from .evaluate import eval_command
 from .prompts import app as prompts_app
 from .tag import tag_command
@@ -25,29 +25,12 @@ from .view import view_command
 app = typer.Typer(help="CLIP-ES pseudo segmentation labels from image-level labels (or none).", cls=OneLineErrorGroup,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-# The smallest --max-side: two ViT-B/16 patches. With one patch the CAM is constant and every mask all
-# background (measured: --max-side 16 gives a 1x1 grid and an all-0 mask).
-MIN_MAX_SIDE = 32
-
-
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
 
         typer.echo(f"clipes {version('clipes')}")
         raise typer.Exit()
-
-
-def _max_side(value: int) -> int:
-    if value != 0 and value < MIN_MAX_SIDE:
-        raise typer.BadParameter(f"{value} is neither 0 (off) nor at least {MIN_MAX_SIDE} pixels (two patches)")
-    return value
-
-
-def _batch_size(value: str) -> str:
-    if value != "auto" and not (value.isdigit() and int(value) > 0):
-        raise typer.BadParameter(f"{value!r} is neither a positive integer nor 'auto'")
-    return value
 
 
 def _refine(value: str | None) -> str | None:
@@ -108,7 +91,7 @@ def label(
         callback=finite(0, 1))] = 0.1,
     max_side: Annotated[int, typer.Option(
         help="Larger images are scaled down to this longer side for the network (masks keep the "
-             f"original size); 0 disables, else at least {MIN_MAX_SIDE}.", callback=_max_side)] = 1024,
+             f"original size); 0 disables, else at least {MIN_MAX_SIDE}.", callback=max_side_option)] = 1024,
     ignore_exif: Annotated[bool, typer.Option(
         "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation.")] = False,
     save_cams: Annotated[bool, typer.Option("--save-cams", help="Also write cams/<stem>.npz.")] = False,
@@ -116,7 +99,7 @@ def label(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already labelled.")] = False,
     batch_size: Annotated[str, typer.Option(
         help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU, halved on "
-             "out-of-memory.", callback=_batch_size)] = "auto",
+             "out-of-memory.", callback=batch_size_option)] = "auto",
     workers: Annotated[int | None, typer.Option(
         help="DataLoader processes decoding and resizing images \\[default: up to 8 per GPU, 1 on the CPU].",
         show_default=False, callback=finite(0))] = None,

@@ -82,6 +82,25 @@ def finite(low: float | None = None, high: float | None = None, *, low_open: boo
     return check
 
 
+# The smallest --max-side: two ViT-B/16 patches. With one patch the CAM is constant and every mask all
+# background (measured: --max-side 16 gives a 1x1 grid and an all-0 mask), and TagCLIP skips every image.
+MIN_MAX_SIDE = 32
+
+
+def max_side_option(value: int) -> int:
+    """A Typer callback for ``--max-side``: 0 (off) or at least ``MIN_MAX_SIDE`` pixels."""
+    if value != 0 and value < MIN_MAX_SIDE:
+        raise typer.BadParameter(f"{value} is neither 0 (off) nor at least {MIN_MAX_SIDE} pixels (two patches)")
+    return value
+
+
+def batch_size_option(value: str) -> str:
+    """A Typer callback for ``--batch-size``: a positive integer or ``auto``."""
+    if value != "auto" and not (value.isdigit() and int(value) > 0):
+        raise typer.BadParameter(f"{value!r} is neither a positive integer nor 'auto'")
+    return value
+
+
 def positive_floats(text: str, example: str = "1,2") -> list[float]:
     """Comma-separated finite numbers > 0 (such as background powers), or a ``typer.BadParameter``."""
     values = []

@@ -20,7 +20,7 @@ from ..evaluate import open_ground_truth
 from ..images import find_images
 from ..labels import read_labels
 from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import atomic_write, check_outside
+from ..output import atomic_write, check_outside, check_writable
 from ..prompt_selection import (
     TemplateScore,
     candidate_templates,
@@ -36,7 +36,7 @@ from ..prompt_selection import (
 from ..prompts import ClassSet, load_class_set
 from ..run import _lookup, decode_workers
 from ..text import prompt_strings
-from .common import reported_errors
+from .common import MIN_MAX_SIDE, batch_size_option, max_side_option, reported_errors
 
 app = typer.Typer(help="Prompt templates: rank them on your images by sharpness; show the prompts CLIP sees.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -79,6 +79,10 @@ def _check_output(path: Path, root: Path, flag: str, suffixes: tuple[str, ...]) 
     if path.is_dir():
         raise ClipesError(f"{flag} {path} is a folder; give a file name")
     check_outside(root, path)
+    try:
+        check_writable(path.parent)  # before the model and every image, not after
+    except ClipesError as e:
+        raise ClipesError(f"{flag} {path}: {e}") from None
 
 
 def _progress(console: Console) -> Progress:
@@ -120,13 +124,14 @@ def rank_command(
                                "\\[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[str, typer.Option(
-        help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU.")] = "auto",
+        help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU.",
+        callback=batch_size_option)] = "auto",
     workers: Annotated[int | None, typer.Option(
         help="DataLoader processes decoding images \\[default: up to 8 per GPU, 1 on the CPU].",
         show_default=False, min=0)] = None,
     max_side: Annotated[int, typer.Option(
-        help="Larger images are scaled down to this longer side for the network, as in clipes label; 0 disables.",
-        min=0)] = 1024,
+        help="Larger images are scaled down to this longer side for the network, as in clipes label; 0 disables, "
+             f"else at least {MIN_MAX_SIDE}.", callback=max_side_option)] = 1024,
     ignore_exif: Annotated[bool, typer.Option(
         "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation.")] = False,
     dataset: Annotated[str | None, typer.Option(
@@ -150,9 +155,6 @@ def rank_command(
 ) -> None:
     """Rank prompt templates by CLIP-ES's sharpness on your multi-label images (lower is better)."""
     console = Console(stderr=True)
-    if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) > 0):
-        console.print(f"[bold red]error:[/] --batch-size must be a positive integer or 'auto', not {batch_size!r}")
-        raise typer.Exit(2)
     with reported_errors(console):
         ranked = _rank(console, images=images, labels=labels, classes=classes, templates=templates,
                        imagenet=imagenet, model=model, device=device, batch_size=batch_size, workers=workers,

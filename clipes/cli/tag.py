@@ -25,7 +25,7 @@ from ..prompts import ClassSet, load_class_set
 from ..tagging import TAGGERS, make_tagger, tagger_settings
 from ..tagging.folder import TagRun, labels_file_bytes, tag_images
 from ..tagging.metrics import TagMetrics, tag_metrics
-from .common import reported_errors
+from .common import MIN_MAX_SIDE, max_side_option, reported_errors
 
 __all__ = ["tag_command"]
 
@@ -108,7 +108,8 @@ def tag_command(
                                "\\[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_side: Annotated[int, typer.Option(
-        min=0, help="Larger images are scaled down to this longer side for the network; 0 disables.")] = 1024,
+        help=f"Larger images are scaled down to this longer side for the network; 0 disables, else at least "
+             f"{MIN_MAX_SIDE}.", callback=max_side_option)] = 1024,
     batch_size: Annotated[int | None, typer.Option(
         min=1, help="Images per batch (same input size) \\[default: 32 on a GPU, 4 on the CPU].",
         show_default=False)] = None,
@@ -143,6 +144,10 @@ def tag_command(
                              max_side=max_side or None, exif_transpose=not ignore_exif, workers=workers,
                              advance=lambda n: progress.advance(task, n))
         seconds = time.perf_counter() - start
+        if not run.tagged:
+            for _path, why in run.failed:
+                console.print(f"[yellow]skipped[/] {escape(why)}", highlight=False)
+            raise ClipesError(f"no image of {folder} could be tagged ({len(run.failed)} skipped); nothing written")
         _write(out, labels_file_bytes(run, class_set.classes), "--out")
     console.print(f"tagged {len(run.tagged)} image(s) in {seconds:.1f}s "
                   f"({len(run.tagged) / max(seconds, 1e-9):.2f} img/s), {len(run.failed)} skipped -> "
