@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from ..model import resolve_device
-from .common import reported_errors
+from .common import positive_floats, reported_errors
 
 # Help texts are rich markup: a literal "[...]" is written "\\[...]" or rich drops it as a style tag.
 # Flags take metavar="" so that help shows "--resume", not "--resume <bool>".
@@ -90,11 +90,17 @@ def train_seg_command(
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
 
+def _scales(value: str) -> str:
+    positive_floats(value, "0.75,1,1.25")
+    return value
+
+
 def segment_command(
     images: Annotated[Path, typer.Argument(help="Folder of images.")],
     checkpoint: Annotated[Path, typer.Option(help="A train-seg checkpoint (best.pt or last.pt).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predicted label PNGs.")],
-    scales: Annotated[str, typer.Option(help="Comma-separated test scales, e.g. 0.75,1,1.25.")] = "1",
+    scales: Annotated[str, typer.Option(help="Comma-separated test scales, e.g. 0.75,1,1.25.",
+                                        callback=_scales)] = "1",
     flip: Annotated[bool, typer.Option("--flip", metavar="", help="Also average horizontally flipped predictions."
                                        )] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -103,14 +109,14 @@ def segment_command(
     )] = False,
 ) -> None:
     """Predict segmentation masks (VOC palette PNGs) with a trained segmenter."""
-    from ..segment.infer import parse_scales, segment_folder
+    from ..segment.infer import segment_folder
 
     console = Console(stderr=True)
     with reported_errors(console):
-        parsed = parse_scales(scales)
         dev = resolve_device(device)
         with Progress(console=console) as progress:
-            done, skipped, failed = segment_folder(checkpoint, images, out, dev, parsed, flip, overwrite, progress)
+            done, skipped, failed = segment_folder(checkpoint, images, out, dev, tuple(positive_floats(scales)), flip,
+                                                   overwrite, progress)
     console.print(f"segmented {done} image(s), {skipped} already done -> {escape(str(out))}", highlight=False)
     for why in failed:
         console.print(f"[yellow]unreadable[/] {escape(why)}", highlight=False)

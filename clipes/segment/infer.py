@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from .config import TrainConfig
 from .models import SEGMENTERS, build_segmenter
 from .train import predict_logits
 
-__all__ = ["RECORD", "load_segmenter", "parse_scales", "segment_folder", "segment_image"]
+__all__ = ["RECORD", "load_segmenter", "segment_folder", "segment_image"]
 
 RECORD = "segment.json"  # what made each prediction of an output folder
 
@@ -75,17 +74,6 @@ def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Mod
         raise CheckpointError(f"{checkpoint}: weights do not fit a {cfg.model} with {len(classes)} classes "
                               f"({' '.join(str(e).split())[:200]})") from None
     return model.to(device).eval(), cfg, classes
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    """``--scales 0.75,1,1.25``: positive, finite numbers, or a one-line error naming the flag."""
-    try:
-        scales = tuple(float(s) for s in text.split(","))
-    except ValueError:
-        scales = ()
-    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
-        raise ClipesError(f"--scales {text!r}: expected comma-separated positive numbers, e.g. 0.75,1,1.25")
-    return scales
 
 
 @torch.no_grad()
