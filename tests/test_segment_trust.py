@@ -96,6 +96,24 @@ def test_nothing_is_written_before_the_model_is_built(data, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_anything_is_written(data, tmp_path):
+    """Under torchrun (here a stand-in rank 0 of 3): --batch-size 4 cannot split over 3 processes."""
+    from contextlib import ExitStack
+
+    from rich.console import Console
+
+    from clipes.distributed import DistInfo
+    from clipes.errors import ClipesError
+    from clipes.segment.train import TrainConfig, _train
+
+    cfg = TrainConfig(out=str(tmp_path / "o"), images=str(data / "images"), masks=str(data / "noisy"),
+                      classes=str(data / "classes.txt"), model="tiny", steps=2, batch_size=4, crop=32, workers=0,
+                      device="cpu").resolved()
+    with ExitStack() as held, pytest.raises(ClipesError, match="--batch-size 4 .*3 process"):
+        _train(cfg, Console(quiet=True), torch.device("cpu"), DistInfo(0, 3), held)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("scales", ["0", "-1", "nan", "1,x", ""])
 def test_segment_scales_are_checked(run, data, tmp_path, scales):
     res = runner.invoke(app, ["segment", str(data / "val_images"), "--checkpoint", str(run / "last.pt"), "--out",

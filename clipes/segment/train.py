@@ -226,8 +226,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     class_set = load_class_set(cfg.classes)
     num_classes = len(class_set) + 1
     spec = SEGMENTERS[cfg.model]
-    if (cfg.batch_size // info.world) % cfg.accumulate:
-        raise ClipesError(f"--batch-size {cfg.batch_size} over {info.world} process(es) does not split into "
+    if cfg.batch_size % info.world or (cfg.batch_size // info.world) % cfg.accumulate:
+        raise ClipesError(f"--batch-size {cfg.batch_size} does not split into {info.world} process(es) of "
                           f"--accumulate {cfg.accumulate} equal parts")
     items = _items(cfg, val=False)
     if not items:
