@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 
 from ..errors import ClipesError
 from ..jsonfile import read_json
+from ..output import atomic_write
 from ..prompts import ClassSet, ClassSetError, builtin_class_sets, class_set_from_dict, load_class_set
 
 
@@ -114,6 +115,20 @@ def positive_floats(text: str, example: str = "1,2") -> list[float]:
             raise typer.BadParameter(f"{part.strip()!r} in {text!r}: each value must be a finite number > 0")
         values.append(value)
     return values
+
+
+def write_output(path: Path, data: bytes, flag: str) -> None:
+    """Write an output file the user named with ``flag`` atomically, creating its folder; a clear error
+    naming the flag for a folder in its place, a file in the way or an unwritable place."""
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ClipesError(f"{flag} {path}: {blocking} is a file, not a folder")
+    if path.is_dir():
+        raise ClipesError(f"{flag} {path}: is a folder; give a file name")
+    try:
+        atomic_write(path, data)
+    except (OSError, ClipesError) as e:
+        raise ClipesError(f"{flag} {path}: {e}") from None
 
 
 def run_class_set(run: Path, classes: str | None, default: str) -> ClassSet:

@@ -19,8 +19,8 @@ from rich.table import Table
 from ..errors import ClipesError
 from ..evaluate import bar_chart, evaluate, open_ground_truth, read_label_png
 from ..masks import pseudo_mask, threshold_mask
-from ..output import atomic_write, encode_image
-from .common import positive_floats, reported_errors, run_class_set
+from ..output import encode_image
+from .common import positive_floats, reported_errors, run_class_set, write_output
 
 
 class _Masks:
@@ -67,19 +67,6 @@ class _Cams(_Masks):
             raise ClipesError(f"{path}: 'cam_refined' {cams.shape} and 'labels' {labels.shape} are not one finite "
                               "map per label; delete it and rerun clipes label --save-cams")
         return self.make(torch.from_numpy(cams), torch.from_numpy(labels.astype(np.int64)), self.value).numpy()
-
-
-def _write(path: Path, data: bytes, flag: str) -> None:
-    """Write an output the user named, creating its folder; a clear error naming the flag otherwise."""
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise ClipesError(f"{flag} {path}: {blocking} is a file, not a folder")
-    if path.is_dir():
-        raise ClipesError(f"{flag} {path}: is a folder; give a file name")
-    try:
-        atomic_write(path, data)
-    except (OSError, ClipesError) as e:
-        raise ClipesError(f"{flag} {path}: {e}") from None
 
 
 def _no_nan(value):
@@ -187,11 +174,11 @@ def eval_command(
     plot = plot or (pred / "eval_iou.png" if is_run else None)
     with reported_errors(console):
         if json_out:
-            _write(json_out, (json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n").encode(), "--json")
+            write_output(json_out, (json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n").encode(), "--json")
         if plot:
             chart = bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}",
                               ev.scores.present)
             fmt = Image.registered_extensions().get(plot.suffix.lower(), "PNG")
-            _write(plot, encode_image(chart.convert("RGB") if fmt == "JPEG" else chart, fmt), "--plot")
+            write_output(plot, encode_image(chart.convert("RGB") if fmt == "JPEG" else chart, fmt), "--plot")
     target = f" -> {escape(str(json_out))}" if json_out else ""
     console.print(f"mIoU {100 * ev.scores.miou:.2f}{target}", highlight=False)

@@ -20,7 +20,7 @@ from ..evaluate import open_ground_truth
 from ..images import find_images
 from ..labels import read_labels
 from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import atomic_write, check_outside, check_writable
+from ..output import check_outside, check_writable
 from ..prompt_selection import (
     TemplateScore,
     candidate_templates,
@@ -36,7 +36,7 @@ from ..prompt_selection import (
 from ..prompts import ClassSet, load_class_set
 from ..run import _lookup, decode_workers
 from ..text import prompt_strings
-from .common import MIN_MAX_SIDE, batch_size_option, max_side_option, reported_errors
+from .common import MIN_MAX_SIDE, batch_size_option, max_side_option, reported_errors, write_output
 
 app = typer.Typer(help="Prompt templates: rank them on your images by sharpness; show the prompts CLIP sees.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -232,13 +232,14 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
     if len(labelled) > len(multi):
         console.print(f"{len(labelled) - len(multi)} labelled image(s) with fewer than two labels do not count "
                       "towards sharpness", highlight=False)
-    atomic_write(out, (json.dumps([r.to_dict() for r in ranked], indent=1) + "\n").encode())
+    write_output(out, (json.dumps([r.to_dict() for r in ranked], indent=1) + "\n").encode(), "--out")
     if write_class_set is not None:
         best = ranked[0]
         header = (f"written by clipes prompts rank: {best.template!r}, sharpness {best.sharpness:.6g} on "
                   f"{best.images} image(s), best of {len(ranked)} templates\n"
                   f"use it with: clipes label IMAGES --classes {write_class_set.name}")
-        atomic_write(write_class_set, class_set_yaml(with_template(inp.class_set, best.template), header).encode())
+        write_output(write_class_set, class_set_yaml(with_template(inp.class_set, best.template), header).encode(),
+                     "--write-class-set")
     return ranked
 
 

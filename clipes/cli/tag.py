@@ -20,12 +20,12 @@ from ..errors import ClipesError
 from ..images import find_images
 from ..labels import read_labels
 from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import atomic_write, check_outside, check_writable
+from ..output import check_outside, check_writable
 from ..prompts import ClassSet, load_class_set
 from ..tagging import TAGGERS, make_tagger, tagger_settings
 from ..tagging.folder import TagRun, labels_file_bytes, tag_images
 from ..tagging.metrics import TagMetrics, tag_metrics
-from .common import MIN_MAX_SIDE, max_side_option, reported_errors
+from .common import MIN_MAX_SIDE, max_side_option, reported_errors, write_output
 
 __all__ = ["tag_command"]
 
@@ -59,16 +59,6 @@ def _truth(tagged: TagRun, gt: dict[str, list[int]], num_classes: int) -> tuple[
         truth[i, gt[s] if s in gt else gt[s.rsplit("/", 1)[-1]]] = 1
     scores = torch.stack([tagged.tagged[s].scores for s in stems])
     return scores, truth, len(tagged.tagged) - len(stems)
-
-
-def _write(path: Path, data: bytes, flag: str) -> None:
-    """Write atomically; a folder or an unwritable place is the user's ``flag`` error, not a traceback."""
-    if path.is_dir():
-        raise ClipesError(f"{flag} {path} is a folder; give a file name such as {path / 'tags.json'}")
-    try:
-        atomic_write(path, data)
-    except OSError as e:
-        raise ClipesError(f"{flag} {path}: cannot write ({e.strerror or e})") from None
 
 
 def _report(console: Console, metrics: TagMetrics, title: str) -> None:
@@ -148,7 +138,7 @@ def tag_command(
             for _path, why in run.failed:
                 console.print(f"[yellow]skipped[/] {escape(why)}", highlight=False)
             raise ClipesError(f"no image of {folder} could be tagged ({len(run.failed)} skipped); nothing written")
-        _write(out, labels_file_bytes(run, class_set.classes), "--out")
+        write_output(out, labels_file_bytes(run, class_set.classes), "--out")
     console.print(f"tagged {len(run.tagged)} image(s) in {seconds:.1f}s "
                   f"({len(run.tagged) / max(seconds, 1e-9):.2f} img/s), {len(run.failed)} skipped -> "
                   f"{escape(str(out))}", highlight=False)
@@ -161,7 +151,7 @@ def tag_command(
         metrics = tag_metrics(scores, onehot, class_set.classes)
         report = {"tagger": tagger_settings(tagger, class_set), "classes": class_set.name, "labels": str(out),
                   "images_without_ground_truth": without, **metrics.to_dict()}
-        _write(metrics_path, (json.dumps(report, indent=1) + "\n").encode(), "--metrics")
+        write_output(metrics_path, (json.dumps(report, indent=1) + "\n").encode(), "--metrics")
     _report(Console(), metrics, f"{tagger} on {metrics.images} image(s)")
     if without:
         console.print(f"[yellow]{without} tagged image(s) have no ground truth[/] (not scored)", highlight=False)
