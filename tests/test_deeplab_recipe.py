@@ -13,7 +13,7 @@ from torch import nn
 from clipes.errors import ClipesError
 from clipes.segment.data import SegDataset, pair_folders
 from clipes.segment.models import DeepLabV2, build_segmenter
-from clipes.segment.train import TrainConfig, _optimizer, load_checkpoint, load_config, train
+from clipes.segment.train import TrainConfig, _optimizer, load_checkpoint, load_config, poly_schedule, train
 
 from .synthetic import make_dataset
 
@@ -87,7 +87,7 @@ def test_frozen_batchnorm_statistics_do_not_move_in_training():
 def test_poly_schedule_keeps_the_head_multipliers():
     model, cfg = _build("deeplabv2-resnet101", steps=10)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg.steps) ** cfg.poly_power)
+    sched = poly_schedule(opt, cfg.steps, cfg.poly_power)
     for _ in range(4):
         opt.step()
         sched.step()

@@ -93,6 +93,11 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def poly_schedule(opt: torch.optim.Optimizer, steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """DeepLab's poly learning rate: every group's own lr times ``(1 - step / steps) ** power``."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps) ** power)
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
@@ -244,7 +249,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                             backbone_weights=cfg.backbone_weights, freeze_bn=cfg.freeze_bn).to(device)
     arch = _arch(model, cfg, num_classes)
     opt = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg.steps) ** cfg.poly_power)
+    sched = poly_schedule(opt, cfg.steps, cfg.poly_power)
     start, best = 0, float("-inf")
     if ckpt is not None:
         try:
