@@ -320,3 +320,11 @@ def test_confidence_from_a_run_without_the_crf_says_so(data, tmp_path):
                  cam_refined=np.zeros((1, 32, 32), np.float32))
     _fails(runner.invoke(app, _args(data, tmp_path / "o", "--confidence", str(run_dir))),
            "holds no CRF confidence", "--crf --save-cams")
+
+
+def test_an_out_that_is_a_file_is_refused(data, run, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    _fails(runner.invoke(app, _args(data, f)), "--out", "is a file")
+    _fails(runner.invoke(app, ["segment", str(data / "images"), "--checkpoint", str(run / "last.pt"),
+                               "--out", str(f / "pred"), "--device", "cpu"]), "cannot be made", "is a file")

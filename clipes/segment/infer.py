@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ClipesError
 from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
-from ..output import atomic_write, check_outside, encode_image, folder_lock
+from ..output import atomic_write, check_outside, check_writable, encode_image, folder_lock
 from ..provenance import file_digest, input_stamp
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
@@ -126,8 +126,7 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
     """
     if not images.is_dir():
         raise ClipesError(f"{images}: not a folder of images")
-    if out.exists() and not out.is_dir():
-        raise ClipesError(f"--out {out} is a file, not a folder")
+    check_writable(out)  # a file, a file above it or a read-only place, before the model loads
     check_outside(images, out)
     items = find_images(images)
     settings = {"checkpoint": file_digest(checkpoint) if checkpoint.is_file() else str(checkpoint),

@@ -131,9 +131,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def _check_run_folder(out: Path, cfg: TrainConfig) -> None:
     """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it),
     and an --out that cannot be written; writes nothing."""
-    if out.exists() and not out.is_dir():
-        raise ClipesError(f"--out {out} is a file, not a folder")
-    check_writable(out)
+    check_writable(out)  # a file, a file above it or a read-only place
     found = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume:
         if not (out / "last.pt").is_file():
