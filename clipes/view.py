@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
@@ -14,7 +14,7 @@ from rich.progress import Progress
 from .errors import ClipesError
 from .evaluate import check_pair, confusion, read_label_png, scores
 from .images import ImageError, read_image
-from .jsonfile import read_json
+from .jsonfile import read_json, read_run_labels
 from .masks import overlay, voc_palette
 from .output import atomic_write, encode_image
 
@@ -76,17 +76,6 @@ table.querySelectorAll("th[data-type]").forEach((th, col) => th.addEventListener
 """
 
 
-def _records(path: Path) -> dict[str, dict]:
-    """``labels.json``: stem -> record; a clear error for a broken file or a stem that leaves the run folder."""
-    records = read_json(path, "run's labels")
-    for stem, rec in records.items():
-        if not isinstance(rec, dict) or not isinstance(rec.get("labels", []), list):
-            raise ClipesError(f"{path}: entry {stem!r} is not a record with a 'labels' list")
-        if not stem or PurePosixPath(stem).is_absolute() or ".." in PurePosixPath(stem).parts:
-            raise ClipesError(f"{path}: entry {stem!r} is not a path inside the run")
-    return records
-
-
 def _palette_mask(mask: np.ndarray) -> Image.Image:
     img = Image.fromarray(mask, "P")
     img.putpalette(voc_palette().tobytes())
@@ -106,7 +95,7 @@ def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -
     if not manifest_path.is_file() or not labels_path.is_file():
         raise ClipesError(f"{run} is not a clipes output folder (no manifest.json / labels.json)")
     manifest = read_json(manifest_path, "run manifest")
-    records = _records(labels_path)
+    records = read_run_labels(labels_path)
     settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
     source = Path(str(manifest.get("input", "")))
     classes = settings.get("classes") if isinstance(settings.get("classes"), dict) else {}

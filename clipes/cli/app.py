@@ -17,6 +17,7 @@ from ..refiners.crf_torch import CRF_BACKENDS
 from ..run import LabelConfig, label_folder
 from .common import MIN_MAX_SIDE, OneLineErrorGroup, batch_size_option, finite, max_side_option, reported_errors
 from .evaluate import eval_command
+from .export import export_command
 from .prompts import app as prompts_app
 from .tag import tag_command
 from .train import segment_command, train_seg_command
@@ -168,6 +169,7 @@ def label(
 
 app.command("eval")(eval_command)
 app.command("view")(view_command)
+app.command("export")(export_command)
 app.command("train-seg")(train_seg_command)
 app.command("segment")(segment_command)
 app.command("tag")(tag_command)

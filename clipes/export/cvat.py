@@ -1,0 +1,78 @@
+"""A run's masks in the layout CVAT imports as "Segmentation mask 1.1" (Pascal VOC segmentation, Datumaro).
+
+``labelmap.txt`` names every label with its colour (the VOC palette the masks already use: background
+0,0,0, class c the palette's colour c + 1); ``SegmentationClass/<stem>.png`` are the run's masks;
+``ImageSets/Segmentation/default.txt`` lists the stems; the photos go to ``JPEGImages/`` on request.
+CVAT refuses a mask colour its label map does not declare, so ignored pixels (255) get an ``ignore``
+label when a mask holds any.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import ClipesError
+from ..masks import IGNORE, mask_to_png, voc_palette
+from ..output import encode_image
+from .runfolder import ExportRun
+
+__all__ = ["BACKGROUND", "IGNORE_LABEL", "LABELMAP", "SEGMENTATION", "labelmap", "read_labelmap", "write_cvat"]
+
+LABELMAP = "labelmap.txt"
+SEGMENTATION = "SegmentationClass"
+IMAGE_LIST = "ImageSets/Segmentation/default.txt"
+IMAGES = "JPEGImages"
+BACKGROUND = "background"
+IGNORE_LABEL = "ignore"
+
+
+def _line(name: str, value: int) -> str:
+    r, g, b = (int(c) for c in voc_palette()[value])
+    return f"{name}:{r},{g},{b}::\n"
+
+
+def labelmap(names: tuple[str, ...], with_ignore: bool) -> str:
+    """``labelmap.txt``: ``label:r,g,b:parts:actions`` for background, each class and (if used) ``ignore``."""
+    text = "# label:color_rgb:parts:actions\n" + _line(BACKGROUND, 0)
+    text += "".join(_line(n, c + 1) for c, n in enumerate(names))
+    return text + (_line(IGNORE_LABEL, IGNORE) if with_ignore else "")
+
+
+def read_labelmap(path: Path) -> dict[str, tuple[int, int, int]]:
+    """Label name -> RGB colour from a ``labelmap.txt`` (as CVAT and Datumaro read it)."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, colour = line.split(":")[:2]
+        out[name] = tuple(int(c) for c in colour.split(","))
+    return out
+
+
+def _check_names(run: ExportRun) -> None:
+    clash = [n for n in run.class_set.classes if n.lower() in (BACKGROUND, IGNORE_LABEL) or ":" in n]
+    if clash:
+        raise ClipesError(f"--format cvat: class {clash[0]!r} of {run.class_set.name!r} cannot be a CVAT label "
+                          f"here ({BACKGROUND!r} and {IGNORE_LABEL!r} are taken, ':' separates labelmap.txt)")
+
+
+def write_cvat(run: ExportRun, sink, images: str = "none", advance: Callable[[], None] = lambda: None) -> None:
+    """Write the run into ``sink`` (``target.FolderSink`` or ``ZipSink``); ``images``: none, link or copy."""
+    _check_names(run)
+    if images != "none":
+        missing = [run.image_path(im) for im in run.images if not run.image_path(im).is_file()]
+        if missing:
+            raise ClipesError(f"--images {images}: {len(missing)} photo(s) are not where the run read them "
+                              f"(e.g. {missing[0]}); export without --images, or move them back")
+    with_ignore = False
+    for image, mask in run.masks():
+        with_ignore = with_ignore or bool((mask == IGNORE).any())
+        # encoded anew with the VOC palette, whose colours labelmap.txt declares, whatever the file's palette
+        sink.put(f"{SEGMENTATION}/{image.stem}.png", encode_image(mask_to_png(mask)))
+        if images != "none":
+            source = run.image_path(image)
+            sink.add_file(f"{IMAGES}/{image.stem}{source.suffix.lower()}", source, link=images == "link")
+        advance()
+    sink.put(IMAGE_LIST, "".join(f"{im.stem}\n" for im in run.images).encode())
+    sink.put(LABELMAP, labelmap(run.class_set.classes, with_ignore).encode())
