@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clipes.prompts import ClassSetError, builtin_class_sets, load_class_set
+from clipes.prompts import ClassSetError, builtin_class_sets, class_set_from_dict, load_class_set
 
 
 def test_builtin_sets():
@@ -46,6 +46,14 @@ def test_plain_text_user_set(tmp_path):
     assert cs.classes == ("robot", "crate")
     assert cs.prompts == ("robot,droid,android", "crate")
     assert cs.index("droid") == 0 and len(cs.background) == 23
+
+
+def test_a_user_set_as_a_run_records_it(tmp_path):
+    """A run's manifest keeps a user file's set with name null: it reads back (eval, view, export use it)."""
+    (tmp_path / "mine.txt").write_text("disc: circle\nsquare\n")
+    recorded = {**load_class_set(tmp_path / "mine.txt").to_dict(), "name": None}
+    cs = class_set_from_dict(recorded)
+    assert cs.classes == ("disc", "square") and cs.prompts == ("disc,circle", "square")
 
 
 def test_yaml_user_set(tmp_path):

@@ -179,8 +179,9 @@ def class_set_from_dict(data: dict) -> ClassSet:
     if not isinstance(classes, list) or not isinstance(prompts, list) or len(prompts) != len(classes):
         raise ClassSetError("the recorded class set needs a 'classes' list (and as many 'prompts')")
     entries = [{"name": c, "prompt": p} for c, p in zip(classes, prompts, strict=True)]
-    return _from_mapping({**{k: v for k, v in data.items() if k in _KEYS}, "classes": entries},
-                         str(data.get("name", "recorded")))
+    # a run records a user file's set without its name (null): the file's name is not part of the set
+    name = data.get("name") or "recorded"
+    return _from_mapping({**{k: v for k, v in data.items() if k in _KEYS}, "name": name, "classes": entries}, name)
 
 
 def _parse_text(text: str, name: str) -> dict:
