@@ -76,9 +76,11 @@ def hf_dataset(run: ExportRun, images: str = "link", advance: Callable[[], None]
     for key in drop:
         del columns[key], features[key]
     legend = ", ".join(f"{c + 1} {n}" for c, n in enumerate(names))
+    features = Features(features)
     info = datasets.DatasetInfo(description=f"clipes pseudo masks of the run {run.root.name} (photos under "
-                                            f"{run.input}). Mask values: 0 background, {legend}, 255 ignored.")
-    return datasets.Dataset.from_dict(columns, features=Features(features), info=info)
+                                            f"{run.input}). Mask values: 0 background, {legend}, 255 ignored.",
+                                features=features)
+    return datasets.Dataset.from_dict(columns, features=features, info=info)
 
 
 def write_hf(run: ExportRun, folder: Path, images: str = "link", advance: Callable[[], None] = lambda: None) -> None:
