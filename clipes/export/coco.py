@@ -42,34 +42,42 @@ def _mask_api():
     return mask_api
 
 
-def _components(binary: np.ndarray) -> list[np.ndarray]:
-    """The 8-connected regions of a boolean map, each as its own boolean map (scipy.ndimage)."""
+def _regions(binary: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, slice]]]:
+    """The 8-connected regions of a boolean map (scipy.ndimage): their label map (region k is k + 1) and boxes."""
     try:
         from scipy import ndimage
     except ImportError as e:
         raise ClipesError("--instances needs scipy: pip install 'clipes[coco]'") from e
-    regions, n = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
-    return [regions == i for i in range(1, n + 1)]
+    regions, _ = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
+    return regions, ndimage.find_objects(regions)
 
 
 def _annotations(mask: np.ndarray, ids: list[int], ignore_id: int | None, instances: bool, mask_api):
     """(category id, iscrowd, RLE, area, bbox) of every class region of one mask (and its ignored region)."""
-    parts: list[tuple[int, int, np.ndarray]] = []
+    # each part: category, iscrowd, and where it is: pixels of ``where`` equal to ``key`` inside ``box``
+    parts: list[tuple[int, int, np.ndarray, int, tuple[slice, slice]]] = []
+    whole = (slice(None), slice(None))
     for value in np.unique(mask).tolist():
         if value == 0 or (value == IGNORE and ignore_id is None):
             continue
-        binary = mask == value
         if value == IGNORE:
-            parts.append((ignore_id, 1, binary))
+            parts.append((ignore_id, 1, mask, value, whole))
+        elif instances:
+            regions, boxes = _regions(mask == value)
+            parts += [(ids[value - 1], 0, regions, k + 1, box) for k, box in enumerate(boxes)]
         else:
-            parts += [(ids[value - 1], 0, region) for region in (_components(binary) if instances else [binary])]
+            parts.append((ids[value - 1], 0, mask, value, whole))
     if not parts:
         return []
-    rles = mask_api.encode(np.asfortranarray(np.stack([p[2] for p in parts], axis=-1).astype(np.uint8)))
+    # one (H, W, n) Fortran-ordered stack, as pycocotools encodes it; a region is copied within its box only
+    stack = np.zeros((*mask.shape, len(parts)), dtype=np.uint8, order="F")
+    for j, (_, _, where, key, box) in enumerate(parts):
+        stack[(*box, j)] = where[box] == key
+    rles = mask_api.encode(stack)
     areas, boxes = mask_api.area(rles), mask_api.toBbox(rles)
     return [(cat, crowd, {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
              int(area), [float(v) for v in box])
-            for (cat, crowd, _), rle, area, box in zip(parts, rles, areas, boxes, strict=True)]
+            for (cat, crowd, *_), rle, area, box in zip(parts, rles, areas, boxes, strict=True)]
 
 
 def coco_json(run: ExportRun, *, instances: bool = False, ignore_category: bool = False,
