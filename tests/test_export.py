@@ -147,9 +147,10 @@ def test_coco_category_ids(runs, tmp_path):
         assert not [a for a in data["annotations"] if a["image_id"] == empty]
 
 
-def test_coco_instances_are_connected_regions(runs, tmp_path):
+def test_coco_instances_are_connected_regions(runs, tmp_path, monkeypatch):
     from scipy import ndimage
 
+    monkeypatch.setattr("clipes.export.coco._STACK_BYTES", 1)  # RLE-encode one region at a time
     run = runs["voc_crf"]
     out = tmp_path / "inst.json"
     res = _invoke("export", run, "-f", "coco", "-o", out, "--instances", "--ignore-category")
@@ -317,6 +318,15 @@ def test_a_run_with_missing_or_edited_masks_is_refused(runs, tmp_path):
         msg = _error(_invoke("export", run, "-f", fmt, "-o", out))
         assert "chelsea.png: value 200 is no class of 'voc'" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run2"]  # nothing written, nothing left over
+
+
+def test_a_manifest_without_its_input_folder_is_refused(runs, tmp_path):
+    run = _copy_run(runs["coco"], tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["input"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert "records no input folder" in _error(_invoke("export", run, "-f", "coco", "-o", tmp_path / "c.json"))
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_not_a_run_is_refused(tmp_path):

@@ -25,6 +25,7 @@ COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 
                      56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
                      85, 86, 87, 88, 89, 90)
 IGNORE_CATEGORY = "ignore"
+_STACK_BYTES = 64 << 20
 
 
 def category_ids(run: ExportRun) -> list[int]:
@@ -69,11 +70,16 @@ def _annotations(mask: np.ndarray, ids: list[int], ignore_id: int | None, instan
             parts.append((ids[value - 1], 0, mask, value, whole))
     if not parts:
         return []
-    # one (H, W, n) Fortran-ordered stack, as pycocotools encodes it; a region is copied within its box only
-    stack = np.zeros((*mask.shape, len(parts)), dtype=np.uint8, order="F")
-    for j, (_, _, where, key, box) in enumerate(parts):
-        stack[(*box, j)] = where[box] == key
-    rles = mask_api.encode(stack)
+    # (H, W, n) Fortran-ordered stacks, as pycocotools encodes them, of at most _STACK_BYTES each (a CRF
+    # mask can hold hundreds of regions); a region is copied within its box only
+    rles = []
+    step = max(1, _STACK_BYTES // mask.size)
+    for first in range(0, len(parts), step):
+        chunk = parts[first:first + step]
+        stack = np.zeros((*mask.shape, len(chunk)), dtype=np.uint8, order="F")
+        for j, (_, _, where, key, box) in enumerate(chunk):
+            stack[(*box, j)] = where[box] == key
+        rles += mask_api.encode(stack)
     areas, boxes = mask_api.area(rles), mask_api.toBbox(rles)
     return [(cat, crowd, {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
              int(area), [float(v) for v in box])

@@ -103,7 +103,10 @@ def open_run(run: Path, class_set: ClassSet) -> ExportRun:
         raise ClipesError(f"{labels_path}: {e}" if str(labels_path) not in str(e) else str(e)) from None
     if not images:
         raise ClipesError(f"{run}: the run holds no labelled image; nothing to export")
-    done = ExportRun(run, class_set, Path(str(manifest.get("input", ""))), images)
+    source = manifest.get("input")
+    if not isinstance(source, str) or not source:
+        raise ClipesError(f"{manifest_path}: records no input folder ('input'); is it a clipes label run?")
+    done = ExportRun(run, class_set, Path(source), images)
     missing = [im.stem for im in images if not done.mask_path(im.stem).is_file()]
     if missing:
         raise ClipesError(f"{run}: {len(missing)} image(s) of labels.json have no mask in {run / 'masks'} "
