@@ -334,3 +334,11 @@ def test_not_a_run_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     assert "is not a clipes output folder" in _error(_invoke("export", tmp_path / "empty", "-f", "cvat",
                                                              "-o", tmp_path / "c"))
+
+
+def test_the_command_offers_what_the_library_does():
+    """``clipes export --help`` spells the choices without importing clipes.export: the same choices."""
+    from clipes.cli.export import _FORMATS, _IMAGE_MODES
+    from clipes.export import FORMATS, IMAGE_MODES
+
+    assert (_FORMATS, _IMAGE_MODES) == (FORMATS, IMAGE_MODES)
