@@ -22,6 +22,7 @@ __all__ = [
 
 DEFAULT_MODEL = "ViT-B-16/openai"
 MODEL_ENV = "CLIPES_MODEL"
+TRANSFORMERS_ARCH = "transformers-clip"  # ClipModel.arch of a transformers CLIPModel folder or hub id
 _HOW_TO = (f"Pass --model with a local checkpoint (e.g. --model ~/weights/ViT-B-16.pt, an OpenAI or "
            f"open_clip state dict, or ARCH:PATH such as ViT-B-16:/path/open_clip_model.safetensors), "
            f"or set {MODEL_ENV} to one; or pre-download '{{name}}' into the Hugging Face cache "
@@ -186,6 +187,25 @@ def _create_named(arch: str, tag: str | None) -> nn.Module:
     return open_clip.create_model(arch, pretrained=tag)
 
 
+def _from_transformers_hub(repo_id: str) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
+    """A transformers CLIP from the hub: the cached copy when the hub cannot be reached or
+    ``HF_HUB_OFFLINE`` is set, else fetched (only the files it needs)."""
+    from huggingface_hub.errors import HFValidationError
+
+    from .transformers_clip import hub_folder, load_folder
+
+    offline = _hub_offline() or not _hub_reachable()
+    try:
+        folder = hub_folder(repo_id, local_only=offline)
+    except (OSError, HFValidationError) as e:  # not cached, not on the hub, no access, no network
+        where = "in the Hugging Face cache (the hub cannot be reached)" if offline else "on the Hugging Face hub"
+        why = " ".join(str(e).split())[:200]
+        raise ModelLoadError(f"{repo_id!r}: no transformers CLIP of that id {where} ({why}), nor an open_clip name "
+                             f"(unknown open_clip architecture {repo_id.partition('/')[0]!r}; see "
+                             "open_clip.list_models()). " + _HOW_TO.format(name=repo_id)) from None
+    return load_folder(folder)
+
+
 def _tokenizer_for(arch: str) -> Callable[[list[str]], torch.Tensor]:
     """open_clip's tokenizer for a named architecture; CLIP's BPE tokenizer for OpenAI-layout checkpoints."""
     if arch.startswith("hf-hub:") or arch in open_clip.list_models():
@@ -199,15 +219,21 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
 
     ``spec`` is one of: ``ARCH/TAG`` (open_clip name and pretrained tag, e.g. ``ViT-B-16/openai``),
     ``ARCH`` alone (random weights, for tests and benchmarks), ``hf-hub:org/repo``, a path to an
-    OpenAI-format or open_clip checkpoint (architecture inferred), or ``ARCH:PATH``.
+    OpenAI-format or open_clip checkpoint (architecture inferred), ``ARCH:PATH``, or a Hugging Face
+    transformers CLIP: a folder of ``CLIPModel.save_pretrained`` or a hub id ``org/repo``.
     ``None`` reads ``$CLIPES_MODEL`` and falls back to ``ViT-B-16/openai``.
     """
     spec = spec or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     path = Path(spec).expanduser()
     arch_name, sep, arch_path = spec.partition(":")
+    tokenizer = None
     try:
         if path.is_file():
             model, arch = _from_openai_state_dict(_read_checkpoint(path), path), "openai-state-dict"
+        elif path.is_dir():
+            from .transformers_clip import load_folder
+
+            (model, tokenizer), arch = load_folder(path), TRANSFORMERS_ARCH
         elif sep and not spec.startswith("hf-hub:") and arch_name in open_clip.list_models():
             ckpt = Path(arch_path).expanduser()
             if not ckpt.is_file():
@@ -221,8 +247,13 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         elif spec.startswith(("/", "./", "~", "..")) or spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
             raise ModelLoadError(f"checkpoint file not found: {path}. " + _HOW_TO.format(name=DEFAULT_MODEL))
         else:
+            from .transformers_clip import is_hub_id
+
             arch, _, tag = spec.partition("/")
-            model = _create_named(arch, tag or None)
+            if tag and arch not in open_clip.list_models() and is_hub_id(spec):
+                (model, tokenizer), arch = _from_transformers_hub(spec), TRANSFORMERS_ARCH
+            else:
+                model = _create_named(arch, tag or None)
     except ModelLoadError:
         raise
     except Exception as e:
@@ -233,4 +264,4 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
     if dtype != torch.float32:
         # matmul weights in low precision; layer norms and embeddings stay fp32, as open_clip does
         open_clip.model.convert_weights_to_lp(model, dtype)
-    return ClipModel(model=model, tokenizer=_tokenizer_for(arch), spec=spec, arch=arch)
+    return ClipModel(model=model, tokenizer=tokenizer or _tokenizer_for(arch), spec=spec, arch=arch)

@@ -1,0 +1,255 @@
+"""CLIP checkpoints in Hugging Face transformers format (``CLIPModel``), run by the open_clip engine.
+
+A transformers CLIP folder (``config.json`` with ``model_type: clip``, weights as safetensors or
+``pytorch_model.bin``, possibly sharded) or hub id becomes an open_clip ``CLIP`` of the same layout
+with the same weights: the engine (``vit``, ``text``) then runs it as any other CLIP. ``transformers``
+itself is imported only here, and only when such a model is loaded: it reads the config (whose
+saved form leaves out default values) and the folder's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import ModelLoadError, _read_checkpoint
+
+__all__ = ["ACTIVATIONS", "hub_folder", "is_hub_id", "load_folder", "model_files", "state_from_transformers"]
+
+CONFIG = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+# weights in the order transformers prefers them; an index names the shards of a sharded checkpoint
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SHARD_PATTERNS = {"safetensors": ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+                  "bin": ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]}
+# transformers' hidden_act -> open_clip's quick_gelu flag (GELU is exact erf in both)
+ACTIVATIONS = {"quick_gelu": True, "gelu": False}
+CLIP_VOCAB, CLIP_EOT = 49408, 49407  # CLIP's BPE (open_clip's SimpleTokenizer): vocabulary size, end of text
+INSTALL = "pip install 'clipes[transformers]'"
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` is spelled like a Hugging Face repo id (``org/name``)."""
+    if spec.count("/") != 1:
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_folder(repo_id: str, local_only: bool) -> Path:
+    """The cached snapshot of a transformers CLIP repo with what :func:`load_folder` reads, fetched if needed.
+
+    The config and tokenizer come first, so that a repo of another model type is refused before its
+    weights are downloaded; then safetensors weights, or ``pytorch_model.bin`` where the repo has none.
+    """
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
+
+    folder = fetch([CONFIG, *TOKENIZER_FILES])
+    _check_model_type(folder)
+    for patterns in SHARD_PATTERNS.values():
+        folder = fetch(patterns)
+        if any((folder / name).is_file() for name in WEIGHT_FILES):
+            break
+    return folder
+
+
+def _check_model_type(folder: Path) -> dict:
+    """The folder's ``config.json``, refused unless it is a whole transformers CLIP (``CLIPModel``)."""
+    path = folder / CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"{folder}: not a transformers model folder (no {CONFIG})")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: unreadable config ({e})") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind in ("clip_vision_model", "clip_text_model"):
+        tower = "vision" if kind == "clip_vision_model" else "text"
+        raise ModelLoadError(f"{folder}: holds only CLIP's {tower} tower (model_type {kind!r}); clipes needs both towers, "
+                     "a transformers CLIPModel (model_type 'clip')")
+    if kind != "clip":
+        raise ModelLoadError(f"{folder}: a transformers {kind!r} model, not a CLIP: clipes runs transformers CLIPModel "
+                     "checkpoints (model_type 'clip': a ViT image tower and CLIP's text tower)")
+    return raw
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files holding the folder's weights: one file, or the shards its index names."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{path}: unreadable shard index ({e!r})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{path}: shard {missing[0]} is missing from {folder}")
+        return [folder / s for s in shards]
+    raise ModelLoadError(f"{folder}: no PyTorch weights (model.safetensors or pytorch_model.bin, or their sharded "
+                 "forms); clipes does not read TensorFlow or Flax weights")
+
+
+def _tokenizer_files(folder: Path) -> list[Path]:
+    return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+
+
+def model_files(folder: Path) -> list[Path]:
+    """Every file that :func:`load_folder` reads: what a run's identity of this model hashes."""
+    return [folder / CONFIG, *weight_files(folder), *_tokenizer_files(folder)]
+
+
+def _layer(prefix: str, i: int) -> dict[str, str]:
+    """open_clip block ``i`` name -> transformers encoder layer ``i`` name, except the fused q/k/v."""
+    src, dst = f"{prefix}.encoder.layers.{i}", f"{'visual.' if prefix == 'vision_model' else ''}transformer.resblocks.{i}"
+    names = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    return {f"{dst}.{ours}.{p}": f"{src}.{theirs}.{p}" for ours, theirs in names.items() for p in ("weight", "bias")}
+
+
+def state_from_transformers(state: dict[str, torch.Tensor], vision_layers: int,
+                            text_layers: int) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPModel`` state dict in open_clip's (and OpenAI's) layout.
+
+    Tensors are renamed, q/k/v projections are stacked into the fused attention input projection
+    and the two linear projections are transposed into open_clip's matrices; nothing is computed.
+    Raises ``KeyError`` for a missing tensor and ``ValueError`` for one left over.
+    """
+    rename = {
+        "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+        "visual.class_embedding": "vision_model.embeddings.class_embedding",
+        "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+        "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+        "positional_embedding": "text_model.embeddings.position_embedding.weight",
+        "logit_scale": "logit_scale",
+    }
+    for ours, theirs in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
+                         ("ln_final", "text_model.final_layer_norm")):
+        rename.update({f"{ours}.{p}": f"{theirs}.{p}" for p in ("weight", "bias")})
+    attention = {}
+    for prefix, layers in (("vision_model", vision_layers), ("text_model", text_layers)):
+        for i in range(layers):
+            rename.update(_layer(prefix, i))
+            dst = f"{'visual.' if prefix == 'vision_model' else ''}transformer.resblocks.{i}.attn.in_proj_"
+            src = f"{prefix}.encoder.layers.{i}.self_attn"
+            for p in ("weight", "bias"):
+                attention[dst + p] = [f"{src}.{qkv}_proj.{p}" for qkv in "qkv"]
+    out = {ours: state[theirs] for ours, theirs in rename.items()}
+    out.update({ours: torch.cat([state[t] for t in theirs]) for ours, theirs in attention.items()})
+    out["visual.proj"] = state["visual_projection.weight"].T.contiguous()
+    out["text_projection"] = state["text_projection.weight"].T.contiguous()
+    used = {*rename.values(), *(t for theirs in attention.values() for t in theirs),
+            "visual_projection.weight", "text_projection.weight"}
+    left = sorted(k for k in state if k not in used and not k.endswith("position_ids"))  # buffers older saves hold
+    if left:
+        raise ValueError(f"tensors this CLIP layout has no place for: {', '.join(left[:3])}"
+                         + (f" and {len(left) - 3} more" if len(left) > 3 else ""))
+    return out
+
+
+def _square(value, what: str, folder: Path) -> int:
+    """An int from transformers' ``int | (h, w)`` sizes; clipes' CLIPs have square patches and images."""
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ModelLoadError(f"{folder}: {what} {list(value)} is not square; clipes runs CLIPs with square ones")
+        value = value[0]
+    return int(value)
+
+
+def _mlp_ratio(cfg) -> float:
+    # open_clip sizes the MLP as int(width * mlp_ratio): half a unit over keeps float rounding off the floor
+    return (cfg.intermediate_size + 0.5) / cfg.hidden_size
+
+
+def build_open_clip(config, folder: Path) -> nn.Module:
+    """An open_clip ``CLIP`` (random weights) of a transformers ``CLIPConfig``'s layout."""
+    import open_clip
+
+    vision, text = config.vision_config, config.text_config
+    acts = {vision.hidden_act, text.hidden_act}
+    if len(acts) > 1 or not acts <= ACTIVATIONS.keys():
+        raise ModelLoadError(f"{folder}: hidden_act {vision.hidden_act!r} (vision) and {text.hidden_act!r} (text): clipes "
+                     f"runs CLIPs with one of {', '.join(ACTIVATIONS)} in both towers")
+    for tower, cfg in (("vision", vision), ("text", text)):
+        if cfg.layer_norm_eps != 1e-5:
+            raise ModelLoadError(f"{folder}: {tower} layer_norm_eps {cfg.layer_norm_eps}: clipes runs CLIP's 1e-5")
+    if vision.num_channels != 3:
+        raise ModelLoadError(f"{folder}: a vision tower of {vision.num_channels} input channels; clipes runs RGB CLIPs")
+    eos = text.eos_token_id
+    if not isinstance(eos, int):
+        raise ModelLoadError(f"{folder}: text eos_token_id {eos!r}: clipes needs one end-of-text token id")
+    patch = _square(vision.patch_size, "patch_size", folder)
+    return open_clip.CLIP(
+        embed_dim=config.projection_dim,
+        vision_cfg=open_clip.CLIPVisionCfg(
+            layers=vision.num_hidden_layers, width=vision.hidden_size,
+            head_width=vision.hidden_size // vision.num_attention_heads, mlp_ratio=_mlp_ratio(vision),
+            patch_size=patch, image_size=_square(vision.image_size, "image_size", folder)),
+        text_cfg=open_clip.CLIPTextCfg(
+            context_length=text.max_position_embeddings, vocab_size=text.vocab_size, width=text.hidden_size,
+            heads=text.num_attention_heads, layers=text.num_hidden_layers, mlp_ratio=_mlp_ratio(text),
+            # transformers pools at the argmax token for configs from before its fix of eos_token_id (2),
+            # else at the first end-of-text token
+            pool_type="argmax" if eos == 2 else "eos", eos_id=eos),
+        quick_gelu=ACTIVATIONS[vision.hidden_act],
+    )
+
+
+def _tokenizer(folder: Path, config) -> Callable[[list[str]], torch.Tensor]:
+    """The folder's own tokenizer when it has one (as transformers would use it), else CLIP's BPE."""
+    import open_clip
+
+    context = config.text_config.max_position_embeddings
+    if _tokenizer_files(folder):
+        try:
+            return open_clip.tokenizer.HFTokenizer(str(folder), context_length=context)
+        except Exception as e:
+            raise ModelLoadError(f"{folder}: cannot read its tokenizer files ({' '.join(str(e).split())[:200]})") from None
+    eos = config.text_config.eos_token_id
+    if config.text_config.vocab_size != CLIP_VOCAB or eos not in (2, CLIP_EOT):
+        raise ModelLoadError(f"{folder}: no tokenizer files, and its vocabulary ({config.text_config.vocab_size} tokens, "
+                     f"end of text {eos}) is not CLIP's BPE; add the tokenizer the model was trained with")
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+
+
+def load_folder(folder: Path) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
+    """The open_clip ``CLIP`` and tokenizer of a transformers CLIP folder, with the folder's weights exactly."""
+    _check_model_type(folder)
+    try:
+        from transformers import CLIPConfig
+    except ImportError:
+        raise ModelLoadError(f"{folder}: reading a transformers CLIP needs the transformers package ({INSTALL})") from None
+    try:
+        config = CLIPConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise ModelLoadError(f"{folder / CONFIG}: not a valid CLIP config ({' '.join(str(e).split())[:200]})") from None
+    model = build_open_clip(config, folder)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        state.update(_read_checkpoint(path))
+    try:
+        mapped = state_from_transformers(state, config.vision_config.num_hidden_layers,
+                                         config.text_config.num_hidden_layers)
+        model.load_state_dict({k: v.float() for k, v in mapped.items()})
+    except KeyError as e:
+        raise ModelLoadError(f"{folder}: the weights lack {e.args[0]}, which its config's CLIP needs") from None
+    except (ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{folder}: the weights do not fit its config's CLIP ({' '.join(str(e).split())[:300]})") from None
+    return model, _tokenizer(folder, config)
