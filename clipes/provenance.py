@@ -31,16 +31,32 @@ def model_identity(spec: str | None) -> str:
     """What ``load_clip(spec)`` loads: a local checkpoint by its content, a named model by its name.
 
     Follows ``load_clip``'s reading of the spec: ``None`` is ``$CLIPES_MODEL`` or the default,
-    a path to a file is that file, ``ARCH:PATH`` is an architecture with weights from a file.
+    a path to a file is that file, ``ARCH:PATH`` is an architecture with weights from a file, a
+    transformers CLIP folder is the files it is loaded from.
     """
     spec = spec or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     path = Path(spec).expanduser()
     if path.is_file():
         return file_digest(path)
+    if path.is_dir():
+        return _folder_digest(path) or spec
     arch, sep, weights = spec.partition(":")
     if sep and not spec.startswith("hf-hub:") and Path(weights).expanduser().is_file():
         return f"{arch}:{file_digest(Path(weights).expanduser())}"
     return spec
+
+
+def _folder_digest(folder: Path) -> str | None:
+    """``sha256:<hex>`` over the files a transformers CLIP folder is loaded from (names and contents), or
+    None where it is no such folder (``load_clip`` then says why)."""
+    from .errors import ClipesError
+    from .transformers_clip import model_files
+
+    try:
+        parts = [f"{f.name}:{file_digest(f)}" for f in model_files(folder)]
+    except (ClipesError, OSError):
+        return None
+    return "sha256:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def input_stamp(path: Path, file: str) -> dict[str, Any]:
