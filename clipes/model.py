@@ -14,7 +14,7 @@ import open_clip
 import torch
 from torch import nn
 
-from .errors import ClipesError
+from .errors import ClipesError, brief
 
 __all__ = [
     "DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "cpu_has_fast_bf16", "load_clip", "resolve_device",
@@ -24,7 +24,8 @@ DEFAULT_MODEL = "ViT-B-16/openai"
 MODEL_ENV = "CLIPES_MODEL"
 TRANSFORMERS_ARCH = "transformers-clip"  # ClipModel.arch of a transformers CLIPModel folder or hub id
 _HOW_TO = (f"Pass --model with a local checkpoint (e.g. --model ~/weights/ViT-B-16.pt, an OpenAI or "
-           f"open_clip state dict, or ARCH:PATH such as ViT-B-16:/path/open_clip_model.safetensors), "
+           f"open_clip state dict, ARCH:PATH such as ViT-B-16:/path/open_clip_model.safetensors, or a "
+           f"transformers CLIP folder), "
            f"or set {MODEL_ENV} to one; or pre-download '{{name}}' into the Hugging Face cache "
            f"(HF_HOME) on a machine with internet access.")
 
@@ -199,9 +200,8 @@ def _from_transformers_hub(repo_id: str) -> tuple[nn.Module, Callable[[list[str]
         folder = hub_folder(repo_id, local_only=offline)
     except (OSError, HFValidationError) as e:  # not cached, not on the hub, no access, no network
         where = "in the Hugging Face cache (the hub cannot be reached)" if offline else "on the Hugging Face hub"
-        why = " ".join(str(e).split())[:200]
-        raise ModelLoadError(f"{repo_id!r}: no transformers CLIP of that id {where} ({why}), nor an open_clip name "
-                             f"(unknown open_clip architecture {repo_id.partition('/')[0]!r}; see "
+        raise ModelLoadError(f"{repo_id!r}: no transformers CLIP of that id {where} ({brief(e)}), nor an open_clip "
+                             f"name (unknown open_clip architecture {repo_id.partition('/')[0]!r}; see "
                              "open_clip.list_models()). " + _HOW_TO.format(name=repo_id)) from None
     return load_folder(folder)
 

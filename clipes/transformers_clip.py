@@ -16,15 +16,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import brief
 from .model import ModelLoadError, _read_checkpoint
 
-__all__ = ["ACTIVATIONS", "hub_folder", "is_hub_id", "load_folder", "model_files", "state_from_transformers"]
+__all__ = ["ACTIVATIONS", "build_open_clip", "hub_folder", "is_hub_id", "load_folder", "model_files",
+           "state_from_transformers", "weight_files"]
 
 CONFIG = "config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json")
 # weights in the order transformers prefers them; an index names the shards of a sharded checkpoint
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 SHARD_PATTERNS = {"safetensors": ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
                   "bin": ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]}
 # transformers' hidden_act -> open_clip's quick_gelu flag (GELU is exact erf in both)
@@ -67,24 +70,23 @@ def hub_folder(repo_id: str, local_only: bool) -> Path:
     return folder
 
 
-def _check_model_type(folder: Path) -> dict:
-    """The folder's ``config.json``, refused unless it is a whole transformers CLIP (``CLIPModel``)."""
+def _check_model_type(folder: Path) -> None:
+    """Refuse a folder unless its ``config.json`` is a whole transformers CLIP's (``CLIPModel``)."""
     path = folder / CONFIG
     if not path.is_file():
         raise ModelLoadError(f"{folder}: not a transformers model folder (no {CONFIG})")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{path}: unreadable config ({e})") from None
+        raise ModelLoadError(f"{path}: unreadable config ({brief(e)})") from None
     kind = raw.get("model_type") if isinstance(raw, dict) else None
     if kind in ("clip_vision_model", "clip_text_model"):
         tower = "vision" if kind == "clip_vision_model" else "text"
-        raise ModelLoadError(f"{folder}: holds only CLIP's {tower} tower (model_type {kind!r}); clipes needs both towers, "
-                     "a transformers CLIPModel (model_type 'clip')")
+        raise ModelLoadError(f"{folder}: holds only CLIP's {tower} tower (model_type {kind!r}); clipes needs both "
+                             "towers, a transformers CLIPModel (model_type 'clip')")
     if kind != "clip":
-        raise ModelLoadError(f"{folder}: a transformers {kind!r} model, not a CLIP: clipes runs transformers CLIPModel "
-                     "checkpoints (model_type 'clip': a ViT image tower and CLIP's text tower)")
-    return raw
+        raise ModelLoadError(f"{folder}: a transformers {kind!r} model, not a CLIP: clipes runs transformers "
+                             "CLIPModel checkpoints (model_type 'clip': a ViT image tower and CLIP's text tower)")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -98,13 +100,13 @@ def weight_files(folder: Path) -> list[Path]:
         try:
             shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ModelLoadError(f"{path}: unreadable shard index ({e!r})") from None
+            raise ModelLoadError(f"{path}: unreadable shard index ({brief(e)})") from None
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ModelLoadError(f"{path}: shard {missing[0]} is missing from {folder}")
         return [folder / s for s in shards]
     raise ModelLoadError(f"{folder}: no PyTorch weights (model.safetensors or pytorch_model.bin, or their sharded "
-                 "forms); clipes does not read TensorFlow or Flax weights")
+                         "forms); clipes does not read TensorFlow or Flax weights")
 
 
 def _tokenizer_files(folder: Path) -> list[Path]:
@@ -116,12 +118,9 @@ def model_files(folder: Path) -> list[Path]:
     return [folder / CONFIG, *weight_files(folder), *_tokenizer_files(folder)]
 
 
-def _layer(prefix: str, i: int) -> dict[str, str]:
-    """open_clip block ``i`` name -> transformers encoder layer ``i`` name, except the fused q/k/v."""
-    src, dst = f"{prefix}.encoder.layers.{i}", f"{'visual.' if prefix == 'vision_model' else ''}transformer.resblocks.{i}"
-    names = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    return {f"{dst}.{ours}.{p}": f"{src}.{theirs}.{p}" for ours, theirs in names.items() for p in ("weight", "bias")}
+_BLOCK = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+          "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}  # open_clip's block -> transformers' layer, but q/k/v
+_TOWERS = {"visual.": "vision_model", "": "text_model"}  # open_clip's tower prefix -> transformers'
 
 
 def state_from_transformers(state: dict[str, torch.Tensor], vision_layers: int,
@@ -140,17 +139,16 @@ def state_from_transformers(state: dict[str, torch.Tensor], vision_layers: int,
         "positional_embedding": "text_model.embeddings.position_embedding.weight",
         "logit_scale": "logit_scale",
     }
-    for ours, theirs in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
-                         ("ln_final", "text_model.final_layer_norm")):
-        rename.update({f"{ours}.{p}": f"{theirs}.{p}" for p in ("weight", "bias")})
+    with_bias = {"visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
+                 "ln_final": "text_model.final_layer_norm"}
     attention = {}
-    for prefix, layers in (("vision_model", vision_layers), ("text_model", text_layers)):
+    for (ours, theirs), layers in zip(_TOWERS.items(), (vision_layers, text_layers), strict=True):
         for i in range(layers):
-            rename.update(_layer(prefix, i))
-            dst = f"{'visual.' if prefix == 'vision_model' else ''}transformer.resblocks.{i}.attn.in_proj_"
-            src = f"{prefix}.encoder.layers.{i}.self_attn"
-            for p in ("weight", "bias"):
-                attention[dst + p] = [f"{src}.{qkv}_proj.{p}" for qkv in "qkv"]
+            dst, src = f"{ours}transformer.resblocks.{i}", f"{theirs}.encoder.layers.{i}"
+            with_bias.update({f"{dst}.{a}": f"{src}.{b}" for a, b in _BLOCK.items()})
+            attention.update({f"{dst}.attn.in_proj_{p}": [f"{src}.self_attn.{qkv}_proj.{p}" for qkv in "qkv"]
+                              for p in ("weight", "bias")})
+    rename.update({f"{a}.{p}": f"{b}.{p}" for a, b in with_bias.items() for p in ("weight", "bias")})
     out = {ours: state[theirs] for ours, theirs in rename.items()}
     out.update({ours: torch.cat([state[t] for t in theirs]) for ours, theirs in attention.items()})
     out["visual.proj"] = state["visual_projection.weight"].T.contiguous()
@@ -185,8 +183,8 @@ def build_open_clip(config, folder: Path) -> nn.Module:
     vision, text = config.vision_config, config.text_config
     acts = {vision.hidden_act, text.hidden_act}
     if len(acts) > 1 or not acts <= ACTIVATIONS.keys():
-        raise ModelLoadError(f"{folder}: hidden_act {vision.hidden_act!r} (vision) and {text.hidden_act!r} (text): clipes "
-                     f"runs CLIPs with one of {', '.join(ACTIVATIONS)} in both towers")
+        raise ModelLoadError(f"{folder}: hidden_act {vision.hidden_act!r} (vision) and {text.hidden_act!r} (text): "
+                             f"clipes runs CLIPs with one of {', '.join(ACTIVATIONS)} in both towers")
     for tower, cfg in (("vision", vision), ("text", text)):
         if cfg.layer_norm_eps != 1e-5:
             raise ModelLoadError(f"{folder}: {tower} layer_norm_eps {cfg.layer_norm_eps}: clipes runs CLIP's 1e-5")
@@ -221,11 +219,11 @@ def _tokenizer(folder: Path, config) -> Callable[[list[str]], torch.Tensor]:
         try:
             return open_clip.tokenizer.HFTokenizer(str(folder), context_length=context)
         except Exception as e:
-            raise ModelLoadError(f"{folder}: cannot read its tokenizer files ({' '.join(str(e).split())[:200]})") from None
+            raise ModelLoadError(f"{folder}: cannot read its tokenizer files ({brief(e)})") from None
     eos = config.text_config.eos_token_id
     if config.text_config.vocab_size != CLIP_VOCAB or eos not in (2, CLIP_EOT):
-        raise ModelLoadError(f"{folder}: no tokenizer files, and its vocabulary ({config.text_config.vocab_size} tokens, "
-                     f"end of text {eos}) is not CLIP's BPE; add the tokenizer the model was trained with")
+        raise ModelLoadError(f"{folder}: no tokenizer files, and its vocabulary ({config.text_config.vocab_size} "
+                             f"tokens, end of text {eos}) is not CLIP's BPE; add the tokenizer it was trained with")
     return open_clip.tokenizer.SimpleTokenizer(context_length=context)
 
 
@@ -235,11 +233,11 @@ def load_folder(folder: Path) -> tuple[nn.Module, Callable[[list[str]], torch.Te
     try:
         from transformers import CLIPConfig
     except ImportError:
-        raise ModelLoadError(f"{folder}: reading a transformers CLIP needs the transformers package ({INSTALL})") from None
+        raise ModelLoadError(f"{folder}: a transformers CLIP needs the transformers package ({INSTALL})") from None
     try:
         config = CLIPConfig.from_pretrained(str(folder))
     except Exception as e:
-        raise ModelLoadError(f"{folder / CONFIG}: not a valid CLIP config ({' '.join(str(e).split())[:200]})") from None
+        raise ModelLoadError(f"{folder / CONFIG}: not a valid CLIP config ({brief(e)})") from None
     model = build_open_clip(config, folder)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
@@ -251,5 +249,5 @@ def load_folder(folder: Path) -> tuple[nn.Module, Callable[[list[str]], torch.Te
     except KeyError as e:
         raise ModelLoadError(f"{folder}: the weights lack {e.args[0]}, which its config's CLIP needs") from None
     except (ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{folder}: the weights do not fit its config's CLIP ({' '.join(str(e).split())[:300]})") from None
+        raise ModelLoadError(f"{folder}: the weights do not fit its config's CLIP ({brief(e, 300)})") from None
     return model, _tokenizer(folder, config)

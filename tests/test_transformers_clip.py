@@ -55,8 +55,8 @@ def _word_tokenizer():
 def _config(act: str = "quick_gelu", eos: int = 49407, vocab: int = 49408, context: int = 77,
             text: dict | None = None, **vision):
     """A tiny CLIP; MLP widths not 4x and 32-wide heads by default, so that nothing rests on OpenAI's ratios."""
-    text = dict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     hidden_act=act, eos_token_id=eos, vocab_size=vocab, max_position_embeddings=context), **(text or {}))
+    text = dict(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act=act,
+                     eos_token_id=eos, vocab_size=vocab, max_position_embeddings=context), **(text or {}))
     vision = dict(dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=2,
                        patch_size=16, image_size=64, hidden_act=act), **vision)
     return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
@@ -264,10 +264,10 @@ def test_wrong_folders_are_refused(tmp_path, quick_folder):
                tmp_path / "partial" / "pytorch_model.bin")
     cases["partial"] = "the weights lack text_projection.weight"
     _save(tmp_path / "tanh", _config("gelu_new"))
-    cases["tanh"] = "hidden_act 'gelu_new' (vision) and 'gelu_new' (text): clipes runs CLIPs with one of quick_gelu, gelu"
+    cases["tanh"] = "hidden_act 'gelu_new' (vision) and 'gelu_new' (text): clipes runs CLIPs with one of quick_gelu"
     _save(tmp_path / "other-layout", _config())
-    (tmp_path / "other-layout" / "config.json").write_text(
-        (tmp_path / "other-layout" / "config.json").read_text().replace('"num_hidden_layers": 3', '"num_hidden_layers": 2'))
+    config = tmp_path / "other-layout" / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 3', '"num_hidden_layers": 2'))
     cases["other-layout"] = "the weights do not fit its config's CLIP (tensors this CLIP layout has no place for"
     for name, message in cases.items():
         with pytest.raises(ModelLoadError) as info:

@@ -73,8 +73,8 @@ def label(
         help="Image-level labels: JSON map, 'stem class ...' text, VOC Annotations/ folder or COCO "
              "instances JSON. Without it, labels are inferred zero-shot.")] = None,
     model: Annotated[str | None, typer.Option(
-        envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
-                               "\\[default: ViT-B-16/openai].")] = None,
+        envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path, ARCH:PATH, or a "
+                               "transformers CLIP folder or hub ID (org/name) \\[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=_device)] = "auto",
     dtype: Annotated[str | None, typer.Option(
         help="float32 (default, exact), or bfloat16 / float16 autocast for the transformer's matrix products.")

@@ -120,8 +120,8 @@ def rank_command(
     imagenet: Annotated[bool, typer.Option(
         "--imagenet/--no-imagenet", help="Include CLIP's 80 ImageNet templates among the candidates.")] = True,
     model: Annotated[str | None, typer.Option(
-        envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
-                               "\\[default: ViT-B-16/openai].")] = None,
+        envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path, ARCH:PATH, or a "
+                               "transformers CLIP folder or hub ID (org/name) \\[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[str, typer.Option(
         help="Images per batch (same input size), or 'auto': 32 on a GPU, 4 on the CPU.",

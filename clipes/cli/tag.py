@@ -94,8 +94,8 @@ def tag_command(
         "--metrics", help="Where to write the metrics JSON \\[default: OUT with suffix .metrics.json].",
         show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
-        envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path or ARCH:PATH "
-                               "\\[default: ViT-B-16/openai].")] = None,
+        envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path, ARCH:PATH, or a "
+                               "transformers CLIP folder or hub ID (org/name) \\[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     max_side: Annotated[int, typer.Option(
         help=f"Larger images are scaled down to this longer side for the network; 0 disables, else at least "
