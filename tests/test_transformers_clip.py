@@ -275,3 +275,50 @@ def test_wrong_folders_are_refused(tmp_path, quick_folder):
         assert message in str(info.value), (name, str(info.value))
         assert str(tmp_path / name) in str(info.value)
     assert cases["siglip"] in _one_line_error(tmp_path, str(tmp_path / "siglip"))
+
+
+def test_hub_fetches_the_config_first_then_pytorch_weights(tmp_path, monkeypatch, quick_folder):
+    """Online, a hub id fetches config and tokenizer, then safetensors or else ``pytorch_model.bin``; a repo
+    of another model type is refused before any weights are fetched."""
+    from fnmatch import fnmatch
+
+    import huggingface_hub
+
+    folder, hf, _ = quick_folder
+    repos = {"someone/bin-only": tmp_path / "bin-only", "someone/siglip": tmp_path / "siglip"}
+    for repo in repos.values():
+        repo.mkdir()
+        shutil.copy(folder / "config.json", repo)
+    torch.save(hf.state_dict(), repos["someone/bin-only"] / "pytorch_model.bin")
+    (repos["someone/siglip"] / "config.json").write_text(json.dumps({"model_type": "siglip"}))
+    (repos["someone/siglip"] / "model.safetensors").write_bytes(b"weights not to fetch")
+    fetched: list[list[str]] = []
+
+    def snapshot_download(repo_id, allow_patterns, local_files_only):
+        assert not local_files_only
+        snapshot = tmp_path / "cache" / repo_id
+        snapshot.mkdir(parents=True, exist_ok=True)
+        names = [f.name for f in sorted(repos[repo_id].iterdir()) if any(fnmatch(f.name, p) for p in allow_patterns)]
+        for name in names:
+            shutil.copy(repos[repo_id] / name, snapshot)
+        fetched.append(names)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    clip = load_clip("someone/bin-only")
+    assert fetched == [["config.json"], [], ["pytorch_model.bin"]]
+    assert torch.equal(clip.model.visual.proj, load_clip(str(folder)).model.visual.proj)
+    fetched.clear()
+    with pytest.raises(ModelLoadError, match="a transformers 'siglip' model, not a CLIP"):
+        load_clip("someone/siglip")
+    assert fetched == [["config.json"]]
+
+
+def test_without_transformers_says_what_to_install(tmp_path, monkeypatch, quick_folder):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    with pytest.raises(ModelLoadError, match=r"transformers package \(pip install 'clipes\[transformers\]'\)"):
+        load_clip(str(quick_folder[0]))
