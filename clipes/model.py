@@ -191,18 +191,16 @@ def _create_named(arch: str, tag: str | None) -> nn.Module:
 def _from_transformers_hub(repo_id: str) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
     """A transformers CLIP from the hub: the cached copy when the hub cannot be reached or
     ``HF_HUB_OFFLINE`` is set, else fetched (only the files it needs)."""
-    from huggingface_hub.errors import HFValidationError
-
     from .transformers_clip import hub_folder, load_folder
 
     offline = _hub_offline() or not _hub_reachable()
     try:
         folder = hub_folder(repo_id, local_only=offline)
-    except (OSError, HFValidationError) as e:  # not cached, not on the hub, no access, no network
+    except OSError as e:  # not cached, not on the hub, no access, no network (huggingface_hub's are OSErrors)
         where = "in the Hugging Face cache (the hub cannot be reached)" if offline else "on the Hugging Face hub"
-        raise ModelLoadError(f"{repo_id!r}: no transformers CLIP of that id {where} ({brief(e)}), nor an open_clip "
-                             f"name (unknown open_clip architecture {repo_id.partition('/')[0]!r}; see "
-                             "open_clip.list_models()). " + _HOW_TO.format(name=repo_id)) from None
+        raise ModelLoadError(f"{repo_id!r}: no such folder, no transformers CLIP of that id {where} ({brief(e)}), "
+                             f"nor an open_clip name (unknown open_clip architecture {repo_id.partition('/')[0]!r}; "
+                             "see open_clip.list_models()). " + _HOW_TO.format(name=repo_id)) from None
     return load_folder(folder)
 
 
