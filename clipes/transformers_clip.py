@@ -17,12 +17,15 @@ import torch
 from torch import nn
 
 from .errors import brief
+from .images import CLIP_MEAN, CLIP_STD
 from .model import ModelLoadError, _read_checkpoint
 
 __all__ = ["ACTIVATIONS", "build_open_clip", "hub_folder", "is_hub_id", "load_folder", "model_files",
            "state_from_transformers", "weight_files"]
 
 CONFIG = "config.json"
+# image processor settings, alone or inside a processor's (transformers 5 writes the second)
+PROCESSORS = {"preprocessor_config.json": None, "processor_config.json": "image_processor"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json")
 # weights in the order transformers prefers them; an index names the shards of a sharded checkpoint
@@ -61,8 +64,9 @@ def hub_folder(repo_id: str, local_only: bool) -> Path:
     def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
 
-    folder = fetch([CONFIG, *TOKENIZER_FILES])
+    folder = fetch([CONFIG, *PROCESSORS, *TOKENIZER_FILES])
     _check_model_type(folder)
+    _check_normalisation(folder)
     for patterns in SHARD_PATTERNS.values():
         folder = fetch(patterns)
         if any((folder / name).is_file() for name in WEIGHT_FILES):
@@ -87,6 +91,38 @@ def _check_model_type(folder: Path) -> None:
     if kind != "clip":
         raise ModelLoadError(f"{folder}: a transformers {kind!r} model, not a CLIP: clipes runs transformers "
                              "CLIPModel checkpoints (model_type 'clip': a ViT image tower and CLIP's text tower)")
+
+
+def _differs(values, ours: tuple[float, ...]) -> bool:
+    """Whether per-channel statistics are not ``ours``; 1e-3 lets configs that round CLIP's to 3 or 4
+    places pass, and ImageNet's (0.485, ...) not."""
+    try:
+        return len(values) != len(ours) or max(abs(float(v) - o) for v, o in zip(values, ours, strict=True)) > 1e-3
+    except (TypeError, ValueError):
+        return True
+
+
+def _check_normalisation(folder: Path) -> None:
+    """Refuse a CLIP whose image processor normalises otherwise than CLIP's mean and std, which clipes uses."""
+    for name, key in PROCESSORS.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{path}: unreadable image processor settings ({brief(e)})") from None
+        settings = raw.get(key, {}) if key and isinstance(raw, dict) else raw
+        if not isinstance(settings, dict):
+            continue
+        if settings.get("do_normalize") is False:
+            raise ModelLoadError(f"{path}: do_normalize false; clipes feeds CLIPs images normalised with CLIP's "
+                                 "mean and std")
+        for stat, ours in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
+            theirs = settings.get(stat)
+            if theirs is not None and _differs(theirs, ours):
+                raise ModelLoadError(f"{path}: {stat} {theirs}; clipes normalises images with CLIP's "
+                                     f"{list(ours)}, so this model would see other inputs than it was trained on")
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -230,6 +266,7 @@ def _tokenizer(folder: Path, config) -> Callable[[list[str]], torch.Tensor]:
 def load_folder(folder: Path) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
     """The open_clip ``CLIP`` and tokenizer of a transformers CLIP folder, with the folder's weights exactly."""
     _check_model_type(folder)
+    _check_normalisation(folder)
     try:
         from transformers import CLIPConfig
     except ImportError:

@@ -81,7 +81,9 @@ def _pooled(out) -> torch.Tensor:
 def quick_folder(tmp_path_factory):
     """OpenAI's kind of CLIP (QuickGELU) with CLIP's BPE tokenizer files, as the hub's openai/clip-* are."""
     folder = tmp_path_factory.mktemp("hf") / "tiny-clip"
-    return folder, _save(folder, _config(), _clip_bpe_tokenizer()), _clip_bpe_tokenizer()
+    hf = _save(folder, _config(), _clip_bpe_tokenizer())
+    transformers.CLIPImageProcessor().save_pretrained(folder)  # CLIP's mean and std, as clipes normalises
+    return folder, hf, _clip_bpe_tokenizer()
 
 
 @pytest.mark.parametrize("act,eos", [("quick_gelu", 49407), ("gelu", 2)])
@@ -269,6 +271,17 @@ def test_wrong_folders_are_refused(tmp_path, quick_folder):
     config = tmp_path / "other-layout" / "config.json"
     config.write_text(config.read_text().replace('"num_hidden_layers": 3', '"num_hidden_layers": 2'))
     cases["other-layout"] = "the weights do not fit its config's CLIP (tensors this CLIP layout has no place for"
+    for name, nested in (("imagenet", False), ("imagenet-processor", True)):
+        shutil.copytree(folder, tmp_path / name)
+        (tmp_path / name / "preprocessor_config.json").unlink()
+        processor = transformers.CLIPImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+        if nested:  # as transformers 5 saves a whole CLIPProcessor
+            transformers.CLIPProcessor(image_processor=processor, tokenizer=quick_folder[2]).save_pretrained(
+                tmp_path / name)
+            assert not (tmp_path / name / "preprocessor_config.json").exists()
+        else:
+            processor.save_pretrained(tmp_path / name)
+        cases[name] = "image_mean [0.485, 0.456, 0.406]; clipes normalises images with CLIP's"
     for name, message in cases.items():
         with pytest.raises(ModelLoadError) as info:
             load_clip(str(tmp_path / name))
