@@ -16,6 +16,7 @@ import yaml
 
 from ..errors import ClipesError
 from .models import SEGMENTERS
+from .setr import SETR_PRESETS
 
 __all__ = ["PRESETS", "ConfigError", "TrainConfig", "check_settings", "load_config"]
 
@@ -37,6 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 16, "accumulate": 1, "steps": 20000, "head_lr_mult": 1.0, "head_bias_lr_mult": 1.0,
             "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True},
 }
+PRESETS.update(SETR_PRESETS)  # clip-setr-*: SETR's SGD recipe (segment/setr.py)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class TrainConfig:
     weight_decay: float | None = None
     momentum: float | None = None
     poly_power: float = 0.9
+    min_lr: float | None = None  # the poly schedule's floor (mmseg's, SETR: 1e-4); None: the preset's, else 0
     steps: int | None = None
     batch_size: int | None = None
     accumulate: int | None = None
@@ -115,6 +118,7 @@ _NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "weight_decay": (float, _non_negative, "a number >= 0"),
     "momentum": (float, lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "poly_power": (float, _non_negative, "a number >= 0"),
+    "min_lr": (float, _non_negative, "a number >= 0"),
     "scale_min": (float, _positive, "a positive number"),
     "scale_max": (float, _positive, "a positive number"),
     "steps": (int, lambda v: v >= 1, "a whole number >= 1"),

@@ -1,7 +1,8 @@
-"""Segmenters chosen by name: CLIP ViT with a linear or mask-transformer head, DeepLab-v2 and v3, a tiny net.
+"""Segmenters chosen by name: CLIP ViT with a linear, mask-transformer or SETR head, DeepLab-v2 and v3, a tiny net.
 
 Every model maps (B, 3, H, W) normalised images to (B, C, H, W) logits for any H, W (multiples
-of 16 for the ViTs, which interpolate their positional embedding as ``clipes label`` does).
+of 16 for the ViTs, which interpolate their positional embedding as ``clipes label`` does). In training
+mode a model with auxiliary heads (SETR's) returns ``(loss weight, logits)`` pairs, its main logits first.
 """
 
 from __future__ import annotations
@@ -201,19 +202,23 @@ class SegmenterSpec:
     std: tuple[float, float, float] = CLIP_STD
 
 
+def clip_visual(clip_model: str | None, clip_vision: dict | None = None) -> nn.Module:
+    """The CLIP ViT of a clip-* model: loaded from ``clip_model``, or of the layout ``clip_vision`` that a
+    checkpoint recorded (random weights: the checkpoint's replace them)."""
+    if clip_vision is not None:
+        from .checkpoint import rebuild_vision
+
+        return rebuild_vision(clip_vision)
+    from ..model import load_clip
+
+    return load_clip(clip_model).model.visual
+
+
 def _clip(head: str):
     def build(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = True,
               backbone_weights: str | None = None, freeze_bn: bool = False,
               clip_vision: dict | None = None) -> nn.Module:
-        if clip_vision is not None:  # the layout a checkpoint recorded; its weights come from the checkpoint
-            from .checkpoint import rebuild_vision
-
-            visual = rebuild_vision(clip_vision)
-        else:
-            from ..model import load_clip
-
-            visual = load_clip(clip_model).model.visual
-        encoder = ClipDenseEncoder(visual, frozen=freeze_backbone)
+        encoder = ClipDenseEncoder(clip_visual(clip_model, clip_vision), frozen=freeze_backbone)
         module = LinearHead(encoder.dim, num_classes) if head == "linear" else MaskTransformerHead(
             encoder.dim, num_classes)
         return EncoderDecoder(encoder, module)
@@ -279,6 +284,14 @@ def _deeplab_v2(num_classes: int, clip_model: str | None = None, freeze_backbone
     return DeepLabV2(backbone, num_classes, freeze_bn=freeze_bn)
 
 
+def _setr(decoder: str):
+    def build(num_classes: int, **kwargs) -> nn.Module:
+        from .setr import build_setr
+
+        return build_setr(decoder, num_classes, **kwargs)
+    return build
+
+
 def _tiny(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
           backbone_weights: str | None = None, freeze_bn: bool = False, clip_vision: dict | None = None) -> nn.Module:
     return TinySegmenter(num_classes)
@@ -287,6 +300,9 @@ def _tiny(num_classes: int, clip_model: str | None = None, freeze_backbone: bool
 SEGMENTERS: dict[str, SegmenterSpec] = {
     "clip-linear": SegmenterSpec(_clip("linear"), "vit", 16),
     "clip-segmenter": SegmenterSpec(_clip("mask"), "vit", 16),
+    "clip-setr-naive": SegmenterSpec(_setr("naive"), "setr-naive", 16),  # SETR's decoders: segment/setr.py
+    "clip-setr-pup": SegmenterSpec(_setr("pup"), "setr", 16),
+    "clip-setr-mla": SegmenterSpec(_setr("mla"), "setr", 16),
     "deeplabv3-resnet50": SegmenterSpec(_deeplab(50), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
     "deeplabv3-resnet101": SegmenterSpec(_deeplab(101), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
     "deeplabv2-resnet101": SegmenterSpec(_deeplab_v2, "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -40,7 +40,7 @@ from .config import PRESETS, TrainConfig, load_config
 from .data import PositionSampler, SegDataset, SegItem, pair_folders
 from .models import SEGMENTERS, build_segmenter, head_parameters
 
-__all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "train"]
+__all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "segmentation_loss", "train"]
 
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "config.yaml")
 
@@ -49,6 +49,15 @@ def cgl_loss(logits: Tensor, labels: Tensor, weights: Tensor, norm: Tensor | flo
     """Sum of weighted per-pixel cross-entropy over pixels whose label is not 255, divided by ``norm``."""
     ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
     return (ce * weights * (labels != IGNORE)).sum() / norm
+
+
+def segmentation_loss(out: Tensor | Sequence[tuple[float, Tensor]], labels: Tensor, weights: Tensor,
+                      norm: Tensor | float) -> Tensor:
+    """CGL of a model's output: its logits, or the weighted sum over ``(loss weight, logits)`` pairs of a
+    model with auxiliary heads (mmseg's sum of each head's loss times its ``loss_weight``)."""
+    if isinstance(out, Tensor):
+        return cgl_loss(out, labels, weights, norm)
+    return sum(w * cgl_loss(logits, labels, weights, norm) for w, logits in out)  # type: ignore[return-value]
 
 
 def _seed_everything(seed: int) -> None:
@@ -93,9 +102,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def poly_schedule(opt: torch.optim.Optimizer, steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """DeepLab's poly learning rate: every group's own lr times ``(1 - step / steps) ** power``."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps) ** power)
+def poly_schedule(opt: torch.optim.Optimizer, steps: int, power: float,
+                  min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """DeepLab's poly learning rate: every group's own lr times ``(1 - step / steps) ** power``; with
+    ``min_lr``, mmcv's form (SETR's): ``(lr - min_lr) * (1 - step / steps) ** power + min_lr`` per group."""
+    def factor(lr: float):
+        return lambda s: (c := max(0.0, 1 - s / steps) ** power) + min_lr / lr * (1 - c)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["lr"]) for g in opt.param_groups])
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -247,7 +261,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                             backbone_weights=cfg.backbone_weights, freeze_bn=cfg.freeze_bn).to(device)
     arch = _arch(model, cfg, num_classes)
     opt = _optimizer(model, cfg)
-    sched = poly_schedule(opt, cfg.steps, cfg.poly_power)
+    sched = poly_schedule(opt, cfg.steps, cfg.poly_power, cfg.min_lr or 0.0)
     start, best = 0, float("-inf")
     if ckpt is not None:
         try:
@@ -303,8 +317,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                 sync = k == len(parts) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
                 with nullcontext() if sync else model.no_sync():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        logits = model(xk)
-                    loss = cgl_loss(logits, lk, wk, norm)
+                        output = model(xk)
+                    loss = segmentation_loss(output, lk, wk, norm)
                     loss.backward()
                 total += loss.detach()
             opt.step()
