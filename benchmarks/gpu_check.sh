@@ -49,6 +49,11 @@ run() {
     # issue 5: ViT-B/16 + linear head, batch 16, crop 448, bf16
     python3 benchmarks/train_step.py --model clip-linear --clip-model ViT-B-16 --batch-size 16 --crop 448 --bf16 \
         --steps 20 --device cuda | tee "$out/train_step_gpu_vitb16_linear_bf16.json"
+    # issue 23: SETR's decoders on ViT-B/16 at their preset's batch and crop (16 x 480), encoder frozen, bf16
+    for m in clip-linear clip-segmenter clip-setr-naive clip-setr-pup clip-setr-mla; do
+        python3 benchmarks/train_step.py --model "$m" --clip-model ViT-B-16 --batch-size 16 --crop 480 --bf16 \
+            --steps 20 --device cuda | tee "$out/train_step_gpu_vitb16_${m}_480_bf16.json"
+    done
 }
 
 case "${1:-}" in

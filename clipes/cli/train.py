@@ -37,8 +37,8 @@ def train_seg_command(
                          ] = None,
     classes: Annotated[str | None, typer.Option(help="Class set: voc, coco or a file \\[voc].")] = None,
     model: Annotated[str | None, typer.Option(
-        help="clip-linear, clip-segmenter, deeplabv2-resnet101, deeplabv3-resnet50, deeplabv3-resnet101 or tiny "
-             "\\[clip-linear].")] = None,
+        help="clip-linear, clip-segmenter, clip-setr-naive, clip-setr-pup, clip-setr-mla, deeplabv2-resnet101, "
+             "deeplabv3-resnet50, deeplabv3-resnet101 or tiny \\[clip-linear].")] = None,
     clip_model: Annotated[str | None, typer.Option(help="CLIP weights for clip-* models (as clipes label --model).")
                           ] = None,
     finetune: Annotated[bool | None, typer.Option(
