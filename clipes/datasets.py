@@ -18,6 +18,7 @@ import numpy as np
 from .errors import ClipesError
 from .jsonfile import read_json
 from .labels import image_key, read_labels, read_voc_xml
+from .output import entry_path
 from .prompts import ClassSet, load_class_set
 
 __all__ = ["CocoGroundTruth", "DatasetError", "DatasetSplit", "coco_split", "load_split", "voc_split"]
@@ -100,8 +101,10 @@ def coco_split(root: str | Path, split: str, split_file: Path | None = None) -> 
     class_set = load_class_set("coco")
     labels = read_labels(ann, class_set)
     data = json.loads(ann.read_text())
-    # keyed as the labels are: the file name relative to the image folder, sub-folders included
-    items = [(image_key(im["file_name"]), images / im["file_name"]) for im in data["images"]]
+    # keyed as the labels are: the file name relative to the image folder, sub-folders included; a name
+    # that leaves the folder would have its mask written over the image itself, or outside --out
+    items = [(image_key(im["file_name"]), entry_path(images, im["file_name"], f"{ann}: images[{i}] file_name"))
+             for i, im in enumerate(data["images"])]
     if split_file is not None:
         listed = set(read_split_file(split_file))
         known = {stem.rsplit("/", 1)[-1] for stem, _ in items}

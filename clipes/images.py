@@ -38,14 +38,20 @@ def to_rgb_or_gray(img: Image.Image) -> Image.Image:
     """Bring any PIL mode to 'RGB' or 'L' so that resizing then converting to RGB is well defined.
 
     RGB and L pass untouched (the reference path). High bit-depth gray is scaled to 8 bits rather
-    than clipped; palette, alpha, CMYK and other modes are converted to RGB (alpha dropped).
+    than clipped, float samples in [0, 1] to 0-255 (a ValueError for another range); palette, alpha, CMYK and other modes are converted to RGB (alpha dropped).
     """
     if img.mode in ("RGB", "L"):
         return img
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if img.mode == "F":  # float samples (a TIFF): [0, 1] by convention; any other range has no agreed meaning
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if not np.isfinite(arr).all() or lo < 0 or hi > 1:
+            raise ValueError(f"float samples in [{lo:g}, {hi:g}]; float images are read with samples in [0, 1]")
+        return Image.fromarray(np.rint(arr * 255).astype(np.uint8), "L")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
-        if img.mode in ("I", "F") and (arr.min(initial=0) < 0 or arr.max(initial=0) > 65535):
+        if img.mode == "I" and (arr.min(initial=0) < 0 or arr.max(initial=0) > 65535):
             lo, hi = arr.min(), arr.max()
             arr, top = arr - lo, max(hi - lo, 1e-12)
         return Image.fromarray(np.clip(np.rint(arr / top * 255), 0, 255).astype(np.uint8), "L")

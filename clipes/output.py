@@ -9,6 +9,7 @@ replaced in place is redone, and outputs of different settings or inputs never m
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,21 +17,22 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 import numpy as np
 from PIL import Image
+from rich.console import Console
 
 from .errors import ClipesError
 from .labeler import LabelResult
 from .masks import mask_to_png, overlay
 from .provenance import settings_key
 
-__all__ = ["OutputError", "RunOutput", "atomic_write", "check_outside", "check_writable", "encode_image",
-           "folder_lock"]
+__all__ = ["OutputError", "RunOutput", "atomic_write", "check_not_inputs", "check_writable", "encode_image",
+           "entry_path", "folder_lock", "named_file"]
 
 try:
     import fcntl
@@ -71,11 +73,53 @@ def encode_image(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
     return buf.getvalue()
 
 
-def check_outside(images: Path, out: Path) -> None:
-    """Refuse an output folder that is the input folder or inside it: clipes never writes into its input."""
-    src, dst = images.resolve(), out.resolve()
-    if dst == src or src in dst.parents:
-        raise OutputError(f"--out {out} is inside the input folder {images}; clipes never writes there")
+def _same(a: Path, b: Path) -> bool:
+    """One file or folder: the same path once links are followed, or two names (hard links) of one file."""
+    return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def check_not_inputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None]) -> None:
+    """The rule of what clipes writes, for every command: no output (a file, or a folder and all under it)
+    is one of the command's inputs (files or folders, keyed by the flag that names them), lies inside an
+    input folder or holds an input, and no two outputs are one file. Checked before anything is written;
+    the refusal names both flags."""
+    outs = [(flag, p, Path(os.path.realpath(p))) for flag, p in outputs.items() if p is not None]
+    ins = [(flag, p, Path(os.path.realpath(p))) for flag, p in inputs.items() if p is not None]
+    for k, (oflag, out, ro) in enumerate(outs):
+        for flag, other, rp in outs[:k]:
+            if _same(ro, rp) or rp in ro.parents or ro in rp.parents:
+                raise OutputError(f"{oflag} {out} and {flag} {other} are one place; give each its own")
+        for flag, given, rp in ins:
+            if _same(ro, rp):
+                raise OutputError(f"{oflag} {out} is {flag} {given}, an input; clipes never writes over its input")
+            if rp in ro.parents:
+                raise OutputError(f"{oflag} {out} is inside {flag} {given}; clipes never writes there")
+            if ro in rp.parents:
+                raise OutputError(f"{flag} {given} is inside {oflag} {out}, which clipes writes; move it or choose "
+                                  f"another {oflag}")
+
+
+def named_file(spec: str | Path | None) -> Path | None:
+    """The file an option such as ``--classes`` or ``--model`` names (``ARCH:PATH`` too); None for a
+    built-in name or a download."""
+    if spec is None:
+        return None
+    text = str(spec)
+    for cand in (text, text.split(":", 1)[-1]):
+        if Path(cand).expanduser().is_file():
+            return Path(cand).expanduser()
+    return None
+
+
+def entry_path(folder: Path, name: str, where: str) -> Path:
+    """``folder / name`` for a name a dataset file gives (a COCO ``file_name``, a split file's line): a
+    relative name that stays inside ``folder``, else refused naming the entry (its output would land on
+    the image itself, or outside ``--out``)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or parts[0] == "/" or ".." in parts or ":" in parts[0]:
+        raise OutputError(f"{where}: {name!r} is not a name inside {folder} (absolute or with '..'); clipes "
+                          "takes only images inside the dataset's folder")
+    return folder / PurePosixPath(*parts)
 
 
 def check_writable(out: Path) -> None:
@@ -95,7 +139,11 @@ def check_writable(out: Path) -> None:
 def _take_lock(folder: Path) -> IO[str] | None:
     """Lock ``folder`` for this process (``folder/.clipes/lock``), or say who holds it; None without fcntl.
 
-    The lock is the kernel's (flock): it goes with the process, so a killed run leaves none behind.
+    The lock is a POSIX record lock (``lockf``): it belongs to this process alone, so the DataLoader
+    workers it forks do not hold it (a ``flock`` is shared with them and outlived a killed run while
+    an orphaned worker lived), and the kernel drops it when the process ends, however it ends. The
+    file names the holder while it runs and is emptied on release: a name left in it is a run that
+    was killed, whose lock is taken over with a note.
     """
     if fcntl is None:
         return None
@@ -106,22 +154,38 @@ def _take_lock(folder: Path) -> IO[str] | None:
     except OSError as e:
         raise OutputError(f"cannot write to {folder}: {e.strerror or e}") from e
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise OutputError(f"{folder} is being written by another clipes run ({holder}); wait for it to "
-                          "finish or choose another --out") from None
-    except OSError as e:  # a file system without flock
-        f.close()
-        raise OutputError(f"cannot lock {folder} for this run: {e.strerror or e}; choose an --out on a "
+        if e.errno in (errno.EACCES, errno.EAGAIN):
+            raise OutputError(f"{folder} is being written by another clipes run ({holder}); wait for it to "
+                              "finish or choose another --out") from None
+        raise OutputError(f"cannot lock {folder} for this run: {e.strerror or e}; choose an --out on a "  # no locks
                           "local disk") from e
+    f.seek(0)
+    left = f.read().split()
+    if len(left) == 2 and left[0] == "pid" and left[1].isdigit() and int(left[1]) != os.getpid():
+        Console(stderr=True).print(f"note: the run that held {folder} (pid {left[1]}) was stopped before it "
+                                   "finished; taking over its lock", highlight=False, soft_wrap=True, markup=False)
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()}\n")
     f.flush()
     return f
+
+
+def _release_lock(held: IO[str] | None) -> None:
+    """Empty the lock file (this run ended in order) and let go of the lock."""
+    if held is None:
+        return
+    try:
+        held.seek(0)
+        held.truncate()
+    except OSError:
+        pass  # the lock goes with the file's closing all the same
+    held.close()
 
 
 @contextmanager
@@ -131,8 +195,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        if held is not None:
-            held.close()
+        _release_lock(held)
 
 
 def _written(rec: dict[str, Any]) -> int:
@@ -389,9 +452,8 @@ class RunOutput:
     def close(self) -> None:
         """Close the journal and release the lock."""
         self.close_journal()
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        _release_lock(self._lock)
+        self._lock = None
 
     def finalize(self, manifest: dict[str, Any]) -> None:
         """Rank 0 once every rank has closed its journal: one compact journal, ``labels.json`` and the manifest."""

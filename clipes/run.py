@@ -31,7 +31,7 @@ from .images import find_images
 from .labeler import Labeler, LabelResult, PreparedImage
 from .labels import read_labels
 from .model import ClipModel, cpu_has_fast_bf16, load_clip, resolve_device
-from .output import OutputError, RunOutput, check_outside, check_writable
+from .output import OutputError, RunOutput, check_not_inputs, check_writable, named_file
 from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
 from .refiners import HostRefiner, Refiner, make_refiner
@@ -273,7 +273,9 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
         items = find_images(cfg.images)
         class_set = load_class_set(cfg.classes)
         given = read_labels(cfg.labels, class_set) if cfg.labels else None
-    check_outside(cfg.images, cfg.out)
+    check_not_inputs({"--out": cfg.out}, {"the input folder": cfg.images, "--labels": cfg.labels,
+                                          "--classes": named_file(cfg.classes), "--model": named_file(cfg.model),
+                                          "--split-file": cfg.split_file})
     check_writable(cfg.out)
     dtype_name = cfg.dtype or "float32"
     refiner = _refiner(cfg)

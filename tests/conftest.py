@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,3 +67,52 @@ def make_tiny_openclip(seed: int = 0, patch: int = 16, image: int = 64):
         quick_gelu=True,
     )
     return model.eval()
+
+
+# a clipes run holding a folder's lock: with "worker", clipes' own lock and a forked DataLoader worker; else
+# the same lock taken with the standard library alone (a second or so to start instead of torch's import)
+_HOLDER = """
+import fcntl, os, sys, time
+from pathlib import Path
+if sys.argv[2] == "worker":
+    from clipes.output import folder_lock
+    import torch.utils.data as tud
+    class Slow(tud.Dataset):
+        def __len__(self): return 1
+        def __getitem__(self, i): time.sleep(120); return i
+    with folder_lock(Path(sys.argv[1])):
+        batches = iter(tud.DataLoader(Slow(), num_workers=1, multiprocessing_context="fork"))
+        print(" ".join(str(w.pid) for w in batches._workers), flush=True)
+        time.sleep(120)
+else:
+    path = Path(sys.argv[1]) / ".clipes" / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\\n")
+    f.flush()
+    print("", flush=True)
+    time.sleep(120)
+"""
+
+
+@contextmanager
+def lock_held_elsewhere(folder: Path, worker: bool = False) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """Another process holding ``folder``'s writer lock as a running clipes does (with a forked DataLoader
+    worker if ``worker``); yields the process and its workers' pids, and kills them all at the end."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), "worker" if worker else "-"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    workers = []
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        yield proc, workers
+    finally:
+        for pid in [proc.pid, *workers]:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        proc.stdout.close()

@@ -22,6 +22,7 @@ from clipes.output import OutputError, RunOutput
 from clipes.prompts import load_class_set
 from clipes.provenance import model_identity, settings_key
 
+from .conftest import lock_held_elsewhere
 from .test_cli import _label, _labels_file, images  # noqa: F401 - the fixture is used by name
 
 
@@ -120,16 +121,10 @@ def test_a_redone_image_keeps_no_older_outputs(tmp_path, images, golden, model):
 
 
 def test_a_second_writer_is_refused(tmp_path, images, model):  # noqa: F811
-    import fcntl
-
     out = tmp_path / "out"
-    (out / ".clipes").mkdir(parents=True)
-    with open(out / ".clipes" / "lock", "a+") as held:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("pid 4242\n")
-        held.flush()
+    with lock_held_elsewhere(out) as (holder, _):
         res = _label(images, out, model=model)
-        assert res.exit_code == 2 and "being written by another clipes run (pid 4242)" in res.output
+        assert res.exit_code == 2 and f"being written by another clipes run (pid {holder.pid})" in res.output
         assert "Traceback" not in res.output and not (out / "masks").exists()
     res = _label(images, out, model=model)  # the lock goes with the process that held it
     assert res.exit_code == 0 and "labelled 4 image(s)" in res.output, res.output
@@ -345,10 +340,10 @@ def test_a_folder_that_cannot_be_locked_is_a_clear_error(tmp_path, monkeypatch):
 
     from clipes.output import folder_lock
 
-    def no_locks(fd, op):
+    def no_locks(fd, op, *args):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
     with pytest.raises(OutputError, match="cannot lock"), folder_lock(tmp_path / "out"):
         pass
 

@@ -17,7 +17,7 @@ from clipes.cli import app
 from clipes.segment.checkpoint import VERSION
 from clipes.segment.train import load_checkpoint
 
-from .conftest import make_tiny_openclip
+from .conftest import lock_held_elsewhere, make_tiny_openclip
 from .synthetic import make_dataset
 
 runner = CliRunner()
@@ -284,25 +284,13 @@ def test_help_texts_render_fully():
     assert "--flip" in seg
 
 
-def _held(folder: Path):
-    """Hold ``folder``'s writer lock as a running clipes would."""
-    import fcntl
-
-    (folder / ".clipes").mkdir(parents=True, exist_ok=True)
-    f = open(folder / ".clipes" / "lock", "a+")  # noqa: SIM115 - closed by the caller
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    f.write("pid 777\n")
-    f.flush()
-    return f
-
-
 def test_a_second_writer_is_refused(data, run, tmp_path):
     out = tmp_path / "seg"
-    with _held(out):
-        _fails(runner.invoke(app, _args(data, out)), "being written by another clipes run (pid 777)")
+    with lock_held_elsewhere(out) as (holder, _):
+        _fails(runner.invoke(app, _args(data, out)), f"being written by another clipes run (pid {holder.pid})")
         assert not (out / "last.pt").exists()
     pred = tmp_path / "pred"
-    with _held(pred):
+    with lock_held_elsewhere(pred):
         _fails(runner.invoke(app, ["segment", str(data / "images"), "--checkpoint", str(run / "last.pt"),
                                    "--out", str(pred), "--device", "cpu"]), "being written by another clipes run")
         assert not list(pred.glob("*.png"))

@@ -19,7 +19,7 @@ from rich.table import Table
 from ..errors import ClipesError
 from ..evaluate import bar_chart, evaluate, open_ground_truth, read_label_png
 from ..masks import pseudo_mask, threshold_mask
-from ..output import encode_image
+from ..output import check_not_inputs, encode_image, named_file
 from .common import positive_floats, reported_errors, run_class_set, write_output
 
 
@@ -130,6 +130,12 @@ def eval_command(
             console.print(f"{truth.left_out} image(s) of {escape(str(gt))} have no object and are not scored, as in "
                           "the authors' lists", highlight=False)
         is_run = (pred / "masks").is_dir()
+        json_out = json_out or (pred / "eval.json" if is_run else None)
+        plot = plot or (pred / "eval_iou.png" if is_run else None)
+        read = pred / ("cams" if search_bg_power or search_bg_threshold else "masks") if is_run else pred
+        check_not_inputs({"--json": json_out, "--plot": plot},
+                         {"PRED": read, "GT": gt, "--classes": named_file(classes), "PRED's manifest": pred /
+                          "manifest.json" if is_run else None})
         stems = truth.stems()
         results = {}
         if search_bg_power and search_bg_threshold:
@@ -170,8 +176,6 @@ def eval_command(
     if search:
         report[f"bg_{mode}_search"] = {f"{t:g}": r.scores.miou for t, r in results.items()}
         report[f"bg_{mode}"] = best
-    json_out = json_out or (pred / "eval.json" if is_run else None)
-    plot = plot or (pred / "eval_iou.png" if is_run else None)
     with reported_errors(console):
         if json_out:
             write_output(json_out, (json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n").encode(), "--json")

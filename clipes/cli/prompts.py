@@ -20,7 +20,7 @@ from ..evaluate import open_ground_truth
 from ..images import find_images
 from ..labels import read_labels
 from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import check_outside, check_writable
+from ..output import check_not_inputs, check_writable, named_file
 from ..prompt_selection import (
     TemplateScore,
     candidate_templates,
@@ -73,12 +73,11 @@ def _inputs(images: Path | None, root: Path | None, dataset: str | None, split: 
     return _Inputs(images, find_images(images), class_set, read_labels(labels, class_set), gt)
 
 
-def _check_output(path: Path, root: Path, flag: str, suffixes: tuple[str, ...]) -> None:
+def _check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
     if path.suffix.lower() not in suffixes:
         raise ClipesError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise ClipesError(f"{flag} {path} is a folder; give a file name")
-    check_outside(root, path)
     try:
         check_writable(path.parent)  # before the model and every image, not after
     except ClipesError as e:
@@ -169,9 +168,12 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
           max_side, exif, dataset, root, split, out, write_class_set, gt, validate, show) -> list[TemplateScore]:
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
     candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)
-    _check_output(out, inp.root, "--out", (".json",))
+    check_not_inputs({"--out": out, "--write-class-set": write_class_set},
+                     {"the input folder": inp.root, "--labels": labels, "--classes": named_file(classes),
+                      "--templates": templates, "--gt": inp.gt, "--model": named_file(model)})
+    _check_output(out, "--out", (".json",))
     if write_class_set is not None:
-        _check_output(write_class_set, inp.root, "--write-class-set", (".yaml", ".yml"))
+        _check_output(write_class_set, "--write-class-set", (".yaml", ".yml"))
     n_validate = validate if validate is not None else (3 if gt is not None else 0)
     if validate is not None and inp.gt is None:
         raise ClipesError("--validate needs ground truth: --gt MASKS (label PNGs or a COCO instances JSON)")

@@ -20,7 +20,7 @@ from ..errors import ClipesError
 from ..images import find_images
 from ..labels import read_labels
 from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import check_outside, check_writable
+from ..output import check_not_inputs, check_writable, named_file
 from ..prompts import ClassSet, load_class_set
 from ..tagging import TAGGERS, make_tagger, tagger_settings
 from ..tagging.folder import TagRun, labels_file_bytes, tag_images
@@ -119,10 +119,10 @@ def tag_command(
         metrics_path = metrics_out or out.with_suffix(".metrics.json")
         if out.is_dir():
             raise ClipesError(f"--out {out} is a folder; give a file name such as {out / 'tags.json'}")
-        check_outside(folder, out)
+        check_not_inputs({"--out": out, "--metrics": metrics_path if truth is not None else None},
+                         {"the input folder": folder, "--gt": gt, "--classes": named_file(classes),
+                          "--model": named_file(model)})
         check_writable(out.parent)  # before minutes of tagging, not after
-        if truth is not None:
-            check_outside(folder, metrics_path)
         dev = resolve_device(device)
         clip = load_clip(model, device=dev)
         method = make_tagger(tagger, clip, class_set)

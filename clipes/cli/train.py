@@ -82,7 +82,7 @@ def train_seg_command(
                      accumulate=accumulate, crop=crop, bf16=bf16, seed=seed, val_every=val_every, workers=workers,
                      device=device, resume=resume or None, overwrite=overwrite or None, stop_at=stop_at)
     with reported_errors(console):
-        result = train(load_config(config, overrides), console)
+        result = train(load_config(config, overrides), console, config)
     if int(os.environ.get("RANK", "0")) == 0:
         best = result["best_miou"]
         console.print(f"step {result['step']}, loss {result['loss']:.4f}"

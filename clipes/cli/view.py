@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..evaluate import open_ground_truth
+from ..output import check_not_inputs
 from ..view import build_view
 from .common import finite, reported_errors, run_class_set
 
@@ -24,6 +25,7 @@ def view_command(
     """Write OUT/view/index.html: photo, pseudo mask, CAMs per class and, with --gt, IoU per image."""
     console = Console(stderr=True)
     with reported_errors(console):
+        check_not_inputs({"the page folder": out / "view"}, {"--gt": gt, "OUT's masks": out / "masks"})
         truth = None
         if gt is not None:
             truth = open_ground_truth(gt, run_class_set(out, None, "coco" if gt.suffix.lower() == ".json" else "voc"))

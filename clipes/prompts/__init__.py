@@ -218,8 +218,8 @@ def load_class_set(spec: str | Path) -> ClassSet:
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ClassSetError(f"{path}: invalid YAML ({e})") from e
+        except yaml.YAMLError as e:  # on one line: PyYAML's message spans several
+            raise ClassSetError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from e
     else:
         data = _parse_text(text, path.stem)
     try:

@@ -125,7 +125,7 @@ _NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "batch_size": (int, lambda v: v >= 1, "a whole number >= 1"),
     "accumulate": (int, lambda v: v >= 1, "a whole number >= 1"),
     "crop": (int, lambda v: v >= 1, "a whole number >= 1"),
-    "seed": (int, lambda v: v >= 0, "a whole number >= 0"),
+    "seed": (int, lambda v: 0 <= v < 2**32, "a whole number in [0, 2**32)"),  # numpy's seeds
     "val_every": (int, lambda v: v >= 1, "a whole number >= 1"),
     "log_every": (int, lambda v: v >= 1, "a whole number >= 1"),
     "workers": (int, lambda v: v >= 0, "a whole number >= 0"),

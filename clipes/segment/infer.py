@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from ..batching import is_out_of_memory
 from ..errors import ClipesError
 from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
-from ..output import atomic_write, check_outside, check_writable, encode_image, folder_lock
+from ..output import atomic_write, check_not_inputs, check_writable, encode_image, folder_lock
 from ..provenance import file_digest, input_stamp
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
@@ -76,6 +78,16 @@ def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Mod
     return model.to(device).eval(), cfg, classes
 
 
+def _rescaled(x: Tensor, s: float) -> Tensor:
+    """``x`` at test scale ``s``; a side that would shrink under one pixel is predicted at one (a 1x1 image at
+    0.5, or any image at 0.01: interpolation to zero pixels aborted the run)."""
+    h, w = x.shape[-2:]
+    if math.floor(h * s) >= 1 and math.floor(w * s) >= 1:
+        return F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    size = (max(1, math.floor(h * s)), max(1, math.floor(w * s)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
 @torch.no_grad()
 def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: torch.device,
                   scales: tuple[float, ...] = (1.0,), flip: bool = False) -> np.ndarray:
@@ -86,7 +98,7 @@ def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: t
     h, w = x.shape[-2:]
     total = None
     for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        xs = x if s == 1.0 else _rescaled(x, s)
         variants = [xs, xs.flip(-1)] if flip else [xs]
         for k, v in enumerate(variants):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -126,8 +138,8 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
     """
     if not images.is_dir():
         raise ClipesError(f"{images}: not a folder of images")
+    check_not_inputs({"--out": out}, {"the input folder": images, "--checkpoint": checkpoint})
     check_writable(out)  # a file, a file above it or a read-only place, before the model loads
-    check_outside(images, out)
     items = find_images(images)
     settings = {"checkpoint": file_digest(checkpoint) if checkpoint.is_file() else str(checkpoint),
                 "scales": list(scales), "flip": flip}
@@ -171,7 +183,14 @@ def _segment_all(model, cfg, items, images: Path, out: Path, device: torch.devic
         except ImageError as e:
             failed.append(str(e))
             continue
-        atomic_write(target, encode_image(mask_to_png(segment_image(model, cfg, rgb, device, scales, flip))))
+        try:
+            labels = segment_image(model, cfg, rgb, device, scales, flip)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise ClipesError(f"{path}: out of memory at {rgb.shape[1]}x{rgb.shape[0]} pixels and --scales "
+                              f"{','.join(f'{v:g}' for v in scales)}; use smaller --scales") from None
+        atomic_write(target, encode_image(mask_to_png(labels)))
         record[stem] = stamp
         done += 1
         if time.monotonic() - last_save > save_every:

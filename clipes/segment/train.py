@@ -28,12 +28,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..batching import is_out_of_memory
 from ..distributed import DistInfo, process_group
 from ..errors import ClipesError
 from ..evaluate import confusion, scores
 from ..masks import IGNORE, class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
-from ..output import atomic_write, check_writable, folder_lock
+from ..output import atomic_write, check_not_inputs, check_writable, folder_lock, named_file
 from ..prompts import load_class_set
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
@@ -142,9 +143,15 @@ def load_checkpoint(path: str | Path) -> dict:
     return read_checkpoint(path)
 
 
-def _check_run_folder(out: Path, cfg: TrainConfig) -> None:
+def _check_run_folder(out: Path, cfg: TrainConfig, config_file: Path | None) -> None:
     """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it),
-    and an --out that cannot be written; writes nothing."""
+    an --out that is or holds an input, and one that cannot be written; writes nothing."""
+    conf = Path(cfg.confidence) / "cams" if cfg.confidence else None
+    check_not_inputs({"--out": out}, {"--config": config_file, "--images": cfg.images, "--masks": cfg.masks,
+                                      "--val-images": cfg.val_images, "--val-masks": cfg.val_masks,
+                                      "--confidence": conf, "--root": cfg.root, "--classes": named_file(cfg.classes),
+                                      "--clip-model": named_file(cfg.clip_model),
+                                      "--backbone-weights": named_file(cfg.backbone_weights)})
     check_writable(out)  # a file, a file above it or a read-only place
     found = [name for name in RUN_FILES if (out / name).exists()]
     if cfg.resume:
@@ -225,19 +232,36 @@ def validate(model: nn.Module, dataset: SegDataset, num_classes: int, device: to
     return scores(hist).miou
 
 
-def train(cfg: TrainConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run (or resume) training; returns the final step, loss and best validation mIoU."""
+def train(cfg: TrainConfig, console: Console | None = None, config_file: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the final step, loss and best validation mIoU. ``config_file``:
+    the YAML the settings came from, if any (never written over)."""
     console = console or Console(stderr=True)
     cfg = cfg.resolved()
     if cfg.model.startswith("clip") and cfg.clip_model is None:  # record what was used, for `clipes segment`
         cfg.clip_model = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     device = resolve_device(cfg.device)
     with process_group(device) as (device, info), ExitStack() as held:
-        return _train(cfg, console, device, info, held)
+        try:
+            return _train(cfg, console, device, info, held, config_file)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            raise ClipesError(_out_of_memory(cfg, device)) from None
 
 
-def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo,
-           held: ExitStack) -> dict[str, Any]:
+def _out_of_memory(cfg: TrainConfig, device: torch.device) -> str:
+    """What to do when a step does not fit: the batch in more parts (same result), else a smaller crop."""
+    where = "GPU" if device.type == "cuda" else "host"
+    part = cfg.batch_size // cfg.accumulate
+    fix = (f"use --accumulate {2 * cfg.accumulate} (the same --batch-size {cfg.batch_size} in parts of "
+           f"{part // 2}: the same result in about half the memory)") if part % 2 == 0 else \
+        (f"use --batch-size {cfg.accumulate * (part // 2)}" if part > 1 else f"use a --crop below {cfg.crop}")
+    return (f"out of {where} memory training {cfg.model} with --batch-size {cfg.batch_size} (--accumulate "
+            f"{cfg.accumulate}: {part} image(s) a pass) at --crop {cfg.crop}; {fix}")
+
+
+def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo, held: ExitStack,
+           config_file: Path | None) -> dict[str, Any]:
     """``held`` keeps rank 0's lock on the run folder until training ends."""
     out = Path(cfg.out)
     class_set = load_class_set(cfg.classes)
@@ -250,7 +274,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     if not items:
         raise ClipesError("no training images: give --images and --masks, or --dataset with --root")
     val_items = _items(cfg, val=True)
-    _check_run_folder(out, cfg)
+    _check_run_folder(out, cfg, config_file)
     last = out / "last.pt"
     ckpt = load_checkpoint(last) if cfg.resume else None
     if ckpt is not None:
