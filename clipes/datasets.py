@@ -21,7 +21,8 @@ from .labels import image_key, read_labels, read_voc_xml
 from .output import entry_path
 from .prompts import ClassSet, load_class_set
 
-__all__ = ["CocoGroundTruth", "DatasetError", "DatasetSplit", "coco_split", "load_split", "voc_split"]
+__all__ = ["CocoGroundTruth", "DatasetError", "DatasetSplit", "coco_split", "listed_images", "load_split",
+           "voc_split"]
 
 
 class DatasetError(ClipesError):
@@ -40,10 +41,12 @@ class DatasetSplit:
     gt_dir: Path | None = None
     coco_json: Path | None = None
     left_out: int = 0
+    repeated: int = 0  # lines of a split file that named an image again (each image is taken once)
 
 
-def read_split_file(path: Path) -> list[str]:
-    """Image names, one per line (first word; folders and an image suffix dropped), as the authors' lists."""
+def read_split_file(path: Path) -> tuple[list[str], int]:
+    """Image names, one per line (first word; folders and an image suffix dropped), as the authors' lists;
+    each once, in order, and how many lines repeated a name."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -51,7 +54,21 @@ def read_split_file(path: Path) -> list[str]:
     stems = [image_key(line.split()[0]).rsplit("/", 1)[-1] for line in lines if line.strip()]
     if not stems:
         raise DatasetError(f"--split-file {path}: no image names in it")
-    return stems
+    once = list(dict.fromkeys(stems))
+    return once, len(stems) - len(once)
+
+
+def listed_images(items: list[tuple[str, Path]], split_file: Path, where: Path) -> tuple[list[tuple[str, Path]], int]:
+    """The images of a folder (stem, path) that ``split_file`` names (by file stem), and how many lines
+    repeated a name; a name of no image in ``where`` is refused."""
+    listed, repeated = read_split_file(split_file)
+    known = {stem.rsplit("/", 1)[-1] for stem, _ in items}
+    unknown = [name for name in listed if name not in known]
+    if unknown:
+        raise DatasetError(f"--split-file {split_file}: {len(unknown)} name(s) of no image in {where}, "
+                           f"e.g. {unknown[0]}")
+    wanted = set(listed)
+    return [(stem, p) for stem, p in items if stem.rsplit("/", 1)[-1] in wanted], repeated
 
 
 def _voc_root(root: Path) -> Path:
@@ -69,7 +86,7 @@ def voc_split(root: str | Path, split: str, split_file: Path | None = None) -> D
     split_file = split_file or next((c for c in candidates if c.is_file()), None)
     if split_file is None:
         raise DatasetError(f"{voc}: no split file for {split!r} (looked for {', '.join(str(c) for c in candidates)})")
-    stems = read_split_file(split_file)
+    stems, repeated = read_split_file(split_file)
     class_set = load_class_set("voc")
     ann = voc / "Annotations"
     if not ann.is_dir():
@@ -81,7 +98,7 @@ def voc_split(root: str | Path, split: str, split_file: Path | None = None) -> D
     labels = read_voc_xml([ann / f"{s}.xml" for s in stems], class_set)
     gt = next((voc / d for d in ("SegmentationClassAug", "SegmentationClass") if (voc / d).is_dir()), None)
     return DatasetSplit(f"voc/{split}", class_set, voc, [(s, voc / "JPEGImages" / f"{s}.jpg") for s in stems],
-                        labels, gt_dir=gt)
+                        labels, gt_dir=gt, repeated=repeated)
 
 
 def coco_split(root: str | Path, split: str, split_file: Path | None = None) -> DatasetSplit:
@@ -105,14 +122,9 @@ def coco_split(root: str | Path, split: str, split_file: Path | None = None) -> 
     # that leaves the folder would have its mask written over the image itself, or outside --out
     items = [(image_key(im["file_name"]), entry_path(images, im["file_name"], f"{ann}: images[{i}] file_name"))
              for i, im in enumerate(data["images"])]
+    repeated = 0
     if split_file is not None:
-        listed = set(read_split_file(split_file))
-        known = {stem.rsplit("/", 1)[-1] for stem, _ in items}
-        unknown = sorted(listed - known)
-        if unknown:
-            raise DatasetError(f"--split-file {split_file}: {len(unknown)} name(s) not in {ann.name}, "
-                               f"e.g. {unknown[0]}")
-        kept = [(stem, p) for stem, p in items if stem.rsplit("/", 1)[-1] in listed]
+        kept, repeated = listed_images(items, split_file, ann)
     else:
         kept = [(stem, p) for stem, p in items if labels.get(stem)]
     left_out, items = len(items) - len(kept), kept
@@ -120,7 +132,8 @@ def coco_split(root: str | Path, split: str, split_file: Path | None = None) -> 
     if missing:
         raise DatasetError(f"{images}: {len(missing)} image(s) listed in {ann.name} are missing, "
                            f"e.g. {missing[0].name}")
-    return DatasetSplit(f"coco/{split}", class_set, root, sorted(items), labels, coco_json=ann, left_out=left_out)
+    return DatasetSplit(f"coco/{split}", class_set, root, sorted(items), labels, coco_json=ann, left_out=left_out,
+                        repeated=repeated)
 
 
 def load_split(name: str, root: str | Path, split: str, split_file: Path | None = None) -> DatasetSplit:

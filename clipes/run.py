@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .batching import HalvingBatches
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
-from .datasets import load_split
+from .datasets import listed_images, load_split
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
 from .errors import ClipesError
 from .images import find_images
@@ -264,15 +264,20 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
         if cfg.classes not in ("voc", cfg.dataset):
             raise ClipesError(f"--dataset {cfg.dataset} comes with its own class set; drop --classes {cfg.classes}")
         split = load_split(cfg.dataset, cfg.images, cfg.split, cfg.split_file)
-        items, class_set = split.items, split.class_set
+        items, class_set, repeated = split.items, split.class_set, split.repeated
         if split.left_out:
             console.print(f"{split.left_out} image(s) of {split.name} have no label and are left out, as in the "
                           "authors' lists (--split-file names the images to take)", highlight=False)
         given = read_labels(cfg.labels, class_set) if cfg.labels else split.labels
     else:
-        items = find_images(cfg.images)
+        items, repeated = find_images(cfg.images), 0
+        if cfg.split_file is not None:
+            items, repeated = listed_images(items, cfg.split_file, cfg.images)
         class_set = load_class_set(cfg.classes)
         given = read_labels(cfg.labels, class_set) if cfg.labels else None
+    if repeated:
+        console.print(f"note: --split-file {escape(str(cfg.split_file))} names {repeated} image(s) again; each is "
+                      "labelled once", highlight=False)
     check_not_inputs({"--out": cfg.out}, {"the input folder": cfg.images, "--labels": cfg.labels,
                                           "--classes": named_file(cfg.classes), "--model": named_file(cfg.model),
                                           "--split-file": cfg.split_file})

@@ -129,8 +129,8 @@ def label(
     split: Annotated[str, typer.Option(help="Dataset split (voc: train, val, train_aug, ...; coco: train, val).")
                      ] = "train",
     split_file: Annotated[Path | None, typer.Option(
-        help="With --dataset: the images to take, one name per line (default: the split's list for VOC; "
-             "for COCO every image with at least one label).")] = None,
+        help="The images to take, one name per line (default: every image of the folder; with --dataset the "
+             "split's list for VOC, for COCO every image with at least one label).")] = None,
     confidence: Annotated[float | None, typer.Option(
         help="With --crf: pixels whose CRF probability is below this (CLIP-ES: 0.95) become 255, "
              "ignored by train-seg; in (0, 1].", callback=finite(0, 1, low_open=True))] = None,

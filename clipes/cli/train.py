@@ -66,6 +66,9 @@ def train_seg_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda \\[auto].")] = None,
     resume: Annotated[bool, typer.Option("--resume", metavar="", help="Continue the run in OUT from its last.pt."
                                          )] = False,
+    allow_changes: Annotated[bool, typer.Option(
+        "--allow-changes", metavar="", help="With --resume: continue with settings that differ from the run's "
+                                            "(else refused, naming each); log.jsonl records the change.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", metavar="",
                                             help="Replace the run in OUT (its checkpoints and log).")] = False,
     stop_at: Annotated[int | None, typer.Option(help="Stop after this step (resume later).")] = None,
@@ -80,7 +83,8 @@ def train_seg_command(
                      freeze_backbone=None if finetune is None else not finetune, backbone_weights=backbone_weights,
                      optimizer=optimizer, lr=lr, weight_decay=weight_decay, steps=steps, batch_size=batch_size,
                      accumulate=accumulate, crop=crop, bf16=bf16, seed=seed, val_every=val_every, workers=workers,
-                     device=device, resume=resume or None, overwrite=overwrite or None, stop_at=stop_at)
+                     device=device, resume=resume or None, allow_changes=allow_changes or None,
+                     overwrite=overwrite or None, stop_at=stop_at)
     with reported_errors(console):
         result = train(load_config(config, overrides), console, config)
     if int(os.environ.get("RANK", "0")) == 0:

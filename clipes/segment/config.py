@@ -84,6 +84,7 @@ class TrainConfig:
     workers: int = 2
     device: str = "auto"
     resume: bool = False
+    allow_changes: bool = False
     overwrite: bool = False
     stop_at: int | None = None
 
@@ -131,7 +132,7 @@ _NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "workers": (int, lambda v: v >= 0, "a whole number >= 0"),
     "stop_at": (int, lambda v: v >= 1, "a whole number >= 1"),
 }
-_FLAGS = ("freeze_backbone", "freeze_bn", "head_bias_decay", "bf16", "resume", "overwrite")
+_FLAGS = ("freeze_backbone", "freeze_bn", "head_bias_decay", "bf16", "resume", "allow_changes", "overwrite")
 _CHOICES = {"optimizer": ("sgd", "adamw")}
 
 
@@ -176,6 +177,8 @@ def _check_together(cfg: TrainConfig) -> None:
         raise ConfigError(f"--crop {cfg.crop} is smaller than the model's stride {stride}")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; give one")
+    if cfg.allow_changes and not cfg.resume:
+        raise ConfigError("--allow-changes goes with --resume (settings of a run being continued)")
 
 
 def _flag(key: str) -> str:

@@ -175,8 +175,29 @@ def _claim_run_folder(out: Path, cfg: TrainConfig, info: DistInfo, held: ExitSta
             (out / name).unlink(missing_ok=True)
 
 
+# settings a resumed run takes up as given: where it writes, how it runs, when it stops, logs and validates
+_RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "stop_at", "workers", "device", "log_every",
+                "val_every", "val_images", "val_masks", "val_split"}
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal, or two spellings of one existing path."""
+    if a == b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists() and \
+        os.path.samefile(a, b)
+
+
+def _changes(ckpt: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
+    """The settings that shape the weights and differ from the checkpoint's run: name -> [then, now]."""
+    now = asdict(cfg)
+    return {k: [v, now[k]] for k, v in ckpt["config"].items()
+            if k in now and k not in _RESUME_FREE and not _same_setting(v, now[k])}
+
+
 def _check_resumable(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, classes: list[str]) -> None:
-    """The checkpoint continues this run: same model and class set."""
+    """The checkpoint continues this run: same model and class set, and the same settings unless
+    ``allow_changes``."""
     if ckpt["config"].get("model") != cfg.model:
         raise ClipesError(f"--resume: {path} is a {ckpt['config'].get('model')} run, not --model {cfg.model}")
     if list(ckpt["classes"]) != list(classes):
@@ -186,6 +207,33 @@ def _check_resumable(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, classes
     for key in ("optimizer", "scheduler", "step", "best_miou"):
         if key not in ckpt:
             raise ClipesError(f"--resume: {path} holds no {key}, it is not a last.pt of train-seg")
+    changed = _changes(ckpt, cfg)
+    if changed and not cfg.allow_changes:
+        said = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
+        raise ClipesError(f"--resume: {path} was trained with other settings ({said}); give the run's settings, or "
+                          "--allow-changes to continue with these (log.jsonl records the change)")
+
+
+def _resumed_log(path: Path, step: int) -> float:
+    """Cut ``log.jsonl`` back to the checkpoint's ``step`` (a killed run logged steps that it did not save and
+    the resumed run redoes); returns the last loss logged by then (NaN if none)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return float("nan")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClipesError(f"--resume: cannot read {path} ({e})") from None
+    kept, loss = [], float("nan")
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by the kill
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            kept.append(line + "\n")
+            loss = rec["loss"] if isinstance(rec.get("loss"), float) else loss
+    atomic_write(path, "".join(kept).encode())
+    return loss
 
 
 _WORKER_TRACE = re.compile(r"^[\w.]+(?:Error|Exception): (.*)$", re.MULTILINE)
@@ -273,6 +321,11 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     items = _items(cfg, val=False)
     if not items:
         raise ClipesError("no training images: give --images and --masks, or --dataset with --root")
+    unweighted = [it.stem for it in items if cfg.confidence and it.confidence is None]
+    if unweighted:  # else those images would train unweighted, without a word
+        raise ClipesError(f"--confidence {cfg.confidence}: {len(unweighted)} of {len(items)} training image(s) have "
+                          f"no saved confidence (cams/<stem>.npz), e.g. {unweighted[0]}; give the clipes label run "
+                          "of these images made with --crf --save-cams")
     val_items = _items(cfg, val=True)
     _check_run_folder(out, cfg, config_file)
     last = out / "last.pt"
@@ -312,12 +365,16 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     val_set = SegDataset(val_items, spec.mean, spec.std, train=False, num_classes=num_classes) if val_items else None
 
     log_path = out / "log.jsonl"
+    loss_value = float("nan")
+    changed = _changes(ckpt, cfg) if ckpt is not None else {}
+    note = {"changed": changed} if changed else {}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
+        if ckpt is not None:
+            loss_value = _resumed_log(log_path, start)
     history: list[dict[str, Any]] = []
     model.train()
-    loss_value = float("nan")
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TextColumn("val mIoU {task.fields[miou]}"),
                TimeRemainingColumn())
@@ -374,8 +431,9 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             if info.is_main:
                 history.append(record)
                 if step % cfg.log_every == 0 or "val_miou" in record or step == stop:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    with log_path.open("a") as f:  # the first line of a resumed part says what it changed
+                        f.write(json.dumps({**record, **note}) + "\n")
+                    note = {}
                 if step % cfg.val_every == 0 or step == stop:
                     _save(last, model, opt, sched, step, best, cfg, class_set.classes, arch)
             progress.update(task, advance=1)
