@@ -38,7 +38,8 @@ def to_rgb_or_gray(img: Image.Image) -> Image.Image:
     """Bring any PIL mode to 'RGB' or 'L' so that resizing then converting to RGB is well defined.
 
     RGB and L pass untouched (the reference path). High bit-depth gray is scaled to 8 bits rather
-    than clipped, float samples in [0, 1] to 0-255 (a ValueError for another range); palette, alpha, CMYK and other modes are converted to RGB (alpha dropped).
+    than clipped, float samples in [0, 1] to 0-255 (a ValueError for another range); palette,
+    alpha, CMYK and other modes are converted to RGB (alpha dropped).
     """
     if img.mode in ("RGB", "L"):
         return img

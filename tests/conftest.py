@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -110,9 +110,7 @@ def lock_held_elsewhere(folder: Path, worker: bool = False) -> Iterator[tuple[su
         yield proc, workers
     finally:
         for pid in [proc.pid, *workers]:
-            try:
+            with suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
         proc.wait()
         proc.stdout.close()

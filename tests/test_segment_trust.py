@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -316,3 +317,92 @@ def test_an_out_that_is_a_file_is_refused(data, run, tmp_path):
     _fails(runner.invoke(app, _args(data, f)), "--out", "is a file")
     _fails(runner.invoke(app, ["segment", str(data / "images"), "--checkpoint", str(run / "last.pt"),
                                "--out", str(f / "pred"), "--device", "cpu"]), "cannot be made", "is a file")
+
+
+# ---------------------------------------------------------------- issue 19: the third hostile trial
+
+def _digests(*roots: Path) -> dict[str, str]:
+    files = [p for r in roots for p in ([r] if r.is_file() else sorted(r.rglob("*"))) if p.is_file()]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_a_config_inside_out_is_refused(data, run, tmp_path):
+    """``--config OUT/config.yaml`` was replaced by the run's own config.yaml."""
+    out = tmp_path / "seg"
+    out.mkdir()
+    (out / "config.yaml").write_text("lr: 0.001\n")
+    before = _digests(out, data)
+    _fails(runner.invoke(app, [*_args(data, out), "--config", str(out / "config.yaml")]),
+           f"--config {out / 'config.yaml'} is inside --out {out}, which clipes writes")
+    assert _digests(out, data) == before
+
+
+def test_confidence_naming_a_folder_without_confidence_maps_is_refused(data, tmp_path):
+    """``--confidence /missing`` (or a run without cams/) trained unweighted, exit 0."""
+    for folder in (tmp_path / "missing", data):
+        _fails(runner.invoke(app, _args(data, tmp_path / "o", "--confidence", str(folder))),
+               f"--confidence {folder}: 8 of 8 training image(s) have no saved confidence")
+        assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_other_settings_is_refused_naming_each_unless_allowed(data, run, tmp_path):
+    """``--resume`` with another --lr/--steps was accepted and config.yaml rewritten."""
+    out = tmp_path / "seg"
+    shutil.copytree(run, out)
+    before = _digests(out)
+    said = _fails(runner.invoke(app, _args(data, out, "--resume", "--steps", "3", "--lr", "0.5")),
+                  "--resume:", "other settings", "lr 0.0001 -> 0.5", "steps 2 -> 3", "--allow-changes")
+    assert "workers" not in said and _digests(out) == before
+    _fails(runner.invoke(app, _args(data, tmp_path / "new", "--allow-changes")), "--allow-changes goes with --resume")
+    res = runner.invoke(app, _args(data, out, "--resume", "--steps", "3", "--allow-changes"))
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3] and log[1]["changed"] == {"steps": [2, 3]} and "changed" not in log[0]
+
+
+def test_a_resumed_log_holds_each_step_once_and_a_finished_run_its_loss(data, tmp_path):
+    """After a kill and --resume, log.jsonl held the steps the killed run logged after its checkpoint twice;
+    a resumed run with nothing left to do printed ``loss nan``."""
+    out = tmp_path / "seg"
+    assert runner.invoke(app, _args(data, out, "--steps", "4", "--stop-at", "2")).exit_code == 0
+    with (out / "log.jsonl").open("a") as f:  # a run killed after logging step 3, before saving it
+        f.write(json.dumps({"step": 3, "loss": 9.0, "lr": 0.1}) + "\n" + '{"step": 4, "lo')
+    res = runner.invoke(app, _args(data, out, "--steps", "4", "--resume"))
+    assert res.exit_code == 0, res.output
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and 9.0 not in [r["loss"] for r in log]
+    res = runner.invoke(app, _args(data, out, "--steps", "4", "--resume"))
+    assert res.exit_code == 0 and f"step 4, loss {log[-1]['loss']:.4f}" in res.output, res.output
+
+
+@pytest.mark.parametrize("seed", [str(2**32), str(2**70)])
+def test_a_seed_numpy_cannot_take_is_refused_first(data, tmp_path, seed):
+    _fails(runner.invoke(app, _args(data, tmp_path / "o", "--seed", seed)), "--seed", seed, "2**32")
+    assert not (tmp_path / "o").exists()
+
+
+def test_host_out_of_memory_says_the_batch_to_use(data, tmp_path, monkeypatch):
+    """A batch that does not fit in host memory was a MemoryError traceback after minutes."""
+    import clipes.segment.train as seg_train
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 93312000000 bytes")
+
+    monkeypatch.setattr(seg_train, "cgl_loss", no_memory)
+    _fails(runner.invoke(app, _args(data, tmp_path / "o")), "out of host memory", "--batch-size 4",
+           "use --accumulate 2 (the same --batch-size 4 in parts of 2")
+
+
+@pytest.mark.parametrize("scales", ["0.5,1", "0.01,1"])
+def test_segment_a_tiny_image_at_a_small_scale_is_predicted(data, run, tmp_path, scales):
+    """A 1x1 image at 0.5 (or any image at 0.01): "Input and output sizes should be greater than 0" aborted."""
+    images = tmp_path / "images"
+    shutil.copytree(data / "images", images)
+    Image.fromarray(np.full((1, 1, 3), 128, np.uint8)).save(images / "dot.png")
+    before = _digests(images)
+    res = runner.invoke(app, ["segment", str(images), "--checkpoint", str(run / "last.pt"), "--out",
+                              str(tmp_path / "pred"), "--device", "cpu", "--scales", scales])
+    assert res.exit_code == 0, res.output
+    assert Image.open(tmp_path / "pred" / "dot.png").size == (1, 1)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 9 and _digests(images) == before
