@@ -58,14 +58,14 @@ def read_split_file(path: Path) -> tuple[list[str], int]:
     return once, len(stems) - len(once)
 
 
-def listed_images(items: list[tuple[str, Path]], split_file: Path, where: Path) -> tuple[list[tuple[str, Path]], int]:
-    """The images of a folder (stem, path) that ``split_file`` names (by file stem), and how many lines
-    repeated a name; a name of no image in ``where`` is refused."""
+def listed_images(items: list[tuple[str, Path]], split_file: Path, where: str) -> tuple[list[tuple[str, Path]], int]:
+    """The images (stem, path) that ``split_file`` names (by file stem), and how many lines repeated a name;
+    a name of no image (of ``where``) is refused."""
     listed, repeated = read_split_file(split_file)
     known = {stem.rsplit("/", 1)[-1] for stem, _ in items}
     unknown = [name for name in listed if name not in known]
     if unknown:
-        raise DatasetError(f"--split-file {split_file}: {len(unknown)} name(s) of no image in {where}, "
+        raise DatasetError(f"--split-file {split_file}: {len(unknown)} name(s) not in {where}, "
                            f"e.g. {unknown[0]}")
     wanted = set(listed)
     return [(stem, p) for stem, p in items if stem.rsplit("/", 1)[-1] in wanted], repeated
@@ -124,7 +124,7 @@ def coco_split(root: str | Path, split: str, split_file: Path | None = None) -> 
              for i, im in enumerate(data["images"])]
     repeated = 0
     if split_file is not None:
-        kept, repeated = listed_images(items, split_file, ann)
+        kept, repeated = listed_images(items, split_file, ann.name)
     else:
         kept = [(stem, p) for stem, p in items if labels.get(stem)]
     left_out, items = len(items) - len(kept), kept

@@ -92,9 +92,9 @@ def check_not_inputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Pa
         for flag, given, rp in ins:
             if _same(ro, rp):
                 raise OutputError(f"{oflag} {out} is {flag} {given}, an input; clipes never writes over its input")
-            if rp in ro.parents:
+            if rp in ro.parents and not rp.is_file():  # under a file: check_writable says so
                 raise OutputError(f"{oflag} {out} is inside {flag} {given}; clipes never writes there")
-            if ro in rp.parents:
+            if ro in rp.parents and not ro.is_file():
                 raise OutputError(f"{flag} {given} is inside {oflag} {out}, which clipes writes; move it or choose "
                                   f"another {oflag}")
 

@@ -272,7 +272,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     else:
         items, repeated = find_images(cfg.images), 0
         if cfg.split_file is not None:
-            items, repeated = listed_images(items, cfg.split_file, cfg.images)
+            items, repeated = listed_images(items, cfg.split_file, str(cfg.images))
         class_set = load_class_set(cfg.classes)
         given = read_labels(cfg.labels, class_set) if cfg.labels else None
     if repeated:

@@ -309,7 +309,7 @@ def _out_of_memory(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo, held: ExitStack,
-           config_file: Path | None) -> dict[str, Any]:
+           config_file: Path | None = None) -> dict[str, Any]:
     """``held`` keeps rank 0's lock on the run folder until training ends."""
     out = Path(cfg.out)
     class_set = load_class_set(cfg.classes)
