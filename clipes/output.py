@@ -31,8 +31,8 @@ from .labeler import LabelResult
 from .masks import mask_to_png, overlay
 from .provenance import settings_key
 
-__all__ = ["OutputError", "RunOutput", "atomic_write", "check_not_inputs", "check_writable", "encode_image",
-           "entry_path", "folder_lock", "named_file"]
+__all__ = ["OutputError", "RunOutput", "atomic_write", "check_not_inputs", "check_outside", "check_writable",
+           "encode_image", "entry_path", "folder_lock", "named_file"]
 
 try:
     import fcntl
@@ -97,6 +97,11 @@ def check_not_inputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Pa
             if ro in rp.parents and not ro.is_file():
                 raise OutputError(f"{flag} {given} is inside {oflag} {out}, which clipes writes; move it or choose "
                                   f"another {oflag}")
+
+
+def check_outside(images: Path, out: Path) -> None:
+    """``check_not_inputs`` for an output folder and one input folder: clipes never writes into its input."""
+    check_not_inputs({"--out": out}, {"the input folder": images})
 
 
 def named_file(spec: str | Path | None) -> Path | None:
