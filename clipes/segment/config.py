@@ -28,17 +28,20 @@ class ConfigError(ClipesError):
 # DeepLab (deeplab-pytorch's VOC config as CLIP-ES used it, ../shared/clipes-reference.md section 6): SGD
 # momentum 0.9, poly 0.9, lr 2e-4 (ImageNet initialisation), 10x lr on the head's weights and 20x on its
 # biases (no weight decay on those), wd 5e-4, batch 10 (5 x 2 accumulated), crop 321, 20k steps, scales
-# {0.5, 0.75, 1, 1.25, 1.5}, backbone BatchNorm frozen. AdamW for the ViT heads (Segmenter's recipe).
+# {0.5, 0.75, 1, 1.25, 1.5}, backbone BatchNorm frozen. "deeplabv2" is the same recipe as deeplab-pytorch's
+# main.py runs it (the poly rate stepped every 10 iterations, `libs/utils/lr_scheduler.py`); the torchvision
+# DeepLabs step it every iteration. AdamW for the ViT heads (Segmenter's recipe).
 PRESETS: dict[str, dict[str, Any]] = {
     "deeplab": {"optimizer": "sgd", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, "crop": 321,
                 "batch_size": 10, "accumulate": 2, "steps": 20000, "head_lr_mult": 10.0, "head_bias_lr_mult": 20.0,
                 "head_bias_decay": False, "freeze_bn": True, "freeze_backbone": False,
-                "scales": [0.5, 0.75, 1.0, 1.25, 1.5]},
+                "scales": [0.5, 0.75, 1.0, 1.25, 1.5], "poly_step": 1},
     "vit": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "momentum": 0.9, "crop": 448,
             "batch_size": 16, "accumulate": 1, "steps": 20000, "head_lr_mult": 1.0, "head_bias_lr_mult": 1.0,
-            "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True},
+            "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True, "poly_step": 1},
 }
 PRESETS.update(SETR_PRESETS)  # clip-setr-*: SETR's SGD recipe (segment/setr.py)
+PRESETS["deeplabv2"] = {**PRESETS["deeplab"], "poly_step": 10}
 
 
 @dataclass
@@ -70,6 +73,7 @@ class TrainConfig:
     momentum: float | None = None
     poly_power: float = 0.9
     min_lr: float | None = None  # the poly schedule's floor (mmseg's, SETR: 1e-4); None: the preset's, else 0
+    poly_step: int | None = None
     steps: int | None = None
     batch_size: int | None = None
     accumulate: int | None = None
@@ -123,6 +127,7 @@ _NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "scale_min": (float, _positive, "a positive number"),
     "scale_max": (float, _positive, "a positive number"),
     "steps": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "poly_step": (int, lambda v: v >= 1, "a whole number >= 1"),
     "batch_size": (int, lambda v: v >= 1, "a whole number >= 1"),
     "accumulate": (int, lambda v: v >= 1, "a whole number >= 1"),
     "crop": (int, lambda v: v >= 1, "a whole number >= 1"),

@@ -93,8 +93,7 @@ def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: t
                   scales: tuple[float, ...] = (1.0,), flip: bool = False) -> np.ndarray:
     """Label map (H, W) uint8: softmax averaged over scales (and horizontal flips), then argmax."""
     spec = SEGMENTERS[cfg.model]
-    x = (torch.tensor(rgb, dtype=torch.float32).div(255) - torch.tensor(spec.mean)) / torch.tensor(spec.std)
-    x = x.permute(2, 0, 1)[None].to(device)
+    x = torch.from_numpy(spec.normalize(rgb)).permute(2, 0, 1)[None].to(device)
     h, w = x.shape[-2:]
     total = None
     for s in scales:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from ..errors import ClipesError
 from ..images import CLIP_MEAN, CLIP_STD
 from ..vit import block_forward, embed
+from .deeplabv2 import DeepLabV2MSC, caffe_input, load_deeplab_weights
 
 __all__ = [
     "SEGMENTERS",
@@ -24,6 +26,7 @@ __all__ = [
     "ClipDenseEncoder",
     "DeepLab",
     "DeepLabV2",
+    "DeepLabV2MSC",
     "LinearHead",
     "MaskTransformerHead",
     "SegmenterSpec",
@@ -200,6 +203,14 @@ class SegmenterSpec:
     stride: int
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    recipe: str = "clipes"  # "deeplab-pytorch": its BGR minus mean input, augmentation and multi-output loss
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) RGB pixels 0-255 -> the model's float32 (H, W, 3) input."""
+        if self.recipe == "deeplab-pytorch":
+            return caffe_input(rgb)
+        mean, std = np.asarray(self.mean, np.float32) * 255, np.asarray(self.std, np.float32) * 255
+        return (np.asarray(rgb, dtype=np.float32) - mean) / std
 
 
 def clip_visual(clip_model: str | None, clip_vision: dict | None = None) -> nn.Module:
@@ -292,6 +303,23 @@ def _setr(decoder: str):
     return build
 
 
+def _deeplab_v2_msc(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
+                    backbone_weights: str | None = None, freeze_bn: bool = True,
+                    clip_vision: dict | None = None) -> nn.Module:
+    """deeplab-pytorch's DeepLabV2_ResNet101_MSC; the backbone from a deeplab-pytorch state dict."""
+    model = DeepLabV2MSC(num_classes, freeze_bn=freeze_bn)
+    if backbone_weights in (None, "imagenet"):
+        raise ClipesError("deeplabv2-resnet101 starts from a deeplab-pytorch state dict: pass --backbone-weights FILE "
+                          "(the ImageNet init CLIP-ES used, or convert.py's COCO init), or --backbone-weights random")
+    if backbone_weights != "random":
+        model.init_report = load_deeplab_weights(model, backbone_weights)
+    if freeze_backbone:
+        for name, p in model.named_parameters():
+            if not name.startswith("aspp."):
+                p.requires_grad_(False)
+    return model
+
+
 def _tiny(num_classes: int, clip_model: str | None = None, freeze_backbone: bool = False,
           backbone_weights: str | None = None, freeze_bn: bool = False, clip_vision: dict | None = None) -> nn.Module:
     return TinySegmenter(num_classes)
@@ -305,12 +333,14 @@ SEGMENTERS: dict[str, SegmenterSpec] = {
     "clip-setr-mla": SegmenterSpec(_setr("mla"), "setr", 16),
     "deeplabv3-resnet50": SegmenterSpec(_deeplab(50), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
     "deeplabv3-resnet101": SegmenterSpec(_deeplab(101), "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
-    "deeplabv2-resnet101": SegmenterSpec(_deeplab_v2, "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
+    "deeplabv2-resnet101": SegmenterSpec(_deeplab_v2_msc, "deeplabv2", 1, recipe="deeplab-pytorch"),
+    "deeplabv2-resnet101-torchvision": SegmenterSpec(_deeplab_v2, "deeplab", 8, IMAGENET_MEAN, IMAGENET_STD),
     "tiny": SegmenterSpec(_tiny, "vit", 4),
 }
 
 
-HEAD_PREFIXES = ("head.", "model.classifier.")  # the task head of every model (DeepLabV3's: torchvision's)
+# the task head of every model (DeepLabV3's: torchvision's; deeplab-pytorch's ASPP)
+HEAD_PREFIXES = ("head.", "model.classifier.", "aspp.")
 
 
 def head_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:

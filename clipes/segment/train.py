@@ -103,12 +103,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def poly_schedule(opt: torch.optim.Optimizer, steps: int, power: float,
-                  min_lr: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """DeepLab's poly learning rate: every group's own lr times ``(1 - step / steps) ** power``; with
-    ``min_lr``, mmcv's form (SETR's): ``(lr - min_lr) * (1 - step / steps) ** power + min_lr`` per group."""
+def poly_schedule(opt: torch.optim.Optimizer, steps: int, power: float, min_lr: float = 0.0,
+                  every: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """DeepLab's poly learning rate: every group's own lr times ``(1 - s / steps) ** power``; with
+    ``min_lr``, mmcv's form (SETR's): ``(lr - min_lr) * (1 - s / steps) ** power + min_lr`` per group.
+    ``s`` is the number of steps done rounded down to a multiple of ``every`` (deeplab-pytorch's
+    ``PolynomialLR`` with ``step_size`` 10 changes the rate after iterations 10, 20, ... only)."""
     def factor(lr: float):
-        return lambda s: (c := max(0.0, 1 - s / steps) ** power) + min_lr / lr * (1 - c)
+        return lambda s: (c := max(0.0, 1 - (s - s % every) / steps) ** power) + min_lr / lr * (1 - c)
 
     return torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["lr"]) for g in opt.param_groups])
 
@@ -338,7 +340,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                             backbone_weights=cfg.backbone_weights, freeze_bn=cfg.freeze_bn).to(device)
     arch = _arch(model, cfg, num_classes)
     opt = _optimizer(model, cfg)
-    sched = poly_schedule(opt, cfg.steps, cfg.poly_power, cfg.min_lr or 0.0)
+    sched = poly_schedule(opt, cfg.steps, cfg.poly_power, cfg.min_lr or 0.0, cfg.poly_step or 1)
     start, best = 0, float("-inf")
     if ckpt is not None:
         try:
