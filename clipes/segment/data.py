@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
@@ -20,8 +21,9 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import ClipesError
 from ..evaluate import read_label_png
 from ..images import find_images, read_image
+from .deeplabv2 import CAFFE_MEAN_BGR, caffe_input
 
-__all__ = ["PositionSampler", "SegDataset", "SegItem", "pair_folders"]
+__all__ = ["PositionSampler", "SegDataset", "SegItem", "deeplab_augment", "pair_folders"]
 
 
 @dataclass(frozen=True)
@@ -59,19 +61,21 @@ class SegDataset(Dataset):
 
     def __init__(self, items: Sequence[SegItem], mean: Sequence[float], std: Sequence[float], *,
                  train: bool, crop: int = 321, scale: tuple[float, float] = (0.5, 1.5), flip: bool = True,
-                 seed: int = 0, scales: Sequence[float] | None = None, num_classes: int | None = None) -> None:
+                 seed: int = 0, scales: Sequence[float] | None = None, num_classes: int | None = None,
+                 recipe: str = "clipes", exif: bool = True) -> None:
         self.items = list(items)
         self.mean = np.asarray(mean, dtype=np.float32) * 255
         self.std = np.asarray(std, dtype=np.float32) * 255
         self.train, self.crop, self.scale, self.flip, self.seed = train, crop, scale, flip, seed
         self.scales = list(scales) if scales else None
         self.num_classes = num_classes
+        self.recipe, self.exif = recipe, exif
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _load(self, item: SegItem) -> tuple[Image.Image, Image.Image | None, np.ndarray]:
-        img = read_image(item.image).convert("RGB")
+        img = read_image(item.image, exif_transpose=self.exif).convert("RGB")
         mask = None
         if item.mask:
             values = read_label_png(item.mask)
@@ -108,9 +112,15 @@ class SegDataset(Dataset):
         index, position = key if isinstance(key, tuple) else (key, key)
         img, mask, weight = self._load(self.items[index])
         labels = np.asarray(mask, dtype=np.int64) if mask is not None else np.full(weight.shape, 255, np.int64)
-        if self.train:
-            return self._augment(img, labels, weight, np.random.default_rng([self.seed, position]))
-        x = (np.asarray(img, dtype=np.float32) - self.mean) / self.std
+        rng = np.random.default_rng([self.seed, position])
+        if self.recipe == "deeplab-pytorch":
+            if self.train:
+                return deeplab_augment(np.asarray(img), labels, weight, rng, self.scales or [1.0], self.crop, self.flip)
+            x = caffe_input(np.asarray(img))
+        elif self.train:
+            return self._augment(img, labels, weight, rng)
+        else:
+            x = (np.asarray(img, dtype=np.float32) - self.mean) / self.std
         return torch.from_numpy(x).permute(2, 0, 1).contiguous(), torch.from_numpy(labels), torch.from_numpy(weight)
 
     def _augment(self, img: Image.Image, labels: np.ndarray, weight: np.ndarray,
@@ -139,6 +149,38 @@ class SegDataset(Dataset):
         return (torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).contiguous(),
                 torch.from_numpy(np.ascontiguousarray(labels)), torch.from_numpy(np.ascontiguousarray(weight)))
 
+
+def deeplab_augment(rgb: np.ndarray, labels: np.ndarray, weight: np.ndarray, rng: np.random.Generator,
+                    scales: Sequence[float], crop: int, flip: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """deeplab-pytorch's training augmentation (``libs/datasets/base.py``), in its order and rounding: a scale
+    drawn from ``scales`` (sides truncated, ``int(h * s)``), the float BGR image resized bilinearly (OpenCV's
+    ``INTER_LINEAR``: half-pixel centres, no antialiasing) and the labels (and weights) by PIL NEAREST; padding
+    at the bottom and right to ``crop`` with the mean colour / 255 (weight 0); a random ``crop`` square; a
+    random horizontal flip; then the Caffe mean subtracted. Returns (3, crop, crop) input, labels, weights."""
+    s = scales[int(rng.integers(len(scales)))]
+    h, w = labels.shape
+    h, w = int(h * s), int(w * s)
+    bgr = torch.from_numpy(np.ascontiguousarray(rgb[..., ::-1], dtype=np.float32)).permute(2, 0, 1)[None]
+    if (h, w) != tuple(labels.shape):
+        bgr = F.interpolate(bgr, size=(h, w), mode="bilinear", align_corners=False)
+        labels = np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST))
+        weight = np.asarray(Image.fromarray(weight).resize((w, h), Image.Resampling.NEAREST))
+    image = bgr[0].permute(1, 2, 0).numpy()
+    ph, pw = max(crop - h, 0), max(crop - w, 0)
+    if ph or pw:
+        image = np.concatenate([np.pad(image[..., c], ((0, ph), (0, pw)), constant_values=np.float32(m))[..., None]
+                                for c, m in enumerate(CAFFE_MEAN_BGR)], axis=2)
+        labels = np.pad(labels, ((0, ph), (0, pw)), constant_values=255)
+        weight = np.pad(weight, ((0, ph), (0, pw)))
+    y0 = int(rng.integers(0, labels.shape[0] - crop + 1))
+    x0 = int(rng.integers(0, labels.shape[1] - crop + 1))
+    image, labels, weight = (a[y0:y0 + crop, x0:x0 + crop] for a in (image, labels, weight))
+    if flip and rng.random() < 0.5:
+        image, labels, weight = image[:, ::-1], labels[:, ::-1], weight[:, ::-1]
+    x = (image - np.asarray(CAFFE_MEAN_BGR)).astype(np.float32)  # float32 minus the float64 mean, as the reference
+    return (torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
+            torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
+            torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
 
 
 class PositionSampler(Sampler[list[tuple[int, int]]]):

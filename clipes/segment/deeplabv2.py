@@ -165,33 +165,31 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(np.stack(out)).to(labels.dtype)
 
 
-def msc_loss(outputs: Sequence[Tensor], labels: Tensor, weights: Tensor, counts: Sequence[Tensor] | None = None
+def msc_loss(outputs: Sequence[Tensor], labels: Tensor, weights: Tensor, world: int = 1
              ) -> tuple[Tensor, list[Tensor]]:
     """deeplab-pytorch's loss of one forward: for each output, the cross-entropy (255 ignored) against the
     labels resized to that output by PIL NEAREST, averaged over its labelled pixels (weighted by the CRF
     confidence when given; 1 otherwise), summed over the outputs. ``labels``/``weights`` are the (B, H, W)
-    crops on the CPU. ``counts`` (one per output) replaces the local weighted pixel count of each output,
-    e.g. by the count over every process of a DDP run. Returns (sum, per-output losses)."""
+    crops on the CPU. With ``world`` > 1 (DDP, which averages gradients over processes) each average is
+    over the labelled pixels of every process, as one process with the whole batch would take it.
+    Returns (sum, per-output losses)."""
     device = outputs[0].device
-    parts = []
-    for k, logits in enumerate(outputs):
+    terms, counts = [], []
+    for logits in outputs:
         size = tuple(logits.shape[-2:])
         lab = resize_labels(labels, size).to(device, non_blocking=True)
         wgt = resize_labels(weights, size).to(device, non_blocking=True) * (lab != IGNORE)
         ce = F.cross_entropy(logits.float(), lab, ignore_index=IGNORE, reduction="none")
-        norm = wgt.sum() if counts is None else counts[k]
-        parts.append((ce * wgt).sum() / norm.clamp_min(1e-6))
+        terms.append((ce * wgt).sum())
+        counts.append(wgt.sum())
+    count = torch.stack(counts)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(count)
+        count = count / world
+    parts = [t / c.clamp_min(1e-6) for t, c in zip(terms, count, strict=True)]
     return sum(parts), parts
-
-
-def label_counts(outputs: Sequence[Tensor], labels: Tensor, weights: Tensor) -> list[Tensor]:
-    """The weighted labelled-pixel count of each output's resized labels (what ``msc_loss`` divides by)."""
-    counts = []
-    for logits in outputs:
-        size = tuple(logits.shape[-2:])
-        lab = resize_labels(labels, size)
-        counts.append((resize_labels(weights, size) * (lab != IGNORE)).sum().to(logits.device))
-    return counts
 
 
 @dataclass
@@ -209,7 +207,8 @@ class InitReport:
 
         text = f"{self.source}: loaded {len(self.used)} tensors"
         if self.skipped:
-            text += f"; skipped {len(self.skipped)} of the file (not in this model, or another shape): {few(self.skipped)}"
+            text += (f"; skipped {len(self.skipped)} of the file (not in this model, or another shape): "
+                     f"{few(self.skipped)}")
         if self.missing:
             text += f"; left at their initial values: {few(self.missing)}"
         return text

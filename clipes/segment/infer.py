@@ -65,6 +65,8 @@ def load_segmenter(checkpoint: str | Path, device: torch.device) -> tuple[nn.Mod
     classes = list(ckpt["classes"])
     if cfg.model not in SEGMENTERS:
         raise CheckpointError(f"{checkpoint}: model {cfg.model!r} is unknown to this clipes")
+    if cfg.model == "deeplabv2-resnet101" and any(k.startswith("backbone.") for k in ckpt["model"]):
+        cfg.model = "deeplabv2-resnet101-torchvision"  # trained by a clipes whose deeplabv2 was torchvision's
     arch = ckpt.get("arch") or {}
     vision = arch.get("clip_vision")
     clip_model = None if vision else _skeleton_clip_spec(cfg.clip_model) if cfg.model.startswith("clip") else None

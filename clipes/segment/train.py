@@ -39,6 +39,7 @@ from ..prompts import load_class_set
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
 from .data import PositionSampler, SegDataset, SegItem, pair_folders
+from .deeplabv2 import msc_loss
 from .models import SEGMENTERS, build_segmenter, head_parameters
 
 __all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "segmentation_loss", "train"]
@@ -338,6 +339,9 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     _seed_everything(cfg.seed)
     model = build_segmenter(cfg.model, num_classes, clip_model=cfg.clip_model, freeze_backbone=cfg.freeze_backbone,
                             backbone_weights=cfg.backbone_weights, freeze_bn=cfg.freeze_bn).to(device)
+    report = getattr(model, "init_report", None)
+    if report is not None and info.is_main:  # which keys of a deeplab-pytorch init file were used, which not
+        console.print(escape(report.summary()), highlight=False)
     arch = _arch(model, cfg, num_classes)
     opt = _optimizer(model, cfg)
     sched = poly_schedule(opt, cfg.steps, cfg.poly_power, cfg.min_lr or 0.0, cfg.poly_step or 1)
@@ -359,12 +363,15 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    msc = spec.recipe == "deeplab-pytorch"
+    exif = not cfg.dataset  # a dataset's annotations are of the pixels as stored
     train_set = SegDataset(items, spec.mean, spec.std, train=True, crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max),
-                           scales=cfg.scales, seed=cfg.seed, num_classes=num_classes)
+                           scales=cfg.scales, seed=cfg.seed, num_classes=num_classes, recipe=spec.recipe, exif=exif)
     stop = min(cfg.steps, cfg.stop_at or cfg.steps)
     sampler = PositionSampler(len(train_set), cfg.batch_size, stop, start, cfg.seed, info.rank, info.world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    val_set = SegDataset(val_items, spec.mean, spec.std, train=False, num_classes=num_classes) if val_items else None
+    val_set = SegDataset(val_items, spec.mean, spec.std, train=False, num_classes=num_classes, recipe=spec.recipe,
+                         exif=exif) if val_items else None
 
     log_path = out / "log.jsonl"
     loss_value = float("nan")
@@ -387,11 +394,13 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
         unread: list[Tensor] = []
         records: list[dict[str, Any]] = []
         for x, labels, weights in _clear_errors(loader):
-            x, labels, weights = (t.to(device, non_blocking=True) for t in (x, labels, weights))
-            valid = ((labels != IGNORE) * weights).sum()
-            if info.world > 1:
-                dist.all_reduce(valid)
-            norm = valid.clamp_min(1e-6) / info.world  # DDP averages gradients over ranks
+            x = x.to(device, non_blocking=True)
+            if not msc:  # deeplab-pytorch's loss resizes the labels on the CPU, per output
+                labels, weights = labels.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+                valid = ((labels != IGNORE) * weights).sum()
+                if info.world > 1:
+                    dist.all_reduce(valid)
+                norm = valid.clamp_min(1e-6) / info.world  # DDP averages gradients over ranks
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
             parts = list(zip(x.chunk(cfg.accumulate), labels.chunk(cfg.accumulate), weights.chunk(cfg.accumulate),
@@ -401,7 +410,10 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                 with nullcontext() if sync else model.no_sync():
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         output = model(xk)
-                    loss = segmentation_loss(output, lk, wk, norm)
+                    if msc:  # each part's mean over its own pixels, divided by the parts (main.py's iter_size)
+                        loss = msc_loss(output, lk, wk, info.world)[0] / len(parts)
+                    else:
+                        loss = segmentation_loss(output, lk, wk, norm)
                     loss.backward()
                 total += loss.detach()
             opt.step()
