@@ -89,19 +89,23 @@ class Labeler:
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
-                 attn_blocks: int = 8, max_side: int | None = None, per_pair_backward: bool = False,
+                 attn_blocks: int | range = 8, max_side: int | None = None, per_pair_backward: bool = False,
                  refiner: Refiner | None = None, crf: bool = False, confidence: float | None = None,
                  crf_params: CrfParams | None = None, autocast: torch.dtype | None = None, keep_attention: bool = False,
                  tagger: Tagger | str = "global") -> None:
         depth = len(clip.visual.transformer.resblocks)
-        if not 1 <= attn_blocks <= depth:
+        if isinstance(attn_blocks, range):  # block indices, e.g. TagCLIP's VOC blocks [-8:-1]
+            if attn_blocks.step != 1 or not attn_blocks or not 0 <= attn_blocks[0] <= attn_blocks[-1] < depth:
+                raise ValueError(f"attn_blocks must be a non-empty range of block indices in [0, {depth})")
+        elif not 1 <= attn_blocks <= depth:
             raise ValueError(f"attn_blocks must be in [1, {depth}]")
+        self.attn_range = attn_blocks if isinstance(attn_blocks, range) else range(depth - attn_blocks, depth)
         self.clip = clip
         self.class_set = class_set
         self.bg_power = bg_power
         self.box_threshold = class_set.box_threshold if box_threshold is None else box_threshold
         self.zero_shot_threshold = zero_shot_threshold
-        self.attn_blocks = attn_blocks
+        self.attn_blocks = len(self.attn_range)
         self.max_side = max_side
         self._gradcam = softmax_gradcam_per_pair if per_pair_backward else softmax_gradcam
         if confidence is not None and not crf:
@@ -192,7 +196,7 @@ class Labeler:
         grid = (images.shape[-2] // clip.patch_size, images.shape[-1] // clip.patch_size)
         low = torch.autocast(clip.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with low:
-            tokens, attn_sum = encode_trunk(visual, images, self.attn_blocks)
+            tokens, attn_sum = encode_trunk(visual, images, self.attn_range)
 
         labels = [p.labels for p in group]
         sources = ["given"] * len(group)
@@ -217,7 +221,8 @@ class Labeler:
                 cams, probs, last_attn = self._gradcam(visual, tokens, pairs, self.logit_scale, grid)
             cams = cams.float()
             with_classes = torch.tensor([i for i, lab in enumerate(labels) if lab], device=clip.device)
-            attn = attn.index_add(0, with_classes, last_attn[:, 1:, 1:].float())
+            if len(visual.transformer.resblocks) - 1 in self.attn_range:  # the last block's, from Grad-CAM's forward
+                attn = attn.index_add(0, with_classes, last_attn[:, 1:, 1:].float())
         attn = attn / self.attn_blocks
         affinity = sinkhorn_affinity(attn)
         boxes = box_mask(cams, self.box_threshold) if len(cams) else cams.new_zeros((0, n))

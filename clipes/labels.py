@@ -103,7 +103,8 @@ def _read_text(path: Path, class_set: ClassSet) -> dict[str, list[int]]:
 def read_voc_xml(files: list[Path], class_set: ClassSet) -> dict[str, list[int]]:
     """VOC ``Annotations/*.xml``: every ``<object><name>``, difficult ones included; key = file stem.
 
-    Classes come in ascending class order, as in the authors' one-hot label lists.
+    Classes come in the order of their first ``<object>``, each once, as the authors' ``label_list``
+    (``generate_cams_voc12.py``).
     """
     out = {}
     for f in files:
@@ -112,7 +113,7 @@ def read_voc_xml(files: list[Path], class_set: ClassSet) -> dict[str, list[int]]
         except ET.ParseError as e:
             raise LabelsError(f"{f}: invalid XML ({e})") from None
         names = [(o.findtext("name") or "").strip() for o in root.iter("object")]
-        out[f.stem] = sorted(_indices(names, class_set, str(f)))
+        out[f.stem] = _indices(names, class_set, str(f))
     return out
 
 

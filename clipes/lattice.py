@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Lattice", "blur", "build_lattice", "lattice_filter", "slice_values", "splat"]
+__all__ = ["Lattice", "blur", "build_lattice", "lattice_filter", "padding_points", "slice_values", "splat"]
 
 _INT64_MAX = 2**63 - 1
 
@@ -174,12 +174,15 @@ def _sorted_runs(ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return perm, first.nonzero().squeeze(1), torch.cumsum(first.long(), 0) - 1
 
 
-def build_lattice(features: Tensor, image: Tensor | None = None, gpu_layout: bool | None = None) -> Lattice:
+def build_lattice(features: Tensor, image: Tensor | None = None, gpu_layout: bool | None = None,
+                  extra: Tensor | None = None, extra_image: Tensor | None = None) -> Lattice:
     """The lattice of ``features`` (N, d) float32; ``image`` (N,) int64 says which image each point is in.
 
     Points of different images never share a lattice point, so one lattice filters a batch of
     images of any sizes as if each were filtered alone. ``gpu_layout`` (default: off the CPU)
-    lays the sparse matrices out for cuSPARSE: 32-bit indices, sorted columns.
+    lays the sparse matrices out for cuSPARSE: 32-bit indices, sorted columns. ``extra`` (E, d)
+    points (of images ``extra_image``) only add the vertices of their simplices to the lattice:
+    they are neither splatted nor sliced (pydensecrf's padding points, see ``padding_points``).
     """
     if features.ndim != 2 or features.shape[1] < 1 or features.shape[0] < 1:
         raise ValueError(f"features must be (N, d) with N, d >= 1, not {tuple(features.shape)}")
@@ -187,6 +190,10 @@ def build_lattice(features: Tensor, image: Tensor | None = None, gpu_layout: boo
     n, d = features.shape
     dev = features.device
     image = torch.zeros(n, dtype=torch.int64, device=dev) if image is None else image.long()
+    if extra is not None and len(extra):
+        extra_image = torch.zeros(len(extra), dtype=torch.int64, device=dev) if extra_image is None else extra_image
+        features = torch.cat([features, extra.float()])
+        image = torch.cat([image, extra_image.long()])
     rem0, rank, bary = _simplex(_elevate(features))
     q0 = torch.div(rem0[:, :d], d + 1, rounding_mode="floor")
     codec = _Codec(int(image.max()) + 1, q0)
@@ -204,8 +211,15 @@ def build_lattice(features: Tensor, image: Tensor | None = None, gpu_layout: boo
     m = len(starts)
     vertices = torch.empty_like(ids)
     vertices[perm] = ids
-    vertices = vertices.reshape(n, d + 1)
-    crow = torch.cat([starts, torch.tensor([len(perm)], device=dev)])
+    vertices = vertices.reshape(-1, d + 1)[:n]
+    bary = bary[:n]
+    if len(features) > n:  # the extra points' entries leave the splat (their vertices stay in the table)
+        real = perm < n * (d + 1)
+        perm = perm[real]
+        crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=dev),
+                          torch.bincount(ids[real], minlength=m).cumsum(0)])
+    else:
+        crow = torch.cat([starts, torch.tensor([len(perm)], device=dev)])
     # the slice visits a point's vertices in order, each weight times alpha first (the reference's order);
     # cuSPARSE wants the columns of a row sorted, so on a GPU they are (the order of a sum of six changes)
     slice_cols, slice_weights = vertices, bary * _alpha(d)
@@ -230,6 +244,14 @@ def build_lattice(features: Tensor, image: Tensor | None = None, gpu_layout: boo
         found = down < m
         neighbours[j, 1, down[found]] = arange[found]
     return Lattice(vertices, bary, splat_matrix, slice_matrix, neighbours, m)
+
+
+def padding_points(n: int, d: int, device: torch.device | None = None) -> Tensor:
+    """(E, d) zeros: the points pydensecrf's SSE lattice adds to N points. Its ``Permutohedral::init``
+    takes the points 4 at a time, pads the last block with zero features and still inserts their
+    simplices into the hash table (``hash_table.find(key, true)``), so with N % 4 != 0 the lattice
+    holds the vertices around the origin, and the blur passes values through them."""
+    return torch.zeros((-n) % 4, d, device=device)
 
 
 def _find(codec: _Codec, table: Tensor, image: Tensor | None, points: Tensor | None, j: int) -> Tensor:

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from .batching import HalvingBatches
+from .caa import CAA_BLOCKS, block_slice, caa_blocks
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import listed_images, load_split
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
@@ -36,6 +37,7 @@ from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
 from .refiners import HostRefiner, Refiner, make_refiner
 from .refiners.crf_torch import with_crf_backend
+from .refiners.par import par_iterations
 from .tagging import tagger_class, tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
@@ -50,10 +52,11 @@ class LabelConfig:
     ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
     ``workers`` None is automatic: up to 8 DataLoader processes per GPU, 1 on the CPU (see
     ``decode_workers``). ``refine`` names the pixel refiner (``clipes.refiners``: crf, par; None:
-    none); ``confidence`` is the CRF's option, ``par_bg_high`` / ``par_bg_low`` PAR's (None: the
-    refiner's default). ``crf_workers`` 0 is automatic: a process pool on the CPU cores that the
-    DataLoader and the main process leave, when at least two are left, for a refiner that runs on
-    the host (the CRF); else it runs in the main process. ``crf_backend`` runs the CRF with torch
+    none); ``confidence`` is the CRF's option, ``par_bg_high`` / ``par_bg_low`` / ``par_iterations``
+    PAR's (None: the refiner's default; PAR's iterations: 15 for COCO, 10 otherwise). ``crf_workers``
+    0 is automatic: a process pool on the CPU cores that the DataLoader and the main process leave,
+    when at least two are left, for a refiner that runs on the host (the CRF); else it runs in the
+    main process. ``crf_backend`` runs the CRF with torch
     (on ``device``, batched) or pydensecrf (host CPU); None: torch on a GPU, pydensecrf on the CPU.
     """
 
@@ -68,7 +71,7 @@ class LabelConfig:
     box_threshold: float | None = None
     zero_shot_threshold: float = 0.1
     max_side: int | None = 1024
-    exif_transpose: bool = True
+    exif_transpose: bool | None = None
     save_cams: bool = False
     overlays: bool = False
     overwrite: bool = False
@@ -78,6 +81,8 @@ class LabelConfig:
     confidence: float | None = None
     par_bg_high: float | None = None
     par_bg_low: float | None = None
+    par_iterations: int | None = None
+    caa_blocks: str = CAA_BLOCKS
     crf_workers: int = 0
     crf_backend: str | None = None
     dataset: str | None = None
@@ -209,9 +214,14 @@ def decode_workers(requested: int | None, device: torch.device, world: int = 1) 
     return max(1, min(8, (os.cpu_count() or 1) // world - 1))
 
 
-def _refiner(cfg: LabelConfig) -> Refiner | None:
-    """The pixel refiner ``cfg`` asks for; an option of another refiner is refused by its flag."""
-    refiner = make_refiner(cfg.refine, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low)
+def _refiner(cfg: LabelConfig, class_set) -> Refiner | None:
+    """The pixel refiner ``cfg`` asks for; an option of another refiner is refused by its flag. PAR's
+    iterations follow the class set (AFA: 15 for COCO, 10 for VOC) unless ``par_iterations`` is given."""
+    iterations = cfg.par_iterations
+    if iterations is None and cfg.refine == "par":
+        iterations = par_iterations(class_set.name)
+    refiner = make_refiner(cfg.refine, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low,
+                           iterations=iterations)
     return with_crf_backend(refiner, cfg.crf_backend, resolve_device(cfg.device))
 
 
@@ -230,7 +240,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
                 device: torch.device, dist_info: DistInfo, out: RunOutput, manifest: dict,
                 summary: RunSummary) -> None:
     """Run the batched engine over ``todo``, a host refiner (the CRF) in a process pool if it pays."""
-    refiner = _refiner(cfg)
+    refiner = _refiner(cfg, class_set)
     batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
     decoders = decode_workers(cfg.workers, device, dist_info.world)
     sizes = [probe_input_size(it.path, clip.patch_size, cfg.max_side, cfg.exif_transpose) for it in todo]
@@ -240,6 +250,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
                         num_workers=decoders, pin_memory=device.type == "cuda")
     with _crf_pool(refiner, cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
         labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
+                          attn_blocks=caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks)),
                           zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
                           per_pair_backward=cfg.per_pair_backward, refiner=refiner if pool is None else None,
                           autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
@@ -275,6 +286,9 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
             items, repeated = listed_images(items, cfg.split_file, str(cfg.images))
         class_set = load_class_set(cfg.classes)
         given = read_labels(cfg.labels, class_set) if cfg.labels else None
+    if cfg.exif_transpose is None:  # a dataset's annotations are of the pixels as stored (as the authors read them)
+        cfg = replace(cfg, exif_transpose=not cfg.dataset)
+    block_slice(cfg.caa_blocks)
     if repeated:
         console.print(f"note: --split-file {escape(str(cfg.split_file))} names {repeated} image(s) again; each is "
                       "labelled once", highlight=False)
@@ -283,7 +297,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
                                           "--split-file": cfg.split_file})
     check_writable(cfg.out)
     dtype_name = cfg.dtype or "float32"
-    refiner = _refiner(cfg)
+    refiner = _refiner(cfg, class_set)
     if refiner is not None:
         refiner.check()
     tagger_class(cfg.tagger)  # checked with given labels too, before anything is written
@@ -319,7 +333,9 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
             "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold) if given is None else None,
             "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
             "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose,
-            "refiner": None if (refiner := _refiner(cfg)) is None else refiner.settings()}
+            "refiner": None if (refiner := _refiner(cfg, class_set)) is None else refiner.settings(),
+            # only another choice than CLIP-ES's is recorded: folders of earlier runs stay resumable
+            **({"caa_blocks": cfg.caa_blocks} if cfg.caa_blocks != CAA_BLOCKS else {})}
 
 
 def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,
@@ -360,6 +376,8 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
     clip, failure = None, None
     try:
         clip = load_clip(cfg.model, device=device) if work else None
+        if clip is not None:
+            caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks))  # selects some of its blocks
         if dist_info.is_main:
             out.open()
     except Exception as e:

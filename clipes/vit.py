@@ -107,18 +107,19 @@ def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False) -> tu
     return x, weights
 
 
-def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int = 8) -> tuple[Tensor, Tensor]:
+def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8) -> tuple[Tensor, Tensor]:
     """Run every block but the last; return its input tokens and the summed attention for CAA.
 
     The sum covers the head-averaged patch-to-patch attention (CLS row and column dropped) of the
-    blocks among the last ``attn_blocks`` that precede the final one: ``attn_blocks - 1`` maps.
+    blocks among the last ``attn_blocks`` (or the block indices of a range) that precede the final
+    one: ``attn_blocks - 1`` maps for the default.
     """
     x = embed(visual, images)
     blocks = visual.transformer.resblocks
-    first_kept = len(blocks) - attn_blocks
+    kept = attn_blocks if isinstance(attn_blocks, range) else range(len(blocks) - attn_blocks, len(blocks))
     attn_sum = None
     for i, block in enumerate(blocks[:-1]):
-        x, w = block_forward(block, x, need_weights=i >= first_kept)
+        x, w = block_forward(block, x, need_weights=i in kept)
         if w is not None:
             w = w[:, 1:, 1:].float()
             attn_sum = w if attn_sum is None else attn_sum + w

@@ -22,6 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import clipes.lattice as lattice_module
+import clipes.refiners.crf_torch as crf_torch_module
 from clipes.cli.app import app
 from clipes.lattice import build_lattice, lattice_filter
 from clipes.refiners import CrfRefiner, RefinerError
@@ -274,3 +275,42 @@ def test_gpu_layout_filters_the_same():
         cpu = lattice_filter(build_lattice(feats), values)
         gpu = lattice_filter(build_lattice(feats, gpu_layout=True), values)
         torch.testing.assert_close(gpu, cpu, rtol=1e-6, atol=1e-7)
+
+
+def _grey_corner(h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random image whose top-left pixels are near the Caffe mean grey: their bilateral features lie near the
+    origin, next to the vertices of pydensecrf's zero-feature padding points."""
+    rgb, cams, labels = _synthetic(2, h, w, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    rgb[:8, :8] = (torch.tensor([123, 117, 104]) + torch.randint(-6, 7, (8, 8, 3), generator=g)).to(torch.uint8)
+    return rgb, cams, labels
+
+
+@pytest.mark.parametrize(("h", "w"), [(21, 17), (18, 19)])  # H*W % 4 = 1, 2: three and two padding points
+def test_padding_points_of_pydensecrfs_sse_lattice(h, w, monkeypatch):
+    """pydensecrf adds (-H*W) % 4 zero-feature points to its lattices (permutohedral.cpp's padded SSE block):
+    with them the probabilities agree within 1e-4 (here ~1e-7); without them they differ by ~0.06 on these
+    images (the test can fail; where no pixel's features lie next to the origin's simplex it would not)."""
+    pytest.importorskip("pydensecrf")
+    from clipes.refiners.crf import dense_crf
+
+    rgb, cams, labels = _grey_corner(h, w, seed=h * w)
+    ref = dense_crf(rgb.numpy(), crf_unary(cams.numpy()))
+    got = CrfTorchRefiner().refine([rgb], [cams], [labels])[0]
+    conf = np.max(ref, axis=0)
+    np.testing.assert_allclose(got.confidence.numpy(), conf, rtol=0, atol=1e-4)
+    monkeypatch.setattr(crf_torch_module, "padding_points", lambda n, d, device=None: torch.zeros(0, d))
+    without = CrfTorchRefiner().refine([rgb], [cams], [labels])[0]
+    assert float(np.abs(without.confidence.numpy() - conf).max()) > 1e-4
+
+
+def test_padding_points_only_add_vertices():
+    """Extra points are neither splatted nor sliced: the filter of the real points is unchanged where the
+    extra vertices are far from them, and the lattice has their vertices."""
+    g = torch.Generator().manual_seed(3)
+    feats = torch.rand(13, 3, generator=g) * 4 + 20
+    plain = build_lattice(feats)
+    padded = build_lattice(feats, extra=torch.zeros(3, 3))
+    assert padded.size == plain.size + 4  # the origin's simplex: d + 1 vertices, none shared
+    values = torch.rand(13, 2, generator=g)
+    torch.testing.assert_close(lattice_filter(padded, values), lattice_filter(plain, values), rtol=0, atol=0)

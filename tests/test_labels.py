@@ -36,9 +36,11 @@ def test_voc_annotations_folder(tmp_path):
         f"<annotation><filename>2007_000001.jpg</filename>{obj.format('dog', 0)}{obj.format('person', 1)}"
         f"{obj.format('dog', 0)}</annotation>")
     (ann / "2007_000002.xml").write_text(f"<annotation>{obj.format('tvmonitor', 0)}</annotation>")
-    # ascending class order, as the authors' one-hot lists: person (14) before dog (11) in the file
-    (ann / "2007_000003.xml").write_text(f"<annotation>{obj.format('person', 0)}{obj.format('dog', 0)}</annotation>")
-    assert read_labels(ann, VOC) == {"2007_000001": [11, 14], "2007_000002": [19], "2007_000003": [11, 14]}
+    # the order of first appearance, each class once, as the authors' label_list (generate_cams_voc12.py):
+    # person (14) before dog (11) in the file stays first
+    (ann / "2007_000003.xml").write_text(f"<annotation>{obj.format('person', 0)}{obj.format('dog', 0)}"
+                                         f"{obj.format('person', 0)}</annotation>")
+    assert read_labels(ann, VOC) == {"2007_000001": [11, 14], "2007_000002": [19], "2007_000003": [14, 11]}
 
 
 def test_coco_instances_json(tmp_path):

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ..caa import CAA_BLOCKS, block_slice
 from ..errors import ClipesError
 from ..model import MODEL_ENV, resolve_device
 from ..refiners import REFINERS
@@ -62,6 +63,14 @@ def _root(
     """CLIP-ES pseudo segmentation labels from image-level labels (or none)."""
 
 
+def _caa_blocks(value: str) -> str:
+    try:
+        block_slice(value)
+    except ClipesError as e:
+        raise typer.BadParameter(str(e).split(": ", 1)[1]) from None
+    return value
+
+
 @app.command()
 def label(
     images: Annotated[Path | None, typer.Argument(
@@ -94,7 +103,8 @@ def label(
         help="Larger images are scaled down to this longer side for the network (masks keep the "
              f"original size); 0 disables, else at least {MIN_MAX_SIDE}.", callback=max_side_option)] = 1024,
     ignore_exif: Annotated[bool, typer.Option(
-        "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation.")] = False,
+        "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation (always so with --dataset, "
+                              "whose annotations are of the pixels as stored).")] = False,
     save_cams: Annotated[bool, typer.Option("--save-cams", help="Also write cams/<stem>.npz.")] = False,
     overlays: Annotated[bool, typer.Option("--overlays", help="Also write overlays/<stem>.jpg.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images already labelled.")] = False,
@@ -117,6 +127,13 @@ def label(
         help="With --refine par: the background score of the run that must agree on background (else 255), "
              "in \\[0, 1], at most --par-bg-high \\[default: 0.35, AFA's].", show_default=False,
         callback=finite(0, 1))] = None,
+    par_iterations: Annotated[int | None, typer.Option(
+        help="With --refine par: propagation steps \\[default: AFA's, 15 for --classes coco, 10 otherwise].",
+        show_default=False, callback=finite(0))] = None,
+    caa_blocks: Annotated[str, typer.Option(
+        help="The ViT blocks whose attention CAA averages, a Python slice START:STOP: -8: the last eight (CLIP-ES), "
+             "-8:-1 the seven before the last (TagCLIP's label-free VOC run).", callback=_caa_blocks)
+    ] = CAA_BLOCKS,
     crf_workers: Annotated[int, typer.Option(
         help="Processes running the CRF \\[0: the cores the DataLoader and main process leave, if two or more; "
              "else in-process].", callback=finite(0))] = 0,
@@ -143,10 +160,11 @@ def label(
     cfg = LabelConfig(images=images, out=out, classes=classes, labels=labels, model=model, device=device,
                       dtype=dtype, bg_power=bg_power, box_threshold=box_threshold,
                       zero_shot_threshold=zero_shot_threshold, max_side=max_side or None,
-                      exif_transpose=not ignore_exif, save_cams=save_cams, overlays=overlays,
+                      exif_transpose=False if ignore_exif else None, save_cams=save_cams, overlays=overlays,
                       overwrite=overwrite, batch_size=None if batch_size == "auto" else int(batch_size),
                       workers=workers, refine="crf" if crf else refine, confidence=confidence,
-                      par_bg_high=par_bg_high, par_bg_low=par_bg_low, crf_workers=crf_workers, crf_backend=crf_backend,
+                      par_bg_high=par_bg_high, par_bg_low=par_bg_low, par_iterations=par_iterations,
+                      caa_blocks=caa_blocks, crf_workers=crf_workers, crf_backend=crf_backend,
                       dataset=dataset,
                       split=split, split_file=split_file, tagger=tagger)
     with reported_errors(console):

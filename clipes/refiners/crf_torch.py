@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..lattice import Lattice, build_lattice, lattice_filter
+from ..lattice import Lattice, build_lattice, lattice_filter, padding_points
 from ..masks import IGNORE
 from .base import DeviceRefiner, Refined, Refiner, RefinerError
 from .crf import _BGR_MEAN, CrfParams, CrfRefiner, CrfUnavailableError, require_pydensecrf
@@ -120,9 +120,15 @@ def dense_crf_torch(images: Sequence[Tensor], unaries: Sequence[Tensor],
     owner = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
     unary = torch.cat([torch.nn.functional.pad(u.float(), (0, channels - u.shape[1]), value=float("inf"))
                        for u in unaries])
-    smooth = build_lattice(torch.cat([kernel_features(im, params.gaussian_sxy) for im in images]), owner)
-    appearance = build_lattice(torch.cat([kernel_features(im, params.bilateral_sxy, params.bilateral_srgb)
-                                          for im in images]), owner)
+    def lattice(feats: list[Tensor]) -> Lattice:
+        # pydensecrf's SSE lattice adds zero-feature points to an image of H*W % 4 != 0 (``padding_points``)
+        extra = [padding_points(len(f), f.shape[1], device) for f in feats]
+        extra_owner = torch.repeat_interleave(torch.arange(len(feats), device=device),
+                                              torch.tensor([len(e) for e in extra], device=device))
+        return build_lattice(torch.cat(feats), owner, extra=torch.cat(extra), extra_image=extra_owner)
+
+    smooth = lattice([kernel_features(im, params.gaussian_sxy) for im in images])
+    appearance = lattice([kernel_features(im, params.bilateral_sxy, params.bilateral_srgb) for im in images])
     q = mean_field(unary, [(smooth, float(params.gaussian_compat)), (appearance, float(params.bilateral_compat))],
                    params.iterations)
     out = []

@@ -23,12 +23,13 @@ from torch import Tensor
 from ..masks import IGNORE
 from .base import DeviceRefiner, Refined, RefinerError
 
-__all__ = ["BG_HIGH", "BG_LOW", "DILATIONS", "ITERATIONS", "ParRefiner", "afa_image", "afa_masks", "afa_refine",
-           "combine_runs", "denorm_lut", "neighbours", "par", "par_affinity", "position_softmax", "propagate",
-           "upsampled_keys", "working_size"]
+__all__ = ["BG_HIGH", "BG_LOW", "COCO_ITERATIONS", "DILATIONS", "ITERATIONS", "ParRefiner", "afa_image",
+           "afa_masks", "afa_refine", "combine_runs", "denorm_lut", "neighbours", "par", "par_affinity",
+           "par_iterations", "position_softmax", "propagate", "upsampled_keys", "working_size"]
 
 DILATIONS = (1, 2, 4, 8, 12, 24)  # VOC and COCO
-ITERATIONS = 10  # VOC (COCO: 15)
+ITERATIONS = 10  # VOC and any other class set (AFA's dist_train_voc.py)
+COCO_ITERATIONS = 15  # AFA's dist_train_coco.py: PAR(num_iter=15, ...)
 W1 = 0.3  # temperature of both the colour and the position term
 W2 = 0.01  # weight of the position softmax
 BG_HIGH, BG_LOW = 0.55, 0.35  # AFA's background scores for pseudo labels
@@ -196,6 +197,11 @@ def combine_runs(high: Tensor, low: Tensor) -> Tensor:
     return pseudo.to(torch.uint8)
 
 
+def par_iterations(class_set: str) -> int:
+    """AFA's PAR iterations for a class set: 15 for COCO (``dist_train_coco.py``), 10 for VOC and others."""
+    return COCO_ITERATIONS if class_set == "coco" else ITERATIONS
+
+
 class ParRefiner(DeviceRefiner):
     """AFA's pseudo labels from clipes' refined CAMs, on the Labeler's device, batched, float32.
 
@@ -207,7 +213,8 @@ class ParRefiner(DeviceRefiner):
     """
 
     name = "par"
-    flags: ClassVar[dict[str, str]] = {"bg_high": "--par-bg-high", "bg_low": "--par-bg-low"}
+    flags: ClassVar[dict[str, str]] = {"bg_high": "--par-bg-high", "bg_low": "--par-bg-low",
+                                       "iterations": "--par-iterations"}
 
     def __init__(self, bg_high: float = BG_HIGH, bg_low: float = BG_LOW, dilations: Sequence[int] = DILATIONS,
                  iterations: int = ITERATIONS, max_pixels: int = MAX_PIXELS) -> None:
@@ -217,8 +224,10 @@ class ParRefiner(DeviceRefiner):
         if bg_low > bg_high:
             raise RefinerError(f"--par-bg-low {bg_low} is above --par-bg-high {bg_high}: the low run must give "
                                "less background")
-        if not dilations or any(int(d) < 1 for d in dilations) or iterations < 0:
-            raise RefinerError("PAR needs positive dilations and a non-negative number of iterations")
+        if isinstance(iterations, bool) or not float(iterations).is_integer() or iterations < 0:
+            raise RefinerError(f"--par-iterations {iterations}: a whole number >= 0")
+        if not dilations or any(int(d) < 1 for d in dilations):
+            raise RefinerError("PAR needs positive dilations")
         self.bg_high, self.bg_low = float(bg_high), float(bg_low)
         self.dilations, self.iterations = tuple(int(d) for d in dilations), int(iterations)
         self.max_pixels = max_pixels
