@@ -180,3 +180,21 @@ def test_flags_show_as_flags_in_help(command):
     res = runner.invoke(app, [*command.split(), "--help"], terminal_width=200)
     assert res.exit_code == 0 and "--help" in res.output, res.output
     assert "<bool>" not in res.output
+
+
+def test_caa_blocks_are_a_run_setting(tmp_path, images, golden):
+    """--caa-blocks -8:-1 (TagCLIP's label-free VOC blocks) is recorded in the run's settings, so a rerun
+    with CLIP-ES's blocks into the same folder is refused; a bad slice is refused before anything is written."""
+    model = golden / "tiny-clip-vit-b16-random.pt"
+    out = tmp_path / "out"
+    labels = str(_labels_file(tmp_path))
+    res = _label(images, out, "--labels", labels, "--caa-blocks", "-8:-1", model=model)
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["caa_blocks"] == "-8:-1" and manifest["options"]["caa_blocks"] == "-8:-1"
+    assert manifest["settings"]["exif_transpose"] is True  # a folder keeps the EXIF orientation
+    res = _label(images, out, "--labels", labels, model=model)
+    assert res.exit_code == 2 and "other settings (caa_blocks)" in " ".join(res.output.split())
+    for bad in ("8", "20:"):
+        res = _label(images, tmp_path / f"bad{bad}", "--labels", labels, "--caa-blocks", bad, model=model)
+        assert res.exit_code == 2 and "--caa-blocks" in res.output and not (tmp_path / f"bad{bad}").exists()

@@ -14,6 +14,7 @@ from clipes.cli import app
 from clipes.datasets import CocoGroundTruth, DatasetError, coco_split, voc_split
 
 runner = CliRunner()
+EXIF_STEM = "2007_000676"  # a training image saved with an EXIF orientation
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,11 @@ def voc_root(golden, tmp_path_factory) -> Path:
         (voc / d).mkdir(parents=True)
     labels = json.loads((golden / "labels.json").read_text())
     stems = sorted(p.stem for p in (golden / "gt").glob("*.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees on display": the annotations are of the pixels as stored
     for stem in stems:
-        Image.open(golden / "images" / f"{stem}.png").convert("RGB").save(voc / "JPEGImages" / f"{stem}.jpg",
-                                                                          quality=95)
+        Image.open(golden / "images" / f"{stem}.png").convert("RGB").save(
+            voc / "JPEGImages" / f"{stem}.jpg", quality=95, exif=exif.tobytes() if stem == EXIF_STEM else b"")
         Image.open(golden / "gt" / f"{stem}.png").save(voc / "SegmentationClass" / f"{stem}.png")
         objects = "".join(f"<object><name>{n}</name></object>" for n in labels[f"{stem}.png"])
         (voc / "Annotations" / f"{stem}.xml").write_text(f"<annotation><filename>{stem}.jpg</filename>{objects}"
@@ -105,6 +108,10 @@ def test_voc_label_eval_view_end_to_end(voc_root, golden, tmp_path):
             "--device", "cpu", "--save-cams", "--workers", "0")
     labels = json.loads((out / "labels.json").read_text())
     assert len(labels) == 5 and labels["2009_000573"]["labels"] == ["bicycle", "bottle"]
+    # --dataset reads the pixels as stored (as the authors and the annotations): the EXIF tag is not applied
+    assert json.loads((out / "manifest.json").read_text())["settings"]["exif_transpose"] is False
+    stored = Image.open(voc_root / "VOC2012" / "JPEGImages" / f"{EXIF_STEM}.jpg").size
+    assert Image.open(out / "masks" / f"{EXIF_STEM}.png").size == stored != stored[::-1]
     assert labels["2009_000573"]["file"] == "VOC2012/JPEGImages/2009_000573.jpg"
 
     gt_dir = voc_root / "VOC2012" / "SegmentationClass"

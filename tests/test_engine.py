@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipes import Labeler, load_class_set
+from clipes.caa import caa_blocks
 from clipes.cam import CamPairs, image_features, minmax_normalize, softmax_gradcam
+from clipes.errors import ClipesError
 from clipes.model import ClipModel
 from clipes.vit import (
     attention,
@@ -211,3 +213,26 @@ def test_per_pair_baseline_gives_the_same_results(tiny_clip, golden, golden_labe
         np.testing.assert_allclose(a.attention, b.attention, atol=1e-7)
         # the near-flat refined maps of random weights turn float noise into a few flipped pixels
         assert (a.mask == b.mask).mean() >= 0.999
+
+
+def test_caa_blocks_are_a_slice_of_the_blocks():
+    assert caa_blocks("-8:", 12) == range(4, 12) and caa_blocks("-8:-1", 12) == range(4, 11)
+    assert caa_blocks(":", 4) == range(4) and caa_blocks("2:3", 12) == range(2, 3)
+    for bad, why in (("8", "not a slice"), ("a:b", "not a slice"), ("1:2:3", "not a slice"), ("5:5", "selects none")):
+        with pytest.raises(ClipesError, match=why):
+            caa_blocks(bad, 12)
+
+
+def test_caa_blocks_choose_the_attention_caa_averages(tiny_clip, voc, golden):
+    """TagCLIP's label-free VOC run averages blocks [-8:-1] (seven, not the last): the attention CAA starts
+    from is then the mean of those maps of the trunk, not CLIP-ES's eight."""
+    image = Image.open(golden / "images" / "chelsea.png").resize((96, 64))
+    seven = Labeler(tiny_clip, voc, attn_blocks=caa_blocks("-8:-1", 12), keep_attention=True)
+    res = seven.label(image, ["cat"])
+    x = seven.prepare(image, ["cat"]).tensor[None].to(tiny_clip.device, tiny_clip.dtype)
+    _, trunk_sum = encode_trunk(tiny_clip.visual, x, 8)  # the maps of blocks 4..10 (the last is not in the trunk)
+    np.testing.assert_allclose(res.attention, (trunk_sum[0] / 7).numpy(), rtol=1e-5, atol=1e-7)
+    eight = Labeler(tiny_clip, voc, keep_attention=True).label(image, ["cat"])
+    assert np.abs(eight.attention - res.attention).max() > 1e-3
+    with pytest.raises(ValueError, match="range of block indices"):
+        Labeler(tiny_clip, voc, attn_blocks=range(4, 13))

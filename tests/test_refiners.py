@@ -294,6 +294,24 @@ def test_refiner_options_are_checked():
     assert make_refiner("none") is None and make_refiner(None, confidence=None) is None
     assert make_refiner("par", bg_high=0.6).settings()["bg_high"] == 0.6
     assert set(REFINERS) == {"crf", "par"}
+    with pytest.raises(RefinerError, match="--par-iterations -1"):
+        ParRefiner(iterations=-1)
+    with pytest.raises(RefinerError, match="--par-iterations needs --refine par"):
+        make_refiner("crf", iterations=3)
+
+
+def test_par_iterations_follow_the_class_set():
+    """AFA runs PAR 15 times for COCO (dist_train_coco.py) and 10 for VOC; --par-iterations chooses."""
+    from dataclasses import replace
+
+    from clipes.prompts import load_class_set
+    from clipes.run import LabelConfig, _refiner
+
+    cfg = LabelConfig(images=None, out=Path("unused"), refine="par", device="cpu")
+    assert _refiner(cfg, load_class_set("coco")).iterations == 15
+    assert _refiner(cfg, load_class_set("voc")).iterations == 10
+    assert _refiner(replace(cfg, par_iterations=3), load_class_set("coco")).settings()["iterations"] == 3
+    assert _refiner(replace(cfg, refine=None), load_class_set("coco")) is None
 
 
 def test_crf_refiner_is_the_crf(golden):

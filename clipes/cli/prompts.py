@@ -157,8 +157,8 @@ def rank_command(
     with reported_errors(console):
         ranked = _rank(console, images=images, labels=labels, classes=classes, templates=templates,
                        imagenet=imagenet, model=model, device=device, batch_size=batch_size, workers=workers,
-                       max_side=max_side or None, exif=not ignore_exif, dataset=dataset, root=root, split=split,
-                       out=out, write_class_set=write_class_set, gt=gt, validate=validate, show=show)
+                       max_side=max_side or None, exif=not ignore_exif and not dataset, dataset=dataset, root=root,
+                       split=split, out=out, write_class_set=write_class_set, gt=gt, validate=validate, show=show)
     console.print(f"best: {escape(repr(ranked[0].template))} (sharpness {ranked[0].sharpness:.6g}) -> "
                   f"{escape(str(out))}" + (f", {escape(str(write_class_set))}" if write_class_set else ""),
                   highlight=False)

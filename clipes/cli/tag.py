@@ -131,7 +131,8 @@ def tag_command(
                       console=console) as progress:
             task = progress.add_task("tag", total=len(items))
             run = tag_images(method, items, batch_size=batch_size or (32 if dev.type == "cuda" else 4),
-                             max_side=max_side or None, exif_transpose=not ignore_exif, workers=workers,
+                             max_side=max_side or None, exif_transpose=not ignore_exif and not dataset,
+                             workers=workers,
                              advance=lambda n: progress.advance(task, n))
         seconds = time.perf_counter() - start
         if not run.tagged:

@@ -37,8 +37,9 @@ def train_seg_command(
                          ] = None,
     classes: Annotated[str | None, typer.Option(help="Class set: voc, coco or a file \\[voc].")] = None,
     model: Annotated[str | None, typer.Option(
-        help="clip-linear, clip-segmenter, clip-setr-naive, clip-setr-pup, clip-setr-mla, deeplabv2-resnet101, "
-             "deeplabv3-resnet50, deeplabv3-resnet101 or tiny \\[clip-linear].")] = None,
+        help="clip-linear, clip-segmenter, clip-setr-naive, clip-setr-pup, clip-setr-mla, deeplabv2-resnet101 "
+             "(deeplab-pytorch's MSC model), deeplabv2-resnet101-torchvision, deeplabv3-resnet50, deeplabv3-resnet101 "
+             "or tiny \[clip-linear].")] = None,
     clip_model: Annotated[str | None, typer.Option(help="CLIP weights for clip-* models (as clipes label --model).")
                           ] = None,
     finetune: Annotated[bool | None, typer.Option(
@@ -46,8 +47,9 @@ def train_seg_command(
         help="Train the backbone too, or freeze it \\[preset: DeepLab trains it, the CLIP encoder is frozen].")
     ] = None,
     backbone_weights: Annotated[str | None, typer.Option(
-        help="DeepLab: a torchvision ResNet state dict, 'imagenet' (torchvision's download or cache) or 'random' "
-             "\\[imagenet].")] = None,
+        help="deeplabv2-resnet101: a deeplab-pytorch state dict (convert.py's Caffe init) or 'random'; the "
+             "torchvision DeepLabs: a torchvision ResNet state dict, 'imagenet' (torchvision's download or cache) or "
+             "'random' \\[imagenet].")] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd or adamw \\[preset].")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate of the backbone \\[preset: 2e-4 DeepLab, 1e-4 ViT]."
                                              )] = None,
