@@ -20,6 +20,7 @@ import time
 import torch
 
 from clipes.model import resolve_device
+from clipes.segment.deeplabv2 import msc_loss
 from clipes.segment.models import build_segmenter
 from clipes.segment.train import PRESETS, SEGMENTERS, TrainConfig, _optimizer, segmentation_loss
 
@@ -54,7 +55,9 @@ def main() -> None:
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(x)
-        loss = segmentation_loss(logits, y, w, w.numel())
+        # deeplabv2-resnet101 gives MSC's four outputs, for deeplab-pytorch's loss
+        msc = SEGMENTERS[args.model].recipe == "deeplab-pytorch"
+        loss = msc_loss(logits, y, w)[0] if msc else segmentation_loss(logits, y, w, w.numel())
         opt.zero_grad()
         loss.backward()
         opt.step()

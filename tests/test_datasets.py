@@ -29,9 +29,11 @@ def voc_root(golden, tmp_path_factory) -> Path:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees on display": the annotations are of the pixels as stored
     for stem in stems:
-        Image.open(golden / "images" / f"{stem}.png").convert("RGB").save(
-            voc / "JPEGImages" / f"{stem}.jpg", quality=95, exif=exif.tobytes() if stem == EXIF_STEM else b"")
-        Image.open(golden / "gt" / f"{stem}.png").save(voc / "SegmentationClass" / f"{stem}.png")
+        image, gt = Image.open(golden / "images" / f"{stem}.png").convert("RGB"), Image.open(golden / "gt" / f"{stem}.png")
+        if stem == EXIF_STEM:  # not square, so that a rotation shows in the size
+            image, gt = image.crop((0, 0, image.width, 400)), gt.crop((0, 0, gt.width, 400))
+        image.save(voc / "JPEGImages" / f"{stem}.jpg", quality=95, exif=exif.tobytes() if stem == EXIF_STEM else b"")
+        gt.save(voc / "SegmentationClass" / f"{stem}.png")
         objects = "".join(f"<object><name>{n}</name></object>" for n in labels[f"{stem}.png"])
         (voc / "Annotations" / f"{stem}.xml").write_text(f"<annotation><filename>{stem}.jpg</filename>{objects}"
                                                          "</annotation>")

@@ -13,8 +13,6 @@ in another order, or another SIMD width, move single values by that much, not mo
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -24,6 +22,7 @@ from clipes.segment.infer import segment_image
 from clipes.segment.train import _optimizer, load_config
 
 from .conftest import GOLDEN
+from .deeplab_golden import rebuild_weights
 
 FILE = GOLDEN / "deeplab" / "deeplabv2_msc.npz"
 LR = 2.5e-4  # the step of the file: deeplab-pytorch's voc12.yaml lr at iteration 0
@@ -35,32 +34,6 @@ def ref() -> dict[str, np.ndarray]:
         pytest.skip(f"golden data not found at {FILE}")
     with np.load(FILE) as data:
         return {k: data[k] for k in data.files}
-
-
-def rebuild_weights(ref: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The file's deterministic weights from its seed (../shared/deeplab-reference.md, "Golden data")."""
-    g = torch.Generator().manual_seed(int(ref["seed"]))
-    state = {}
-    for key, shape in zip(ref["keys"], ref["shapes"], strict=True):
-        key = str(key)
-        shape = tuple(int(s) for s in str(shape).split(","))
-        r = torch.randn(shape, generator=g)
-        if key.startswith("aspp.") and key.endswith(".weight"):
-            value = r * 5e-5
-        elif key.startswith("aspp.") and key.endswith(".bias"):
-            value = r * 0.01
-        elif len(shape) == 4:
-            value = r * math.sqrt(1 / (shape[1] * shape[2] * shape[3]))
-        elif key.endswith(".bn.weight"):
-            value = 1 + 0.1 * r
-        elif key.endswith((".bn.bias", ".bn.running_mean")):
-            value = 0.1 * r
-        elif key.endswith(".bn.running_var"):
-            value = 1 + 0.1 * r.abs()
-        else:
-            raise AssertionError(f"no rule for {key}")
-        state[key] = value
-    return state
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ClipesError
 from ..masks import IGNORE
@@ -121,15 +122,15 @@ class DeepLabV2MSC(nn.Module):
         self.freeze_bn = freeze_bn
         if freeze_bn:
             for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
+                if isinstance(m, _BatchNorm):
                     m.requires_grad_(False)
         self.train()
 
     def train(self, mode: bool = True) -> DeepLabV2MSC:
         super().train(mode)
-        if self.freeze_bn:
+        if self.freeze_bn:  # SyncBatchNorm too (DDP on GPUs converts the layers)
             for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
+                if isinstance(m, _BatchNorm):
                     m.eval()
         return self
 
