@@ -29,7 +29,8 @@ def voc_root(golden, tmp_path_factory) -> Path:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 degrees on display": the annotations are of the pixels as stored
     for stem in stems:
-        image, gt = Image.open(golden / "images" / f"{stem}.png").convert("RGB"), Image.open(golden / "gt" / f"{stem}.png")
+        image = Image.open(golden / "images" / f"{stem}.png").convert("RGB")
+        gt = Image.open(golden / "gt" / f"{stem}.png")
         if stem == EXIF_STEM:  # not square, so that a rotation shows in the size
             image, gt = image.crop((0, 0, image.width, 400)), gt.crop((0, 0, gt.width, 400))
         image.save(voc / "JPEGImages" / f"{stem}.jpg", quality=95, exif=exif.tobytes() if stem == EXIF_STEM else b"")
