@@ -137,3 +137,21 @@ def test_inference_logits_and_prediction(ref, weights):
         gap = (top2[0] - top2[1]).numpy()
         assert (gap[differ] < 1e-4 * float(up.abs().max())).all(), f"{int(differ.sum())} pixels differ"
     assert differ.mean() < 1e-3
+
+
+def test_every_parity_test_reads_clipes_golden(tmp_path):
+    """$CLIPES_GOLDEN moves the golden folder of every parity test (this one included)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import tests.test_deeplab_reference as d, tests.test_refiners as r, tests.test_tagclip as t, "
+            "tests.test_parity as p, tests.test_crf_torch as c; print(d.FILE, r.PAR_GOLDEN, t.TAGCLIP, p.GOLDEN, "
+            "c.GOLDEN, sep='\\n')")
+    env = {**os.environ, "CLIPES_GOLDEN": str(tmp_path), "PYTHONPATH": str(repo)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    paths = out.stdout.split()
+    assert len(paths) == 5 and all(Path(p).is_relative_to(tmp_path) for p in paths), paths
+    assert paths[0] == str(tmp_path / "deeplab" / "deeplabv2_msc.npz")
