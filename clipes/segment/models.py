@@ -196,7 +196,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # to
 @dataclass(frozen=True)
 class SegmenterSpec:
     """What ``train-seg`` and ``segment`` need to know about a model family: its optimiser preset,
-    input stride and the per-channel mean and std its inputs are normalised with (RGB in [0, 1])."""
+    input stride (whole images are padded to a multiple; 1: any size as it is) and the per-channel mean
+    and std its inputs are normalised with (RGB in [0, 1]), or ``recipe`` "deeplab-pytorch": that code's
+    input (BGR minus the Caffe mean), augmentation and multi-output loss."""
 
     build: Callable[..., nn.Module]
     preset: str
