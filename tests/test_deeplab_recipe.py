@@ -176,7 +176,7 @@ def test_poly_rate_changes_every_ten_iterations_as_deeplab_pytorch():
     after iteration i the rate becomes base * (1 - i / iter_max) ** 0.9 when i % 10 == 0, else stays."""
     model, cfg = _build("deeplabv2-resnet101", steps=100)
     opt = _optimizer(model, cfg)
-    sched = poly_schedule(opt, cfg.steps, cfg.poly_power, cfg.poly_step)
+    sched = poly_schedule(opt, cfg.steps, cfg.poly_power, every=cfg.poly_step)
     ref_lr = 2e-4
     for i in range(1, 36):
         assert sched.get_last_lr()[0] == pytest.approx(ref_lr, rel=1e-12)  # the rate iteration i trains with

@@ -39,7 +39,7 @@ def train_seg_command(
     model: Annotated[str | None, typer.Option(
         help="clip-linear, clip-segmenter, clip-setr-naive, clip-setr-pup, clip-setr-mla, deeplabv2-resnet101 "
              "(deeplab-pytorch's MSC model), deeplabv2-resnet101-torchvision, deeplabv3-resnet50, deeplabv3-resnet101 "
-             "or tiny \[clip-linear].")] = None,
+             "or tiny \\[clip-linear].")] = None,
     clip_model: Annotated[str | None, typer.Option(help="CLIP weights for clip-* models (as clipes label --model).")
                           ] = None,
     finetune: Annotated[bool | None, typer.Option(
