@@ -40,8 +40,9 @@ def main() -> None:
     device = resolve_device(args.device)
     with np.load(args.golden) as data:
         ref = {k: data[k] for k in data.files}
+    weights = rebuild_weights(ref)
     model = DeepLabV2MSC(21)
-    model.load_state_dict(rebuild_weights(ref), strict=False)
+    model.load_state_dict(weights, strict=False)
     model.to(device).train()
     x = torch.from_numpy(np.stack([caffe_input(im) for im in ref["rgb"]])).permute(0, 3, 1, 2).to(device)
     outputs = model(x)
@@ -59,6 +60,7 @@ def main() -> None:
                                          "backbone_weights": "random"})).step()
     for name in names:
         report[f"after_step:{name}"] = rel(params[name][cut.get(name, np.s_[:])], ref[f"after_step:{name}"])
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()}, strict=False)  # inference: the initial ones
     model.eval()
     with torch.no_grad():
         test = torch.from_numpy(caffe_input(ref["test_rgb"])).permute(2, 0, 1)[None].to(device)
