@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,8 @@ from torch import Tensor, nn
 
 from .vit import head_mean_attention, merge_heads, project_heads
 
-__all__ = ["CamPairs", "image_features", "minmax_normalize", "softmax_gradcam", "softmax_gradcam_per_pair"]
+__all__ = ["CamPairs", "first_pair_of_each_image", "image_features", "minmax_normalize", "one_pair_at_a_time",
+           "pair_probabilities", "softmax_gradcam", "softmax_gradcam_per_pair"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,16 @@ def image_features(visual: nn.Module, tokens: Tensor) -> Tensor:
     return F.normalize(x, dim=-1)
 
 
+def pair_probabilities(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_scale: float) -> Tensor:
+    """CLIP-ES's target: per pair, the softmax over its image's text set of ``logit_scale * cos(image,
+    text)``, from the pair's tokens after the last block (P, L, D); (P, K) float32, padding at 0."""
+    feats = image_features(visual, tokens)
+    text = pairs.text[pairs.image].to(feats.dtype)
+    logits = logit_scale * torch.einsum("pe,pke->pk", feats, text)
+    logits = logits.float().masked_fill(~pairs.valid[pairs.image], float("-inf"))
+    return logits.softmax(dim=-1)
+
+
 def first_pair_of_each_image(image: Tensor) -> Tensor:
     """Indices of the first pair of each image in ``image`` (pairs are grouped by image)."""
     change = torch.ones_like(image, dtype=torch.bool)
@@ -73,11 +86,7 @@ def softmax_gradcam(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_sc
         q, k, v = project_heads(block.attn, a)
         y = x + block.ls_1(merge_heads(block.attn, F.scaled_dot_product_attention(q, k, v)))
         y = y + block.ls_2(block.mlp(block.ln_2(y)))
-        feats = image_features(visual, y)
-        text = pairs.text[pairs.image].to(feats.dtype)
-        logits = logit_scale * torch.einsum("pe,pke->pk", feats, text)
-        logits = logits.float().masked_fill(~pairs.valid[pairs.image], float("-inf"))
-        probs = logits.softmax(dim=-1)
+        probs = pair_probabilities(visual, y, pairs, logit_scale)
         target = probs.gather(1, pairs.target[:, None]).sum()
         (grad,) = torch.autograd.grad(target, a)
     first = first_pair_of_each_image(pairs.image)
@@ -88,11 +97,18 @@ def softmax_gradcam(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_sc
     return cam.view(-1, *grid), probs.detach(), last_attn
 
 
+def one_pair_at_a_time(cam: Callable[..., tuple[Tensor, Tensor, Tensor]], visual: nn.Module, tokens: Tensor,
+                       pairs: CamPairs, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """A batched CAM function ``cam(visual, tokens, pairs, *args)`` run on one pair at a time: the
+    reference's cost, one forward and one backward per pair. Returns what ``cam`` does for all the
+    pairs, its third output (per image) taken from the first pair of each image."""
+    outs = [cam(visual, tokens, CamPairs(pairs.image[p:p + 1], pairs.target[p:p + 1], pairs.text, pairs.valid),
+                *args) for p in range(pairs.image.numel())]
+    cams, probs, attn = (torch.cat(parts) for parts in zip(*outs, strict=True))
+    return cams, probs, attn[first_pair_of_each_image(pairs.image)]
+
+
 def softmax_gradcam_per_pair(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_scale: float,
                              grid: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """Baseline with the reference's cost: one forward and one backward of the last block per pair."""
-    outs = [softmax_gradcam(visual, tokens, CamPairs(pairs.image[p:p + 1], pairs.target[p:p + 1], pairs.text,
-                                                     pairs.valid), logit_scale, grid)
-            for p in range(pairs.image.numel())]
-    cams, probs, attn = (torch.cat(parts) for parts in zip(*outs, strict=True))
-    return cams, probs, attn[first_pair_of_each_image(pairs.image)]
+    return one_pair_at_a_time(softmax_gradcam, visual, tokens, pairs, logit_scale, grid)

@@ -1,4 +1,4 @@
-"""CLIP-ES end to end on images in memory: softmax-GradCAM, CAA refinement, pseudo masks."""
+"""CLIP-ES end to end on images in memory: class maps (softmax-GradCAM or GETAM), CAA refinement, pseudo masks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from PIL import Image
 from torch import Tensor
 
 from .caa import box_mask, refine_cams, sinkhorn_affinity, upsample
-from .cam import CamPairs, softmax_gradcam, softmax_gradcam_per_pair
+from .cam import CamPairs
+from .cams import CamMethod, make_cam
 from .images import preprocess, to_rgb_or_gray
 from .masks import pseudo_mask
 from .model import ClipModel
@@ -77,6 +78,8 @@ class Labeler:
     name of one (``global``, the default here, or ``tagclip``; built when first needed);
     ``zero_shot_threshold`` is the global tagger's threshold, the softmax score over all classes
     plus background prompts above which a class counts as present.
+    ``cam`` makes the class maps (``clipes.cams``): a ``CamMethod`` or the name of one (``gradcam``,
+    CLIP-ES's softmax-GradCAM, the default; ``getam``, GETAM from block 6 on).
     ``per_pair_backward`` runs one backward per (image, class), the reference's cost: a baseline
     for benchmarks, with the same results. ``refiner`` turns the refined CAMs into the mask at
     pixel level (``clipes.refiners``: the dense CRF, PAR); ``crf=True`` is ``CrfRefiner(confidence,
@@ -92,7 +95,7 @@ class Labeler:
                  attn_blocks: int | range = 8, max_side: int | None = None, per_pair_backward: bool = False,
                  refiner: Refiner | None = None, crf: bool = False, confidence: float | None = None,
                  crf_params: CrfParams | None = None, autocast: torch.dtype | None = None, keep_attention: bool = False,
-                 tagger: Tagger | str = "global") -> None:
+                 tagger: Tagger | str = "global", cam: CamMethod | str = "gradcam") -> None:
         depth = len(clip.visual.transformer.resblocks)
         if isinstance(attn_blocks, range):  # block indices, e.g. TagCLIP's VOC blocks [-8:-1]
             if attn_blocks.step != 1 or not attn_blocks or not 0 <= attn_blocks[0] <= attn_blocks[-1] < depth:
@@ -107,7 +110,10 @@ class Labeler:
         self.zero_shot_threshold = zero_shot_threshold
         self.attn_blocks = len(self.attn_range)
         self.max_side = max_side
-        self._gradcam = softmax_gradcam_per_pair if per_pair_backward else softmax_gradcam
+        if not isinstance(cam, str) and per_pair_backward:
+            raise ValueError("give per_pair to the CAM method itself")
+        self.cam = make_cam(cam, per_pair=per_pair_backward) if isinstance(cam, str) else cam
+        self._cam_from = self.cam.first_block(depth)  # the trunk runs the blocks before it
         if confidence is not None and not crf:
             raise ValueError("a confidence threshold needs the CRF (crf=True)")
         if crf and refiner is not None:
@@ -196,7 +202,8 @@ class Labeler:
         grid = (images.shape[-2] // clip.patch_size, images.shape[-1] // clip.patch_size)
         low = torch.autocast(clip.device.type, dtype=self.autocast, enabled=self.autocast is not None)
         with low:
-            tokens, attn_sum = encode_trunk(visual, images, self.attn_range)
+            tokens, attn_sum = encode_trunk(visual, images, self.attn_range, stop=self._cam_from)
+        depth = len(visual.transformer.resblocks)
 
         labels = [p.labels for p in group]
         sources = ["given"] * len(group)
@@ -206,7 +213,7 @@ class Labeler:
         if todo:
             tagger = self.tagger
             with low:
-                tags = tagger.tag(images[todo], trunk=tokens[todo])
+                tags = tagger.tag(images[todo], trunk=tokens[todo] if self._cam_from == depth - 1 else None)
             for j, i in enumerate(todo):
                 labels[i], thresholds[i], sources[i] = tags.labels[j], tags.thresholds[j], tagger.source
                 scores[i] = tagger.record(tags.scores[j], tags.labels[j])
@@ -218,11 +225,10 @@ class Labeler:
         probs = torch.zeros((0, 0), device=clip.device)
         if pairs is not None:
             with low:
-                cams, probs, last_attn = self._gradcam(visual, tokens, pairs, self.logit_scale, grid)
-            cams = cams.float()
+                maps = self.cam(visual, tokens, pairs, self.logit_scale, grid, self.attn_range)
+            cams, probs = maps.cams.float(), maps.probs
             with_classes = torch.tensor([i for i, lab in enumerate(labels) if lab], device=clip.device)
-            if len(visual.transformer.resblocks) - 1 in self.attn_range:  # the last block's, from Grad-CAM's forward
-                attn = attn.index_add(0, with_classes, last_attn[:, 1:, 1:].float())
+            attn = attn.index_add(0, with_classes, maps.attention)
         attn = attn / self.attn_blocks
         affinity = sinkhorn_affinity(attn)
         boxes = box_mask(cams, self.box_threshold) if len(cams) else cams.new_zeros((0, n))

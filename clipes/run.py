@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from .batching import HalvingBatches
 from .caa import CAA_BLOCKS, block_slice, caa_blocks
+from .cams import CamMethod, make_cam
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import listed_images, load_split
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
@@ -58,6 +59,8 @@ class LabelConfig:
     when at least two are left, for a refiner that runs on the host (the CRF); else it runs in the
     main process. ``crf_backend`` runs the CRF with torch
     (on ``device``, batched) or pydensecrf (host CPU); None: torch on a GPU, pydensecrf on the CPU.
+    ``cam`` names the CAM method (``clipes.cams``: gradcam, getam); ``getam_start`` is GETAM's first
+    block (None: its default, 6).
     """
 
     images: Path | None
@@ -90,6 +93,8 @@ class LabelConfig:
     split_file: Path | None = None
     per_pair_backward: bool = False
     tagger: str = "tagclip"
+    cam: str = "gradcam"
+    getam_start: int | None = None
 
 
 @dataclass
@@ -214,6 +219,11 @@ def decode_workers(requested: int | None, device: torch.device, world: int = 1) 
     return max(1, min(8, (os.cpu_count() or 1) // world - 1))
 
 
+def _cam(cfg: LabelConfig) -> CamMethod:
+    """The CAM method ``cfg`` asks for; an option of another method is refused by its flag."""
+    return make_cam(cfg.cam, per_pair=cfg.per_pair_backward, start=cfg.getam_start)
+
+
 def _refiner(cfg: LabelConfig, class_set) -> Refiner | None:
     """The pixel refiner ``cfg`` asks for; an option of another refiner is refused by its flag. PAR's
     iterations follow the class set (AFA: 15 for COCO, 10 for VOC) unless ``par_iterations`` is given."""
@@ -252,7 +262,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
         labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                           attn_blocks=caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks)),
                           zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
-                          per_pair_backward=cfg.per_pair_backward, refiner=refiner if pool is None else None,
+                          cam=_cam(cfg), refiner=refiner if pool is None else None,
                           autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
 
         def crf(rgb, result: LabelResult) -> Future:
@@ -301,6 +311,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     if refiner is not None:
         refiner.check()
     tagger_class(cfg.tagger)  # checked with given labels too, before anything is written
+    _cam(cfg)
     if dtype_name not in DTYPES:
         raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)
@@ -335,7 +346,10 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
             "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose,
             "refiner": None if (refiner := _refiner(cfg, class_set)) is None else refiner.settings(),
             # only another choice than CLIP-ES's is recorded: folders of earlier runs stay resumable
-            **({"caa_blocks": cfg.caa_blocks} if cfg.caa_blocks != CAA_BLOCKS else {})}
+            **({"caa_blocks": cfg.caa_blocks} if cfg.caa_blocks != CAA_BLOCKS else {}),
+            # GradCAM made every folder before CAM methods could be chosen: it is the absence of the key,
+            # so that those folders resume; the manifest's options name the method either way
+            **({} if (cam := _cam(cfg)).name == "gradcam" else {"cam": cam.settings()})}
 
 
 def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,
@@ -378,6 +392,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
         clip = load_clip(cfg.model, device=device) if work else None
         if clip is not None:
             caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks))  # selects some of its blocks
+            _cam(cfg).first_block(len(clip.visual.transformer.resblocks))  # --getam-start within the model
         if dist_info.is_main:
             out.open()
     except Exception as e:

@@ -107,18 +107,21 @@ def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False) -> tu
     return x, weights
 
 
-def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8) -> tuple[Tensor, Tensor]:
-    """Run every block but the last; return its input tokens and the summed attention for CAA.
+def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8, stop: int | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Run the blocks before block ``stop`` (None: the last one); return its input tokens and the
+    summed attention for CAA.
 
     The sum covers the head-averaged patch-to-patch attention (CLS row and column dropped) of the
-    blocks among the last ``attn_blocks`` (or the block indices of a range) that precede the final
-    one: ``attn_blocks - 1`` maps for the default.
+    blocks among the last ``attn_blocks`` (or the block indices of a range) that precede block
+    ``stop``: ``attn_blocks - 1`` maps for the default. A CAM method that needs the later blocks
+    with gradients (GETAM) runs them itself from these tokens.
     """
     x = embed(visual, images)
     blocks = visual.transformer.resblocks
     kept = attn_blocks if isinstance(attn_blocks, range) else range(len(blocks) - attn_blocks, len(blocks))
     attn_sum = None
-    for i, block in enumerate(blocks[:-1]):
+    for i, block in enumerate(blocks[:len(blocks) - 1 if stop is None else stop]):
         x, w = block_forward(block, x, need_weights=i in kept)
         if w is not None:
             w = w[:, 1:, 1:].float()

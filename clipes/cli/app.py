@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..caa import CAA_BLOCKS, block_slice
+from ..cams import CAMS
 from ..errors import ClipesError
 from ..model import MODEL_ENV, resolve_device
 from ..refiners import REFINERS
@@ -38,6 +39,12 @@ def _version(value: bool) -> None:
 def _refine(value: str | None) -> str | None:
     if value is not None and value not in (*REFINERS, "none"):
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINERS)} or none")
+    return value
+
+
+def _cam(value: str) -> str:
+    if value not in CAMS:
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CAMS)}")
     return value
 
 
@@ -99,6 +106,13 @@ def label(
     zero_shot_threshold: Annotated[float, typer.Option(
         help="With --tagger global: softmax score (in \\[0, 1]) a class needs to count as present.",
         callback=finite(0, 1))] = 0.1,
+    cam: Annotated[str, typer.Option(
+        help="How the class maps are made: gradcam (CLIP-ES's softmax-GradCAM on the last block) or getam "
+             "(GETAM: every block's attention times its gradient, from --getam-start on; gradients through "
+             "those blocks).", callback=_cam)] = "gradcam",
+    getam_start: Annotated[int | None, typer.Option(
+        help="With --cam getam: the first block summed, 0 (every block) or more \\[default: 6, the authors'].",
+        show_default=False, callback=finite(0))] = None,
     max_side: Annotated[int, typer.Option(
         help="Larger images are scaled down to this longer side for the network (masks keep the "
              f"original size); 0 disables, else at least {MIN_MAX_SIDE}.", callback=max_side_option)] = 1024,
@@ -166,7 +180,7 @@ def label(
                       par_bg_high=par_bg_high, par_bg_low=par_bg_low, par_iterations=par_iterations,
                       caa_blocks=caa_blocks, crf_workers=crf_workers, crf_backend=crf_backend,
                       dataset=dataset,
-                      split=split, split_file=split_file, tagger=tagger)
+                      split=split, split_file=split_file, tagger=tagger, cam=cam, getam_start=getam_start)
     with reported_errors(console):
         summary = label_folder(cfg, console)
     if int(os.environ.get("RANK", "0")) != 0:
