@@ -2,6 +2,7 @@
 
     python benchmarks/dtype_agreement.py                                  # golden images, tiny model
     python benchmarks/dtype_agreement.py --device cuda --model ViT-B-16 --dtype bfloat16
+    python benchmarks/dtype_agreement.py --cam getam --getam-start 0     # another CAM method
 
 Labels every image with the exact fp32 engine and with ``--dtype`` on the same device, and prints
 per image and over all pixels the share of pseudo-mask pixels that agree (the issue's bar is 99%).
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from clipes import Labeler, load_class_set, load_clip
+from clipes.cams import make_cam
 from clipes.run import DTYPES
 
 from _common import GOLDEN, hardware, parser
@@ -28,12 +30,15 @@ def main() -> None:
     ap = parser(__doc__, str(GOLDEN / "tiny-clip-vit-b16-random.pt"), ("bfloat16", "float16"))
     ap.add_argument("--images", type=Path, default=GOLDEN / "images")
     ap.add_argument("--labels", type=Path, default=GOLDEN / "labels.json", help="JSON map: file name -> classes")
+    ap.add_argument("--cam", default="gradcam", help="CAM method (clipes.cams)")
+    ap.add_argument("--getam-start", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
     clip = load_clip(args.model, device=torch.device(args.device))
     voc = load_class_set("voc")
-    exact, low = Labeler(clip, voc), Labeler(clip, voc, autocast=DTYPES[args.dtype])
+    cam = make_cam(args.cam, start=args.getam_start)
+    exact, low = Labeler(clip, voc, cam=cam), Labeler(clip, voc, cam=cam, autocast=DTYPES[args.dtype])
     labels = json.loads(args.labels.read_text())
     rows, same, total = [], 0, 0
     for name in sorted(labels):
@@ -43,7 +48,7 @@ def main() -> None:
         rows.append({"image": name, "agreement": agree / a.mask.size})
         same, total = same + agree, total + a.mask.size
     machine = hardware(args.device)
-    table = Table(title=f"pseudo masks, float32 vs {args.dtype}: {Path(args.model).name}, {machine}")
+    table = Table(title=f"pseudo masks, float32 vs {args.dtype}, {cam.settings()}: {Path(args.model).name}, {machine}")
     table.add_column("image")
     table.add_column("pixels agreeing", justify="right")
     for r in rows:
@@ -52,7 +57,8 @@ def main() -> None:
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "device": args.device, "hardware": machine,
-                                         "dtype": args.dtype, "agreement": same / total, "images": rows},
+                                         "dtype": args.dtype, "cam": cam.settings(), "agreement": same / total,
+                                         "images": rows},
                                         indent=1) + "\n")
 
 

@@ -32,6 +32,7 @@ import yaml
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from .cams import CamMethod
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .errors import ClipesError
 from .evaluate import evaluate, scores
@@ -247,14 +248,15 @@ def embed_images(clip: ClipModel, items: Sequence[tuple[str, Path, list[int]]], 
 
 def validate_templates(clip: ClipModel, class_set: ClassSet, templates: Sequence[str],
                        items: Sequence[tuple[str, Path, list[int]]], gt, *, max_side: int | None, batch_size: int,
-                       workers: int = 0, exif_transpose: bool = True,
+                       workers: int = 0, exif_transpose: bool = True, cam: CamMethod | str = "gradcam",
                        advance: Callable[[int], None] | None = None) -> list[tuple[float, int]]:
-    """Label ``items`` with each template (``clipes.labeler.Labeler``, its defaults) and score the
-    pseudo masks against ``gt`` (``gt.mask(stem)``, as ``clipes eval``): (mIoU, images) per template."""
+    """Label ``items`` with each template (``clipes.labeler.Labeler``, its defaults, the CAM method
+    ``cam``) and score the pseudo masks against ``gt`` (``gt.mask(stem)``, as ``clipes eval``): (mIoU,
+    images) per template."""
     out = []
     num_classes = len(class_set) + 1
     for template in templates:
-        labeler = Labeler(clip, with_template(class_set, template), max_side=max_side)
+        labeler = Labeler(clip, with_template(class_set, template), max_side=max_side, cam=cam)
         hist, count = None, 0
         for batch in _batches(clip, items, max_side, batch_size, workers, exif_transpose):
             good = [s for s in batch if s.prepared is not None]

@@ -11,13 +11,21 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..caa import CAA_BLOCKS, block_slice
-from ..cams import CAMS
 from ..errors import ClipesError
 from ..model import MODEL_ENV, resolve_device
 from ..refiners import REFINERS
 from ..refiners.crf_torch import CRF_BACKENDS
 from ..run import LabelConfig, label_folder
-from .common import MIN_MAX_SIDE, OneLineErrorGroup, batch_size_option, finite, max_side_option, reported_errors
+from .common import (
+    MIN_MAX_SIDE,
+    CamOption,
+    GetamStartOption,
+    OneLineErrorGroup,
+    batch_size_option,
+    finite,
+    max_side_option,
+    reported_errors,
+)
 from .evaluate import eval_command
 from .export import export_command
 from .prompts import app as prompts_app
@@ -39,12 +47,6 @@ def _version(value: bool) -> None:
 def _refine(value: str | None) -> str | None:
     if value is not None and value not in (*REFINERS, "none"):
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINERS)} or none")
-    return value
-
-
-def _cam(value: str) -> str:
-    if value not in CAMS:
-        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CAMS)}")
     return value
 
 
@@ -106,13 +108,8 @@ def label(
     zero_shot_threshold: Annotated[float, typer.Option(
         help="With --tagger global: softmax score (in \\[0, 1]) a class needs to count as present.",
         callback=finite(0, 1))] = 0.1,
-    cam: Annotated[str, typer.Option(
-        help="How the class maps are made: gradcam (CLIP-ES's softmax-GradCAM on the last block) or getam "
-             "(GETAM: every block's attention times its gradient, from --getam-start on; gradients through "
-             "those blocks).", callback=_cam)] = "gradcam",
-    getam_start: Annotated[int | None, typer.Option(
-        help="With --cam getam: the first block summed, 0 (every block) or more \\[default: 6, the authors'].",
-        show_default=False, callback=finite(0))] = None,
+    cam: CamOption = "gradcam",
+    getam_start: GetamStartOption = None,
     max_side: Annotated[int, typer.Option(
         help="Larger images are scaled down to this longer side for the network (masks keep the "
              f"original size); 0 disables, else at least {MIN_MAX_SIDE}.", callback=max_side_option)] = 1024,

@@ -6,12 +6,14 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from ..cams import CAMS
 from ..errors import ClipesError
 from ..jsonfile import read_json
 from ..output import atomic_write
@@ -148,3 +150,19 @@ def run_class_set(run: Path, classes: str | None, default: str) -> ClassSet:
         return class_set_from_dict(saved)
     except ClassSetError as e:
         raise ClassSetError(f"{manifest}: {e}") from None
+
+
+def _cam_name(value: str) -> str:
+    if value not in CAMS:
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CAMS)}")
+    return value
+
+
+# the CAM method of the pseudo masks (clipes.cams), for every command that makes them
+CamOption = Annotated[str, typer.Option(
+    help="How the class maps are made: gradcam (CLIP-ES's softmax-GradCAM on the last block) or getam (GETAM: "
+         "every block's attention times its gradient, from --getam-start on; gradients through those blocks).",
+    callback=_cam_name)]
+GetamStartOption = Annotated[int | None, typer.Option(
+    help="With --cam getam: the first block summed, 0 (every block) or more \\[default: 6, the authors'].",
+    show_default=False, callback=finite(0))]

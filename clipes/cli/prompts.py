@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..cams import make_cam
 from ..datasets import load_split
 from ..errors import ClipesError
 from ..evaluate import open_ground_truth
@@ -36,7 +37,15 @@ from ..prompt_selection import (
 from ..prompts import ClassSet, load_class_set
 from ..run import _lookup, decode_workers
 from ..text import prompt_strings
-from .common import MIN_MAX_SIDE, batch_size_option, max_side_option, reported_errors, write_output
+from .common import (
+    MIN_MAX_SIDE,
+    CamOption,
+    GetamStartOption,
+    batch_size_option,
+    max_side_option,
+    reported_errors,
+    write_output,
+)
 
 app = typer.Typer(help="Prompt templates: rank them on your images by sharpness; show the prompts CLIP sees.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -151,6 +160,8 @@ def rank_command(
              "--gt; with --dataset, only when given].", show_default=False, min=0)] = None,
     show: Annotated[int, typer.Option(help="Rows of the printed table (the class set's template is always "
                                            "shown); 0 shows all.", min=0)] = 20,
+    cam: CamOption = "gradcam",
+    getam_start: GetamStartOption = None,
 ) -> None:
     """Rank prompt templates by CLIP-ES's sharpness on your multi-label images (lower is better)."""
     console = Console(stderr=True)
@@ -158,14 +169,16 @@ def rank_command(
         ranked = _rank(console, images=images, labels=labels, classes=classes, templates=templates,
                        imagenet=imagenet, model=model, device=device, batch_size=batch_size, workers=workers,
                        max_side=max_side or None, exif=not ignore_exif and not dataset, dataset=dataset, root=root,
-                       split=split, out=out, write_class_set=write_class_set, gt=gt, validate=validate, show=show)
+                       split=split, out=out, write_class_set=write_class_set, gt=gt, validate=validate, show=show,
+                       cam=cam, getam_start=getam_start)
     console.print(f"best: {escape(repr(ranked[0].template))} (sharpness {ranked[0].sharpness:.6g}) -> "
                   f"{escape(str(out))}" + (f", {escape(str(write_class_set))}" if write_class_set else ""),
                   highlight=False)
 
 
 def _rank(console: Console, *, images, labels, classes, templates, imagenet, model, device, batch_size, workers,
-          max_side, exif, dataset, root, split, out, write_class_set, gt, validate, show) -> list[TemplateScore]:
+          max_side, exif, dataset, root, split, out, write_class_set, gt, validate, show, cam,
+          getam_start) -> list[TemplateScore]:
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
     candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)
     check_not_inputs({"--out": out, "--write-class-set": write_class_set},
@@ -178,6 +191,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
     if validate is not None and inp.gt is None:
         raise ClipesError("--validate needs ground truth: --gt MASKS (label PNGs or a COCO instances JSON)")
     truth = open_ground_truth(inp.gt, inp.class_set) if n_validate else None
+    cam_method = make_cam(cam, start=getam_start)  # the CAM of the validation's pseudo masks
 
     labelled = [(stem, path, lab) for stem, path in inp.items if (lab := _lookup(inp.labels, stem)) is not None]
     multi = [item for item in labelled if len(item[2]) >= 2]
@@ -187,6 +201,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
                           f"labelled image(s) in {inp.root} has two or more ({source})")
     dev = resolve_device(device)
     clip = load_clip(model, device=dev)
+    cam_method.first_block(len(clip.visual.transformer.resblocks))
     size = int(batch_size) if batch_size != "auto" else (32 if dev.type == "cuda" else 4)
     loader_args = {"max_side": max_side, "batch_size": size, "workers": decode_workers(workers, dev),
                    "exif_transpose": exif}
@@ -216,7 +231,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
                 raise ClipesError(f"none of the labelled images in {inp.root} has ground truth in {inp.gt}")
             top = ranked[:n_validate]
             task = progress.add_task("validating", total=len(top) * len(checked))
-            found = validate_templates(clip, inp.class_set, [r.template for r in top], checked, truth,
+            found = validate_templates(clip, inp.class_set, [r.template for r in top], checked, truth, cam=cam_method,
                                        advance=lambda n: progress.advance(task, n), **loader_args)
             for r, (miou, count) in zip(top, found, strict=True):
                 r.miou, r.miou_images = miou, count
