@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 3, 5, 14 and 20 ask for, in one run (about 6 minutes on an H100/H200).
+# The GPU measurements issues 3, 5, 14, 20 and 21 ask for, in one run (about 6 minutes on an H100/H200).
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, in the repo root: wheels and golden data to carry
 #   bash benchmarks/gpu_check.sh run       # on the GPU machine, with carry [".whl", ".golden"]
@@ -61,6 +61,13 @@ run() {
         --json "$out/deeplab_parity_gpu.json"
     python3 benchmarks/train_step.py --model deeplabv2-resnet101 --batch-size 5 --crop 321 --steps 10 --device cuda \
         | tee "$out/train_step_gpu_deeplabv2_msc_fp32.json"
+    # issue 21: GETAM against GradCAM (images/s, peak memory), bf16 and fp32; GETAM's bf16 masks against fp32
+    python3 benchmarks/cam_methods.py --device cuda --dtype bfloat16 --images 256 --batch-size 32 \
+        --json "$out/cam_methods_gpu_bf16.json"
+    python3 benchmarks/cam_methods.py --device cuda --dtype float32 --images 128 --batch-size 32 \
+        --json "$out/cam_methods_gpu_fp32.json"
+    python3 benchmarks/dtype_agreement.py --device cuda --images .golden/images --labels .golden/labels.json \
+        --model ViT-B-16 --cam getam --json "$out/dtype_agreement_gpu_vitb16_getam.json"
 }
 
 case "${1:-}" in
