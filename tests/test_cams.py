@@ -53,7 +53,11 @@ def test_labeler_takes_a_method_by_name_or_object(tiny_clip, voc):
 
 @pytest.mark.parametrize("stop", [0, 3, 6, 11])
 def test_encode_trunk_stops_before_the_block_asked(tiny_clip, stop):
-    """The tokens entering block ``stop``, and the attention of the CAA blocks (the last 8) before it."""
+    """The tokens entering block ``stop``, and the attention of the CAA blocks (the last 8) before it.
+
+    The reference here computes every block's attention explicitly; the trunk may run fused attention
+    where CAA needs no weights, so tokens (magnitude ~3) agree to float32 rounding (1.2e-6 measured).
+    """
     visual = tiny_clip.visual
     batch = torch.randn(2, 3, 48, 64)
     with torch.no_grad():
@@ -62,7 +66,7 @@ def test_encode_trunk_stops_before_the_block_asked(tiny_clip, stop):
         for block in visual.transformer.resblocks[:stop]:
             x, w = block_forward(block, x, need_weights=True)
             maps.append(w[:, 1:, 1:])
-    np.testing.assert_allclose(tokens, x, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(tokens, x, rtol=0, atol=1e-5)
     expected = sum(maps[4:], torch.zeros(2, 12, 12))
     np.testing.assert_allclose(attn, expected, rtol=0, atol=1e-6)
 
