@@ -37,6 +37,7 @@ from clipes.refiners.crf_torch import (
 )
 
 from .conftest import GOLDEN
+from .tolerances import CRF_ORDER_ATOL, assert_labels_agree
 
 IMAGES = sorted(p.stem for p in (GOLDEN / "images").glob("*.png")) if GOLDEN.is_dir() else []
 BAR = 0.995
@@ -100,13 +101,19 @@ def test_many_classes_agree_with_pydensecrf(k, h, w):
 
 
 def test_batch_gives_each_image_its_own_result():
-    """Images of different sizes and class counts in one call: the same as one at a time, bit for bit."""
+    """Images of different sizes and class counts in one call: the same as one at a time, up to the float
+    noise of another summation order, which some CPUs take for a batch (tests/tolerances.py)."""
     items = [_synthetic(3, 20, 30, 1), _synthetic(1, 25, 18, 2), _synthetic(5, 20, 30, 3), _synthetic(2, 7, 9, 4)]
     together = CrfTorchRefiner(0.95).refine(*map(list, zip(*items, strict=True)))
+    masks = []
     for item, res in zip(items, together, strict=True):
         alone = CrfTorchRefiner(0.95).refine([item[0]], [item[1]], [item[2]])[0]
-        torch.testing.assert_close(res.confidence, alone.confidence, rtol=0, atol=0)
-        torch.testing.assert_close(res.mask, alone.mask, rtol=0, atol=0)
+        assert res.mask.shape == alone.mask.shape == item[0].shape[:2]
+        torch.testing.assert_close(res.confidence, alone.confidence, rtol=0, atol=CRF_ORDER_ATOL)
+        masks.append((res.mask.numpy().ravel(), alone.mask.numpy().ravel()))
+    batched, single = (np.concatenate(m) for m in zip(*masks, strict=True))
+    assert_labels_agree(batched, single, what="batched vs one at a time")
+    assert len(np.unique(single)) > 2  # classes and 255 (below the confidence), so the comparison can fail
 
 
 def test_lattice_of_a_batch_filters_each_image_alone():
@@ -116,6 +123,8 @@ def test_lattice_of_a_batch_filters_each_image_alone():
     image = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(70, dtype=torch.long)])
     both = lattice_filter(build_lattice(torch.cat(feats), image), torch.cat(values))
     alone = torch.cat([lattice_filter(build_lattice(f), v) for f, v in zip(feats, values, strict=True)])
+    # exact: the images' lattice points are disjoint and each splat adds its terms in point order, so every
+    # sum has the same terms in the same order (bit-identical on the Intel Xeon and AMD EPYC of issue 18)
     torch.testing.assert_close(both, alone, rtol=0, atol=0)
 
 

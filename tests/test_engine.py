@@ -24,6 +24,7 @@ from clipes.vit import (
 )
 
 from .conftest import make_tiny_openclip
+from .tolerances import assert_labels_agree
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +146,11 @@ def test_label_batch_of_mixed_sizes_equals_one_at_a_time(tiny_clip):
     for img, lab, res in zip(images, labels, batched, strict=False):
         single = labeler.label(img, lab)
         np.testing.assert_array_equal(res.labels, single.labels)
+        # another summation order: the AMD EPYC measured 7.7e-07 (CAMs) and 7.5e-08 (refined), also under
+        # ATEN_CPU_CAPABILITY=avx2; these bounds are 13 times that and held on the Intel Xeon of issue 18
         np.testing.assert_allclose(res.cam, single.cam, atol=1e-5)
         np.testing.assert_allclose(res.cam_refined_lowres, single.cam_refined_lowres, atol=1e-6)
-        np.testing.assert_array_equal(res.mask, single.mask)
+        assert_labels_agree(res.mask, single.mask, what=f"mask of {lab}")
     assert batched[3].mask.shape == (64, 20) and not batched[3].mask.any()
     assert all(r.attention is None for r in batched)  # (n, n) per image: only with keep_attention
 
