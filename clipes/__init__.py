@@ -4,18 +4,29 @@
 >>> labeler = Labeler(load_clip("ViT-B-16/openai"), load_class_set("voc"))  # doctest: +SKIP
 >>> result = labeler.label(image, ["cat"])                                  # doctest: +SKIP
 >>> result.mask, result.cam_refined                                         # doctest: +SKIP
+
+The names below load on first use (PEP 562): ``import clipes`` and the command line's ``--help`` do not
+pay for torch and open_clip until something needs them.
 """
 
-from .caa import box_mask, refine_cams, sinkhorn_affinity
-from .cam import softmax_gradcam
-from .errors import ClipesError
-from .labeler import Labeler, LabelResult
-from .labels import read_labels
-from .masks import mask_to_png, overlay, pseudo_mask
-from .model import ClipModel, ModelLoadError, load_clip
-from .prompts import ClassSet, load_class_set
-from .run import LabelConfig, label_folder
-from .text import TextFeatures, encode_class_set
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "box_mask": "caa", "refine_cams": "caa", "sinkhorn_affinity": "caa",
+    "softmax_gradcam": "cam",
+    "ClipesError": "errors",
+    "Labeler": "labeler", "LabelResult": "labeler",
+    "read_labels": "labels",
+    "mask_to_png": "masks", "overlay": "masks", "pseudo_mask": "masks",
+    "ClipModel": "model", "ModelLoadError": "model", "load_clip": "model",
+    "ClassSet": "prompts", "load_class_set": "prompts",
+    "LabelConfig": "run", "label_folder": "run",
+    "TextFeatures": "text", "encode_class_set": "text",
+}
 
 __all__ = [
     "ClassSet", "ClipModel", "ClipesError", "LabelConfig", "LabelResult", "Labeler", "ModelLoadError",
@@ -23,3 +34,28 @@ __all__ = [
     "mask_to_png", "overlay", "pseudo_mask", "read_labels", "refine_cams", "sinkhorn_affinity",
     "softmax_gradcam",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:
+    from .caa import box_mask, refine_cams, sinkhorn_affinity
+    from .cam import softmax_gradcam
+    from .errors import ClipesError
+    from .labeler import Labeler, LabelResult
+    from .labels import read_labels
+    from .masks import mask_to_png, overlay, pseudo_mask
+    from .model import ClipModel, ModelLoadError, load_clip
+    from .prompts import ClassSet, load_class_set
+    from .run import LabelConfig, label_folder
+    from .text import TextFeatures, encode_class_set

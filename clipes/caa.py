@@ -7,25 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cam import minmax_normalize
+from .defaults import CAA_BLOCKS, block_slice
 from .errors import ClipesError
 
 __all__ = ["CAA_BLOCKS", "box_mask", "caa_blocks", "refine_cams", "sinkhorn_affinity", "upsample"]
-
-CAA_BLOCKS = "-8:"  # CLIP-ES: the attention of the last eight blocks (TagCLIP's label-free VOC run: "-8:-1")
-
-
-def block_slice(spec: str) -> slice:
-    """``START:STOP`` (either may be empty or negative) as a slice; a ``ClipesError`` naming --caa-blocks if not."""
-    parts = str(spec).split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        start, stop = (int(p) if p.strip() else None for p in parts)
-    except ValueError:
-        raise ClipesError(f"--caa-blocks {spec!r}: not a slice START:STOP of the ViT's blocks, such as -8: or "
-                          "-8:-1") from None
-    return slice(start, stop)
-
 
 def caa_blocks(spec: str, depth: int) -> range:
     """The indices of the blocks (of ``depth``) whose attention CAA averages, given as a Python slice

@@ -14,16 +14,15 @@ import open_clip
 import torch
 from torch import nn
 
+from .defaults import DEFAULT_MODEL, MODEL_ENV
 from .errors import ClipesError, brief
 
 __all__ = [
     "DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "cpu_has_fast_bf16", "load_clip", "resolve_device",
 ]
 
-DEFAULT_MODEL = "ViT-B-16/openai"
-MODEL_ENV = "CLIPES_MODEL"
 TRANSFORMERS_ARCH = "transformers-clip"  # ClipModel.arch of a transformers CLIPModel folder or hub id
-_HOW_TO = (f"Pass --model with a local checkpoint (e.g. --model ~/weights/ViT-B-16.pt, an OpenAI or "
+_HOW_TO = (f"Pass {{flag}} with a local checkpoint (e.g. {{flag}} ~/weights/ViT-B-16.pt, an OpenAI or "
            f"open_clip state dict, ARCH:PATH such as ViT-B-16:/path/open_clip_model.safetensors, or a "
            f"transformers CLIP folder), "
            f"or set {MODEL_ENV} to one; or pre-download '{{name}}' into the Hugging Face cache "
@@ -169,7 +168,7 @@ def _cached_pretrained(arch: str, tag: str) -> str | None:
     return None
 
 
-def _create_named(arch: str, tag: str | None) -> nn.Module:
+def _create_named(arch: str, tag: str | None, flag: str = "--model") -> nn.Module:
     """An open_clip architecture, randomly initialised (no tag) or with a pretrained tag's weights."""
     if arch not in open_clip.list_models():
         raise ModelLoadError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
@@ -184,11 +183,12 @@ def _create_named(arch: str, tag: str | None) -> nn.Module:
         return open_clip.create_model(arch, pretrained=cached, force_quick_gelu=bool(cfg.get("quick_gelu", False)))
     if not _hub_reachable():
         raise ModelLoadError(f"weights for {arch}/{tag} are not cached and cannot be downloaded "
-                             "(no network). " + _HOW_TO.format(name=f"{arch}/{tag}"))
+                             "(no network). " + _HOW_TO.format(flag=flag, name=f"{arch}/{tag}"))
     return open_clip.create_model(arch, pretrained=tag)
 
 
-def _from_transformers_hub(repo_id: str) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
+def _from_transformers_hub(repo_id: str, flag: str = "--model"
+                           ) -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
     """A transformers CLIP from the hub: the cached copy when the hub cannot be reached or
     ``HF_HUB_OFFLINE`` is set, else fetched (only the files it needs)."""
     from .transformers_clip import hub_folder, load_folder
@@ -200,7 +200,7 @@ def _from_transformers_hub(repo_id: str) -> tuple[nn.Module, Callable[[list[str]
         where = "in the Hugging Face cache (the hub cannot be reached)" if offline else "on the Hugging Face hub"
         raise ModelLoadError(f"{repo_id!r}: no such folder, no transformers CLIP of that id {where} ({brief(e)}), "
                              f"nor an open_clip name (unknown open_clip architecture {repo_id.partition('/')[0]!r}; "
-                             "see open_clip.list_models()). " + _HOW_TO.format(name=repo_id)) from None
+                             "see open_clip.list_models()). " + _HOW_TO.format(flag=flag, name=repo_id)) from None
     return load_folder(folder)
 
 
@@ -212,14 +212,15 @@ def _tokenizer_for(arch: str) -> Callable[[list[str]], torch.Tensor]:
 
 
 def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> ClipModel:
+              dtype: torch.dtype = torch.float32, flag: str = "--model") -> ClipModel:
     """Load frozen CLIP weights from ``spec``.
 
     ``spec`` is one of: ``ARCH/TAG`` (open_clip name and pretrained tag, e.g. ``ViT-B-16/openai``),
     ``ARCH`` alone (random weights, for tests and benchmarks), ``hf-hub:org/repo``, a path to an
     OpenAI-format or open_clip checkpoint (architecture inferred), ``ARCH:PATH``, or a Hugging Face
     transformers CLIP: a folder of ``CLIPModel.save_pretrained`` or a hub id ``org/repo``.
-    ``None`` reads ``$CLIPES_MODEL`` and falls back to ``ViT-B-16/openai``.
+    ``None`` reads ``$CLIPES_MODEL`` and falls back to ``ViT-B-16/openai``. Errors tell the user to pass
+    ``flag``, the option that gave ``spec``.
     """
     spec = spec or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     path = Path(spec).expanduser()
@@ -235,27 +236,27 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         elif sep and not spec.startswith("hf-hub:") and arch_name in open_clip.list_models():
             ckpt = Path(arch_path).expanduser()
             if not ckpt.is_file():
-                raise ModelLoadError(f"checkpoint file not found: {ckpt}. " + _HOW_TO.format(name=arch_name))
+                raise ModelLoadError(f"checkpoint file not found: {ckpt}. " + _HOW_TO.format(flag=flag, name=arch_name))
             model, arch = open_clip.create_model(arch_name, pretrained=str(ckpt)), arch_name
         elif spec.startswith("hf-hub:"):
             if not _hub_offline() and not _hub_reachable():
                 raise ModelLoadError(f"cannot reach the Hugging Face hub to fetch {spec}; set HF_HUB_OFFLINE=1 "
-                                     "to use a cached copy. " + _HOW_TO.format(name=spec))
+                                     "to use a cached copy. " + _HOW_TO.format(flag=flag, name=spec))
             model, arch = open_clip.create_model(spec), spec
         elif spec.startswith(("/", "./", "~", "..")) or spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            raise ModelLoadError(f"checkpoint file not found: {path}. " + _HOW_TO.format(name=DEFAULT_MODEL))
+            raise ModelLoadError(f"checkpoint file not found: {path}. " + _HOW_TO.format(flag=flag, name=DEFAULT_MODEL))
         else:
             from .transformers_clip import is_hub_id
 
             arch, _, tag = spec.partition("/")
             if tag and arch not in open_clip.list_models() and is_hub_id(spec):
-                (model, tokenizer), arch = _from_transformers_hub(spec), TRANSFORMERS_ARCH
+                (model, tokenizer), arch = _from_transformers_hub(spec, flag), TRANSFORMERS_ARCH
             else:
-                model = _create_named(arch, tag or None)
+                model = _create_named(arch, tag or None, flag)
     except ModelLoadError:
         raise
     except Exception as e:
-        raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + _HOW_TO.format(name=spec)) from e
+        raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + _HOW_TO.format(flag=flag, name=spec)) from e
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
         raise ModelLoadError(f"{spec!r} is not a CLIP ViT (clipes needs a vision transformer)")
     model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import clipes.cli.prompts as cli_prompts
 import clipes.prompt_selection as ps
 import clipes.run as run
 from clipes import Labeler, load_class_set
@@ -33,7 +32,7 @@ FEW = ["a photo of a {}.", "a bad photo of the {}.", "itap of my {}.", "a sketch
 @pytest.fixture()
 def fast_model(monkeypatch, tiny_clip):
     """The session's tiny model instead of loading the checkpoint again in every command."""
-    monkeypatch.setattr(cli_prompts, "load_clip", lambda spec, device: tiny_clip)
+    monkeypatch.setattr("clipes.model.load_clip", lambda spec, device: tiny_clip)  # the command imports it late
     monkeypatch.setattr(run, "load_clip", lambda spec, device: tiny_clip)
     return tiny_clip
 

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from ..caa import CAA_BLOCKS, block_slice
+from ..defaults import CAA_BLOCKS, MODEL_ENV, block_slice
 from ..errors import ClipesError
-from ..model import MODEL_ENV, resolve_device
-from ..refiners import REFINERS
-from ..refiners.crf_torch import CRF_BACKENDS
-from ..run import LabelConfig, label_folder
 from .common import (
     MIN_MAX_SIDE,
     CamOption,
@@ -23,6 +20,7 @@ from .common import (
     OneLineErrorGroup,
     batch_size_option,
     finite,
+    make_console,
     max_side_option,
     reported_errors,
 )
@@ -44,19 +42,36 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# The callbacks import what they check only for a value that needs it: `--help` and usage errors come back
+# before torch loads (about 4 s on a quiet machine, much more under load).
+
 def _refine(value: str | None) -> str | None:
-    if value is not None and value not in (*REFINERS, "none"):
+    if value is None:
+        return value
+    from ..refiners import REFINERS
+
+    if value not in (*REFINERS, "none"):
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINERS)} or none")
     return value
 
 
 def _crf_backend(value: str | None) -> str | None:
-    if value is not None and value not in CRF_BACKENDS:
+    if value is None:
+        return value
+    from ..refiners.crf_torch import CRF_BACKENDS
+
+    if value not in CRF_BACKENDS:
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CRF_BACKENDS)}")
     return value
 
 
 def _device(value: str) -> str:
+    if value in ("auto", "cpu"):
+        return value  # always valid
+    if not re.fullmatch(r"cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r}: choose auto, cpu, cuda or cuda:N")  # resolve_device's words
+    from ..model import resolve_device
+
     try:
         resolve_device(value)
     except ClipesError as e:
@@ -164,7 +179,9 @@ def label(
              "ignored by train-seg; in (0, 1].", callback=finite(0, 1, low_open=True))] = None,
 ) -> None:
     """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
-    console = Console(stderr=True)
+    from ..run import LabelConfig, label_folder
+
+    console = make_console()
     if crf and refine not in (None, "crf"):
         with reported_errors(console):
             raise ClipesError(f"--crf is --refine crf; it cannot go with --refine {refine}")
@@ -205,5 +222,13 @@ app.command("tag")(tag_command)
 app.add_typer(prompts_app, name="prompts")
 
 
+# --help into a pipe or file: wider than rich's 80 columns, so that no default is cut short ("prompt_ranking.js…")
+PLAIN_HELP_WIDTH = 120
+
+
 def main() -> None:
+    if not sys.stdout.isatty() and not os.environ.get("TERMINAL_WIDTH") and not os.environ.get("COLUMNS"):
+        import typer.rich_utils
+
+        typer.rich_utils.MAX_WIDTH = PLAIN_HELP_WIDTH  # read by Typer when it renders help
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,11 +14,21 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ..cams import CAMS
 from ..errors import ClipesError
 from ..jsonfile import read_json
-from ..output import atomic_write
 from ..prompts import ClassSet, ClassSetError, builtin_class_sets, class_set_from_dict, load_class_set
+
+# Output that is not a terminal (a pipe, a file, a CI log) is not cut into lines: rich would wrap it at 80
+# columns, splitting a long path mid-word and folding tables. COLUMNS, when set, still decides.
+UNWRAPPED_WIDTH = 10_000
+
+
+def make_console(stderr: bool = True) -> Console:
+    """The rich console of a command: as wide as the terminal, or unwrapped when output is not a terminal."""
+    console = Console(stderr=stderr)
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(stderr=stderr, width=UNWRAPPED_WIDTH, soft_wrap=True)
 
 
 @contextmanager
@@ -44,7 +55,7 @@ def _one_line_usage_errors() -> Iterator[None]:
             raise
         ctx = getattr(e, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(e.format_message())}{escape(hint)}",
+        make_console().print(f"[bold red]error:[/] {escape(e.format_message())}{escape(hint)}",
                                    highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
 
@@ -122,6 +133,8 @@ def positive_floats(text: str, example: str = "1,2") -> list[float]:
 def write_output(path: Path, data: bytes, flag: str) -> None:
     """Write an output file the user named with ``flag`` atomically, creating its folder; a clear error
     naming the flag for a folder in its place, a file in the way or an unwritable place."""
+    from ..output import atomic_write  # not at the top: clipes.output loads torch, which --help does without
+
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise ClipesError(f"{flag} {path}: {blocking} is a file, not a folder")
@@ -153,6 +166,8 @@ def run_class_set(run: Path, classes: str | None, default: str) -> ClassSet:
 
 
 def _cam_name(value: str) -> str:
+    from ..cams import CAMS  # loads torch: only when the option is given
+
     if value not in CAMS:
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CAMS)}")
     return value

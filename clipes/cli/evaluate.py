@@ -8,19 +8,16 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import torch
 import typer
-from PIL import Image
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 from rich.table import Table
 
 from ..errors import ClipesError
-from ..evaluate import bar_chart, evaluate, open_ground_truth, read_label_png
-from ..masks import pseudo_mask, threshold_mask
-from ..output import check_not_inputs, encode_image, named_file
-from .common import positive_floats, reported_errors, run_class_set, write_output
+from .common import make_console, positive_floats, reported_errors, run_class_set, write_output
+
+# clipes.evaluate, clipes.masks and clipes.output load torch: imported where used, so that --help and usage
+# errors come back at once
 
 
 class _Masks:
@@ -33,26 +30,34 @@ class _Masks:
         return str(self.folder / f"{stem}.png")
 
     def __call__(self, stem: str) -> np.ndarray | None:
+        from ..evaluate import read_label_png
+
         path = self.folder / f"{stem}.png"
         return read_label_png(path) if path.is_file() else None
 
 
-# the two ways the reference scores background from saved CAMs (eval_cam.py): a power of 1 - max, or a constant
-_BACKGROUND = {"power": ("background power", pseudo_mask), "threshold": ("background threshold", threshold_mask)}
+# the two ways the reference scores background from saved CAMs (eval_cam.py): a power of 1 - max, or a constant;
+# each a function of clipes.masks
+_BACKGROUND = {"power": ("background power", "pseudo_mask"), "threshold": ("background threshold", "threshold_mask")}
 
 
 class _Cams(_Masks):
     """Masks made from a run's saved CAMs (``cams/<stem>.npz``): background power or threshold ``value``."""
 
     def __init__(self, folder: Path, mode: str, value: float) -> None:
+        from .. import masks
+
         super().__init__(folder)
-        self.name, self.make = _BACKGROUND[mode]
+        self.name, make = _BACKGROUND[mode]
+        self.make = getattr(masks, make)
         self.value = value
 
     def where(self, stem: str) -> str:
         return f"{self.folder / f'{stem}.npz'} ({self.name} {self.value:g})"
 
     def __call__(self, stem: str) -> np.ndarray | None:
+        import torch
+
         path = self.folder / f"{stem}.npz"
         if not path.is_file():
             return None
@@ -119,7 +124,13 @@ def eval_command(
              "reference's other mode searches 0.05,0.1,...,0.6).", callback=_thresholds)] = None,
 ) -> None:
     """Score masks against ground truth: per-class IoU, mIoU, pixel accuracy, precision and recall."""
-    console = Console(stderr=True)
+    from PIL import Image
+    from rich.progress import Progress
+
+    from ..evaluate import bar_chart, evaluate, open_ground_truth
+    from ..output import check_not_inputs, encode_image, named_file
+
+    console = make_console()
     with reported_errors(console):
         if not pred.is_dir():
             raise ClipesError(f"{pred} is not a folder of predictions")

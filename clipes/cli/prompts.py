@@ -6,7 +6,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,38 +14,22 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..cams import make_cam
-from ..datasets import load_split
+from ..defaults import MODEL_ENV
 from ..errors import ClipesError
-from ..evaluate import open_ground_truth
-from ..images import find_images
-from ..labels import read_labels
-from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import check_not_inputs, check_writable, named_file
-from ..prompt_selection import (
-    TemplateScore,
-    candidate_templates,
-    class_set_yaml,
-    embed_images,
-    label_matrix,
-    rank,
-    read_templates,
-    score_templates,
-    validate_templates,
-    with_template,
-)
-from ..prompts import ClassSet, load_class_set
-from ..run import _lookup, decode_workers
-from ..text import prompt_strings
+from ..prompts import ClassSet
 from .common import (
     MIN_MAX_SIDE,
     CamOption,
     GetamStartOption,
     batch_size_option,
+    make_console,
     max_side_option,
     reported_errors,
     write_output,
 )
+
+if TYPE_CHECKING:  # the commands import the rest when they run: --help comes back before torch loads
+    from ..prompt_selection import TemplateScore
 
 app = typer.Typer(help="Prompt templates: rank them on your images by sharpness; show the prompts CLIP sees.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -64,6 +48,11 @@ class _Inputs:
 
 def _inputs(images: Path | None, root: Path | None, dataset: str | None, split: str, classes: str,
             labels: Path | None, gt: Path | None) -> _Inputs:
+    from ..datasets import load_split
+    from ..images import find_images
+    from ..labels import read_labels
+    from ..prompts import load_class_set
+
     if dataset:
         folder = root or images
         if folder is None:
@@ -83,6 +72,8 @@ def _inputs(images: Path | None, root: Path | None, dataset: str | None, split: 
 
 
 def _check_output(path: Path, flag: str, suffixes: tuple[str, ...]) -> None:
+    from ..output import check_writable
+
     if path.suffix.lower() not in suffixes:
         raise ClipesError(f"{flag} {path}: the file name must end in {' or '.join(suffixes)}")
     if path.is_dir():
@@ -164,7 +155,7 @@ def rank_command(
     getam_start: GetamStartOption = None,
 ) -> None:
     """Rank prompt templates by CLIP-ES's sharpness on your multi-label images (lower is better)."""
-    console = Console(stderr=True)
+    console = make_console()
     with reported_errors(console):
         ranked = _rank(console, images=images, labels=labels, classes=classes, templates=templates,
                        imagenet=imagenet, model=model, device=device, batch_size=batch_size, workers=workers,
@@ -179,6 +170,23 @@ def rank_command(
 def _rank(console: Console, *, images, labels, classes, templates, imagenet, model, device, batch_size, workers,
           max_side, exif, dataset, root, split, out, write_class_set, gt, validate, show, cam,
           getam_start) -> list[TemplateScore]:
+    from ..cams import make_cam
+    from ..evaluate import open_ground_truth
+    from ..model import load_clip, resolve_device
+    from ..output import check_not_inputs, named_file
+    from ..prompt_selection import (
+        candidate_templates,
+        class_set_yaml,
+        embed_images,
+        label_matrix,
+        rank,
+        read_templates,
+        score_templates,
+        validate_templates,
+        with_template,
+    )
+    from ..run import _lookup, decode_workers
+
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
     candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)
     check_not_inputs({"--out": out, "--write-class-set": write_class_set},
@@ -267,7 +275,11 @@ def show_command(
         help="Show the prompts with these templates (one per line) instead of the class set's.")] = None,
 ) -> None:
     """Print the exact prompt strings the text encoder sees, one per line: 'class<TAB>prompt'."""
-    console = Console(stderr=True)
+    from ..prompt_selection import read_templates
+    from ..prompts import load_class_set
+    from ..text import prompt_strings
+
+    console = make_console()
     with reported_errors(console):
         class_set = load_class_set(classes)
         if templates is not None:

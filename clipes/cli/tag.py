@@ -6,26 +6,23 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..datasets import load_split
+from ..defaults import MODEL_ENV
 from ..errors import ClipesError
-from ..images import find_images
-from ..labels import read_labels
-from ..model import MODEL_ENV, load_clip, resolve_device
-from ..output import check_not_inputs, check_writable, named_file
-from ..prompts import ClassSet, load_class_set
-from ..tagging import TAGGERS, make_tagger, tagger_settings
-from ..tagging.folder import TagRun, labels_file_bytes, tag_images
-from ..tagging.metrics import TagMetrics, tag_metrics
-from .common import MIN_MAX_SIDE, max_side_option, reported_errors, write_output
+from .common import MIN_MAX_SIDE, finite, make_console, max_side_option, reported_errors, write_output
+
+if TYPE_CHECKING:  # the command imports them when it runs: --help comes back before torch loads
+    import torch
+
+    from ..prompts import ClassSet
+    from ..tagging.folder import TagRun
+    from ..tagging.metrics import TagMetrics
 
 __all__ = ["tag_command"]
 
@@ -33,6 +30,10 @@ __all__ = ["tag_command"]
 def _inputs(images: Path | None, classes: str, dataset: str | None, root: Path | None, split: str
             ) -> tuple[Path, list[tuple[str, Path]], ClassSet, dict[str, list[int]] | None]:
     """The input folder, its images (stem, path), the class set and the dataset's labels, if any."""
+    from ..datasets import load_split
+    from ..images import find_images
+    from ..prompts import load_class_set
+
     if dataset is None:
         if root is not None:
             raise ClipesError("--root goes with --dataset voc|coco")
@@ -51,6 +52,8 @@ def _inputs(images: Path | None, classes: str, dataset: str | None, root: Path |
 
 def _truth(tagged: TagRun, gt: dict[str, list[int]], num_classes: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(n, C) scores and 0/1 truth of the tagged images that have ground truth, and how many have none."""
+    import torch
+
     stems = [s for s in sorted(tagged.tagged) if s in gt or s.rsplit("/", 1)[-1] in gt]
     if not stems:
         raise ClipesError("no tagged image has an entry in the ground truth (matched by file stem)")
@@ -83,7 +86,13 @@ def tag_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Labels file to write (JSON), readable by "
                                                            "'clipes label --labels'.")] = Path("tags.json"),
     classes: Annotated[str, typer.Option(help="Class set: voc, coco, or a YAML / text file.")] = "voc",
-    tagger: Annotated[str, typer.Option(help=f"Tagging method: {', '.join(TAGGERS)}.")] = "tagclip",
+    tagger: Annotated[str, typer.Option(
+        help="Tagging method: tagclip (TagCLIP) or global (CLIP's CLS embedding against every class and background "
+             "prompt).")] = "tagclip",
+    zero_shot_threshold: Annotated[float | None, typer.Option(
+        help="With --tagger global: the softmax score (in \\[0, 1]) a class needs to count as present; an image "
+             "with no class above it keeps its best one \\[default: 0.1].", show_default=False,
+        callback=finite(0, 1))] = None,
     gt: Annotated[Path | None, typer.Option(
         help="Ground-truth image-level labels (any format --labels reads) to score the tags against.")] = None,
     dataset: Annotated[str | None, typer.Option(
@@ -108,10 +117,23 @@ def tag_command(
         "--ignore-exif", help="Use the stored pixel order instead of the EXIF orientation.")] = False,
 ) -> None:
     """Tag images with the classes they show (TagCLIP, no labels needed) and write a labels file."""
-    console = Console(stderr=True)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..labels import read_labels
+    from ..model import load_clip, resolve_device
+    from ..output import check_not_inputs, check_writable, named_file
+    from ..tagging import make_tagger, tagger_settings
+    from ..tagging.folder import labels_file_bytes, tag_images
+    from ..tagging.metrics import tag_metrics
+
+    console = make_console()
     with reported_errors(console):
+        if zero_shot_threshold is not None and tagger != "global":
+            raise ClipesError(f"--zero-shot-threshold goes with --tagger global; {tagger} sets its own threshold "
+                              "per image")
+        threshold = 0.1 if zero_shot_threshold is None else zero_shot_threshold
         folder, items, class_set, truth = _inputs(images, classes, dataset, root, split)
-        tagger_settings(tagger, class_set)
+        tagger_settings(tagger, class_set, threshold)
         if gt is not None:
             if truth is not None:
                 raise ClipesError(f"--dataset {dataset} brings its own ground truth; drop --gt")
@@ -125,7 +147,7 @@ def tag_command(
         check_writable(out.parent)  # before minutes of tagging, not after
         dev = resolve_device(device)
         clip = load_clip(model, device=dev)
-        method = make_tagger(tagger, clip, class_set)
+        method = make_tagger(tagger, clip, class_set, threshold)
         start = time.perf_counter()
         with Progress(TextColumn("[bold]tagging"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console) as progress:
@@ -150,10 +172,10 @@ def tag_command(
     with reported_errors(console):
         scores, onehot, without = _truth(run, truth, len(class_set))
         metrics = tag_metrics(scores, onehot, class_set.classes)
-        report = {"tagger": tagger_settings(tagger, class_set), "classes": class_set.name, "labels": str(out),
-                  "images_without_ground_truth": without, **metrics.to_dict()}
+        report = {"tagger": tagger_settings(tagger, class_set, threshold), "classes": class_set.name,
+                  "labels": str(out), "images_without_ground_truth": without, **metrics.to_dict()}
         write_output(metrics_path, (json.dumps(report, indent=1) + "\n").encode(), "--metrics")
-    _report(Console(), metrics, f"{tagger} on {metrics.images} image(s)")
+    _report(make_console(stderr=False), metrics, f"{tagger} on {metrics.images} image(s)")
     if without:
         console.print(f"[yellow]{without} tagged image(s) have no ground truth[/] (not scored)", highlight=False)
     console.print(f"mAP {100 * metrics.mean_ap:.2f}, F1 {100 * metrics.f1:.2f} -> {escape(str(metrics_path))}",

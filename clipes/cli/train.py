@@ -8,12 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 
-from ..model import resolve_device
-from .common import positive_floats, reported_errors
+from ..defaults import DEFAULT_MODEL, MODEL_ENV
+from .common import make_console, positive_floats, reported_errors
 
 # Help texts are rich markup: a literal "[...]" is written "\\[...]" or rich drops it as a style tag.
 # Flags take metavar="" so that help shows "--resume", not "--resume <bool>".
@@ -40,8 +38,10 @@ def train_seg_command(
         help="clip-linear, clip-segmenter, clip-setr-naive, clip-setr-pup, clip-setr-mla, deeplabv2-resnet101 "
              "(deeplab-pytorch's MSC model), deeplabv2-resnet101-torchvision, deeplabv3-resnet50, deeplabv3-resnet101 "
              "or tiny \\[clip-linear].")] = None,
-    clip_model: Annotated[str | None, typer.Option(help="CLIP weights for clip-* models (as clipes label --model).")
-                          ] = None,
+    clip_model: Annotated[str | None, typer.Option(
+        help=f"CLIP weights of the clip-* models, as clipes label --model: open_clip ARCH/TAG, hf-hub:ID, a checkpoint "
+             f"path, ARCH:PATH, or a transformers CLIP folder or hub ID \\[default: ${MODEL_ENV}, else "
+             f"{DEFAULT_MODEL}].")] = None,
     finetune: Annotated[bool | None, typer.Option(
         "--finetune/--freeze", metavar="",
         help="Train the backbone too, or freeze it \\[preset: DeepLab trains it, the CLIP encoder is frozen].")
@@ -78,7 +78,7 @@ def train_seg_command(
     """Train a segmenter on pseudo masks with the confidence-guided loss."""
     from ..segment.train import load_config, train
 
-    console = Console(stderr=True)
+    console = make_console()
     overrides = dict(out=out, images=images, masks=masks, val_images=val_images, val_masks=val_masks,
                      confidence=confidence, dataset=dataset, root=root, split=split, val_split=val_split,
                      classes=classes, model=model, clip_model=clip_model,
@@ -115,9 +115,12 @@ def segment_command(
     )] = False,
 ) -> None:
     """Predict segmentation masks (VOC palette PNGs) with a trained segmenter."""
+    from rich.progress import Progress
+
+    from ..model import resolve_device
     from ..segment.infer import segment_folder
 
-    console = Console(stderr=True)
+    console = make_console()
     with reported_errors(console):
         dev = resolve_device(device)
         with Progress(console=console) as progress:

@@ -6,13 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
-from ..evaluate import open_ground_truth
-from ..output import check_not_inputs
-from ..view import build_view
-from .common import finite, reported_errors, run_class_set
+from .common import finite, make_console, reported_errors, run_class_set
 
 
 def view_command(
@@ -23,7 +19,11 @@ def view_command(
                                               callback=finite(1), show_default=False)] = None,
 ) -> None:
     """Write OUT/view/index.html: photo, pseudo mask, CAMs per class and, with --gt, IoU per image."""
-    console = Console(stderr=True)
+    from ..evaluate import open_ground_truth
+    from ..output import check_not_inputs
+    from ..view import build_view
+
+    console = make_console()
     with reported_errors(console):
         check_not_inputs({"the page folder": out / "view"}, {"--gt": gt, "OUT's masks": out / "masks"})
         truth = None

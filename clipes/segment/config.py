@@ -95,7 +95,9 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """A checked copy with the preset filled in where a field is None."""
         if self.model not in SEGMENTERS:
-            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(SEGMENTERS)}")
+            hint = (" (CLIP weights for the clip-* models go to --clip-model)"
+                    if any(c in self.model for c in "/:.") else "")
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(SEGMENTERS)}{hint}")
         preset = PRESETS[SEGMENTERS[self.model].preset]
         cfg = TrainConfig(**{f.name: preset.get(f.name) if getattr(self, f.name) is None and f.name in preset
                              else getattr(self, f.name) for f in fields(self)})

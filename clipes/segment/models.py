@@ -224,7 +224,7 @@ def clip_visual(clip_model: str | None, clip_vision: dict | None = None) -> nn.M
         return rebuild_vision(clip_vision)
     from ..model import load_clip
 
-    return load_clip(clip_model).model.visual
+    return load_clip(clip_model, flag="--clip-model").model.visual
 
 
 def _clip(head: str):

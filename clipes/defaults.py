@@ -1,0 +1,21 @@
+"""Defaults the command line names before torch and open_clip load (the CLIP model and the variable that
+overrides it, CAA's blocks) and the parser of --caa-blocks, in a module without heavy imports."""
+
+from .errors import ClipesError
+
+DEFAULT_MODEL = "ViT-B-16/openai"
+MODEL_ENV = "CLIPES_MODEL"
+CAA_BLOCKS = "-8:"  # CLIP-ES: the attention of the last eight blocks (TagCLIP's label-free VOC run: "-8:-1")
+
+
+def block_slice(spec: str) -> slice:
+    """``START:STOP`` (either may be empty or negative) as a slice; a ``ClipesError`` naming --caa-blocks if not."""
+    parts = str(spec).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise ClipesError(f"--caa-blocks {spec!r}: not a slice START:STOP of the ViT's blocks, such as -8: or "
+                          "-8:-1") from None
+    return slice(start, stop)
