@@ -48,25 +48,34 @@ th, td {{ border-bottom: 1px solid #ddd; padding: 6px; vertical-align: top; text
 th {{ cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }}
 th.sorted::after {{ content: " \\25B4"; }} th.sorted.desc::after {{ content: " \\25BE"; }}
 img {{ display: block; max-width: 320px; }} .cams {{ display: flex; gap: 4px; flex-wrap: wrap; }}
-.cams figure {{ margin: 0; }} figcaption {{ font-size: 12px; }}
-.swatch {{ display: inline-block; width: 10px; height: 10px; margin-right: 3px; }}
+.cams figure {{ margin: 0; }} figcaption, .note {{ font-size: 12px; color: #555; }}
+.swatch {{ display: inline-block; width: 10px; height: 10px; margin-right: 3px; border: 1px solid #999; }}
+.legend span {{ margin-right: 1em; white-space: nowrap; }}
 </style></head><body>
 <h1>{title}</h1><p>{summary}</p>
+<p class="legend">Mask colours: {legend}</p>
+<p class="note">Click a column's header to sort by it (ascending), again for descending: photo by its size, pseudo
+mask and ground truth by their share of foreground pixels, CAMs by their number. Rows without a value (an image
+without ground truth) stay last either way.</p>
 <table id="runs"><thead><tr>
 <th data-type="text">image</th><th data-type="num">IoU</th><th data-type="text">labels</th>
-<th data-type="text">source</th><th>photo</th><th>pseudo mask</th><th>CAMs (refined)</th>
+<th data-type="text">source</th><th data-type="num">photo</th><th data-type="num">pseudo mask</th>{gt_header}
+<th data-type="num">CAMs (refined)</th>
 </tr></thead><tbody>
 {rows}
 </tbody></table>
 <script>
 const table = document.getElementById("runs");
-table.querySelectorAll("th[data-type]").forEach((th, col) => th.addEventListener("click", () => {{
-  const body = table.tBodies[0], rows = Array.from(body.rows);
+table.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {{
+  const body = table.tBodies[0], rows = Array.from(body.rows), num = th.dataset.type === "num";
   const desc = th.classList.contains("sorted") && !th.classList.contains("desc");
-  const key = r => th.dataset.type === "num" ? parseFloat(r.cells[col].dataset.v) : r.cells[col].innerText;
-  rows.sort((a, b) => {{ const x = key(a), y = key(b);
-    const c = th.dataset.type === "num" ? ((isNaN(x) ? 1e9 : x) - (isNaN(y) ? 1e9 : y)) : x.localeCompare(y);
-    return desc ? -c : c; }});
+  const key = r => num ? parseFloat(r.cells[col].dataset.v) : r.cells[col].innerText;
+  rows.sort((a, b) => {{
+    const x = key(a), y = key(b);
+    if (num && (isNaN(x) || isNaN(y))) return isNaN(x) - isNaN(y);  // no value: last in both directions
+    const c = num ? x - y : x.localeCompare(y);
+    return desc ? -c : c;
+  }});
   table.querySelectorAll("th").forEach(h => h.classList.remove("sorted", "desc"));
   th.classList.add("sorted"); if (desc) th.classList.add("desc");
   rows.forEach(r => body.appendChild(r));
@@ -74,6 +83,28 @@ table.querySelectorAll("th[data-type]").forEach((th, col) => th.addEventListener
 {initial_sort}
 </script></body></html>
 """
+
+# what the mask value 255 means in a clipes run (and in VOC ground truth)
+_IGNORED = "255: ignored (a pixel refiner's uncertain pixels; void in ground truth), not scored by clipes eval"
+
+
+def _swatch(colour) -> str:
+    return f'<span class="swatch" style="background: rgb{tuple(int(x) for x in colour)}"></span>'
+
+
+def _foreground(mask: np.ndarray) -> tuple[float, str]:
+    """The share of foreground pixels (not 0, not 255) in percent, and a caption with the ignored share."""
+    fg = 100 * float(((mask != 0) & (mask != 255)).mean())
+    ignored = 100 * float((mask == 255).mean())
+    return fg, f"foreground {fg:.1f}%" + (f", 255 {ignored:.1f}%" if ignored else "")
+
+
+def _value_name(value: int, names: list[str]) -> str:
+    if value == 0:
+        return "0: background"
+    if value == 255:
+        return _IGNORED
+    return f"{value}: {names[value - 1]}" if value - 1 < len(names) else str(value)
 
 
 def _palette_mask(mask: np.ndarray) -> Image.Image:
@@ -102,7 +133,7 @@ def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -
     names = [str(n) for n in classes.get("classes", [])] if isinstance(classes.get("classes"), list) else []
     palette = voc_palette()
     view = run / "view"
-    rows, ious, no_photo = [], [], 0
+    rows, ious, no_photo, pooled, used = [], [], 0, None, set()
     stems = sorted(records)[:limit]
     with Progress(transient=True) as progress:
         for stem in progress.track(stems, description="building view"):
@@ -123,22 +154,39 @@ def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -
                 if image is not None and image.shape[:2] != mask.shape:
                     image, note = None, f"photo {image_path} is no longer the labelled one (another size)"
             no_photo += image is None
-            iou = float("nan")
+            iou, truth = float("nan"), None
             if gt is not None and stem in gt:
                 n = len(names) + 1
                 truth = gt.mask(stem)
                 check_pair(mask, truth, n, str(mask_path), gt.where(stem))
-                iou = scores(confusion(mask, truth, n)).miou
+                hist = confusion(mask, truth, n)
+                pooled = hist if pooled is None else pooled + hist
+                iou = scores(hist).miou
                 ious.append(iou)
-            src = {kind: quote(f"{kind}/{stem}.jpg") for kind in ("photo", "mask")}
+            src = {kind: html.escape(quote(f"{kind}/{stem}.jpg")) for kind in ("photo", "mask", "gt")}
+            used.update(int(v) for v in np.unique(mask))
             if image is not None:
                 atomic_write(view / "photo" / f"{stem}.jpg", _thumb(image, thumb))
                 atomic_write(view / "mask" / f"{stem}.jpg", _thumb(overlay(Image.fromarray(image), mask), thumb))
-                photo_html = f'<img src="{html.escape(src["photo"])}" alt="photo">'
+                photo_html = (f'<td data-v="{mask.size}"><img src="{src["photo"]}" alt="photo">'
+                              f'<span class="note">{mask.shape[1]} × {mask.shape[0]}</span></td>')
             else:
                 atomic_write(view / "mask" / f"{stem}.jpg", _thumb(_palette_mask(mask), thumb))
-                photo_html = f"<em>{html.escape(note)}</em>"
-            cams_html = []
+                photo_html = f'<td data-v="NaN"><em>{html.escape(note)}</em></td>'
+            fg, caption = _foreground(mask)
+            mask_html = (f'<td data-v="{fg}"><img src="{src["mask"]}" alt="mask">'
+                         f'<span class="note">{caption}</span></td>')
+            gt_html = ""
+            if gt is not None and truth is None:
+                gt_html = '<td data-v="NaN"><span class="note">no ground truth</span></td>'
+            elif gt is not None:
+                used.update(int(v) for v in np.unique(truth))
+                shown = _palette_mask(truth) if image is None else overlay(Image.fromarray(image), truth)
+                atomic_write(view / "gt" / f"{stem}.jpg", _thumb(shown, thumb))
+                fg, caption = _foreground(truth)
+                gt_html = (f'<td data-v="{fg}"><img src="{src["gt"]}" alt="ground truth">'
+                           f'<span class="note">{caption}</span></td>')
+            cams_html: list[str] = []
             cam_file = run / "cams" / f"{stem}.npz"
             if cam_file.is_file() and image is not None:
                 try:
@@ -159,15 +207,21 @@ def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -
             rows.append(
                 f'<tr><td>{html.escape(stem)}</td><td data-v="{iou}">{"" if np.isnan(iou) else f"{100 * iou:.1f}"}'
                 f"</td><td>{swatches}</td><td>{html.escape(str(rec.get('source', '')))}</td>"
-                f"<td>{photo_html}</td>"
-                f'<td><img src="{html.escape(src["mask"])}" alt="mask"></td>'
-                f'<td><div class="cams">{"".join(cams_html) or "(run with --save-cams)"}</div></td></tr>')
+                f"{photo_html}{mask_html}{gt_html}"
+                f'<td data-v="{len(cams_html) if cam_file.is_file() else "NaN"}"><div class="cams">'
+                f'{"".join(cams_html) or "(run with --save-cams)"}</div></td></tr>')
     summary = f"{len(rows)} image(s) from {html.escape(str(source))}"
     if no_photo:
         summary += f"; {no_photo} shown without their photo (moved, changed, or labelled from another folder)"
-    if ious:
-        summary += f"; mean per-image mIoU {100 * float(np.nanmean(ious)):.1f} (click IoU to sort, worst first)"
-    page = _PAGE.format(title=html.escape(run.name), summary=summary, rows="\n".join(rows),
+    if pooled is not None:
+        summary += (f". On the {len(ious)} image(s) with ground truth: mIoU {100 * scores(pooled).miou:.2f} (pixels "
+                    f"pooled over all of them, as clipes eval computes it); mean per-image mIoU "
+                    f"{100 * float(np.nanmean(ious)):.2f} (the IoU column: each image's mean over the classes in its "
+                    "ground truth, so small images weigh as much as large ones). Sorted by IoU, worst first")
+    legend = " ".join(f"<span>{_swatch(palette[v])}{html.escape(_value_name(v, names))}</span>"
+                      for v in sorted(used | {0}))
+    page = _PAGE.format(title=html.escape(run.name), summary=summary, rows="\n".join(rows), legend=legend,
+                        gt_header='<th data-type="num">ground truth</th>' if gt is not None else "",
                         initial_sort='table.querySelectorAll("th")[1].click();' if ious else "")
     atomic_write(view / "index.html", page.encode())
     return view / "index.html"
