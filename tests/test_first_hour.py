@@ -129,3 +129,66 @@ def test_tag_zero_shot_threshold(tmp_path, golden):
     assert res.exit_code == 2 and "--zero-shot-threshold goes with --tagger global" in res.output
     res = runner.invoke(app, [*args, "--tagger", "global", "--zero-shot-threshold", "1.5"])
     assert res.exit_code == 2 and "1.5 is not in [0, 1]" in res.output and not out.exists()
+
+
+# ---------------------------------------------------------------- what the files record
+
+
+@pytest.mark.parametrize("tagger", ["tagclip", "global"])
+@pytest.mark.parametrize("n_labels", [1, 5, 8])
+def test_labels_json_records_each_label_and_five_other_classes(voc, tagger, n_labels):
+    """labels.json's scores: the image's labels and the best five other classes, also with many labels
+    (TagCLIP recorded no other class once an image had five labels; the global tagger dropped labels)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from clipes.tagging import TAGGERS
+
+    scores = torch.linspace(0.05, 0.95, len(voc)).flip(0)  # class 0 best
+    labels = list(range(n_labels))
+    recorded = TAGGERS[tagger].record(SimpleNamespace(class_set=voc), scores, labels)
+    names = list(recorded)
+    assert names[:n_labels] == [voc.classes[i] for i in labels]
+    assert names[n_labels:] == [voc.classes[i] for i in range(n_labels, n_labels + 5)]
+    assert recorded[voc.classes[0]] == pytest.approx(0.95, abs=1e-6)
+
+
+def test_train_seg_names_the_checkpoint_to_segment_with(tmp_path):
+    from .synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "data", n_train=8, n_val=2, size=32)
+    base = ["train-seg", "--images", str(data / "images"), "--masks", str(data / "noisy"), "--classes",
+            str(data / "classes.txt"), "--model", "tiny", "--steps", "2", "--batch-size", "2", "--crop", "32",
+            "--workers", "0", "--device", "cpu"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "plain")])
+    assert res.exit_code == 0, res.output
+    assert f"no validation set -> {tmp_path / 'plain' / 'last.pt'}" in res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["checkpoint"] == str(tmp_path / "plain" / "last.pt")
+    assert not (tmp_path / "plain" / "best.pt").exists()
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "val"), "--val-images", str(data / "val_images"),
+                              "--val-masks", str(data / "val_masks")])
+    assert res.exit_code == 0, res.output
+    assert f" -> {tmp_path / 'val' / 'best.pt'}" in res.output and (tmp_path / "val" / "best.pt").is_file()
+
+
+def test_eval_counts_predictions_without_ground_truth(tmp_path):
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir(), gt.mkdir()
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:4] = 15
+    for stem in ("a", "b", "c"):
+        Image.fromarray(mask).save(pred / f"{stem}.png")
+    Image.fromarray(mask).save(gt / "a.png")
+    res = runner.invoke(app, ["eval", str(pred), str(gt), "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert "2 prediction(s) have no ground truth (not scored): b, c" in " ".join(res.output.split())
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["images"] == 1 and report["without_ground_truth"] == ["b", "c"]
+
+
+def test_label_help_says_what_happens():
+    res = runner.invoke(app, ["label", "--help"], env={"COLUMNS": "1000"})
+    said = " ".join(res.output.replace("│", " ").split())
+    assert "crf (the reference's dense CRF; see --crf-backend)" in said and "on the CPU)" not in said
+    assert "inferred by --tagger (TagCLIP by default)" in said and "zero-shot." not in said

@@ -104,7 +104,7 @@ def label(
     classes: Annotated[str, typer.Option(help="Class set: voc, coco, or a YAML / text file.")] = "voc",
     labels: Annotated[Path | None, typer.Option(
         help="Image-level labels: JSON map, 'stem class ...' text, VOC Annotations/ folder or COCO "
-             "instances JSON. Without it, labels are inferred zero-shot.")] = None,
+             "instances JSON. Without it, labels are inferred by --tagger (TagCLIP by default).")] = None,
     model: Annotated[str | None, typer.Option(
         envvar=MODEL_ENV, help="open_clip ARCH/TAG, hf-hub:ID, a checkpoint path, ARCH:PATH, or a "
                                "transformers CLIP folder or hub ID (org/name) \\[default: ViT-B-16/openai].")] = None,
@@ -143,7 +143,7 @@ def label(
     crf: Annotated[bool, typer.Option("--crf", help="Refine masks with the reference's dense CRF "
                                                    "(pip install 'clipes\\[crf]'); the same as --refine crf.")] = False,
     refine: Annotated[str | None, typer.Option(
-        help="Pixel refiner of the masks: crf (the reference's dense CRF, on the CPU), par (AFA's PAR, on "
+        help="Pixel refiner of the masks: crf (the reference's dense CRF; see --crf-backend), par (AFA's PAR, on "
              "--device; 255 between its two background thresholds) or none \\[default: none].",
         show_default=False, callback=_refine)] = None,
     par_bg_high: Annotated[float | None, typer.Option(

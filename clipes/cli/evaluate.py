@@ -168,6 +168,11 @@ def eval_command(
                 ev = evaluate(reader, truth, stems, len(names), progress, reader.where)
         if not ev.per_image:
             raise ClipesError(f"no prediction in {pred} matches a ground-truth image in {gt}")
+        folder = reader.folder
+        suffix = ".npz" if search else ".png"
+        scored = set(stems)
+        unscored = sorted(stem for f in folder.rglob(f"*{suffix}")
+                          if (stem := f.relative_to(folder).with_suffix("").as_posix()) not in scored)
 
     symbol = "t" if mode == "power" else "threshold"
     if search:
@@ -182,7 +187,11 @@ def eval_command(
     if ev.missing:
         console.print(f"[yellow]{len(ev.missing)} ground-truth image(s) have no prediction[/] (not scored): "
                       + escape(", ".join(ev.missing[:5])) + (" ..." if len(ev.missing) > 5 else ""))
+    if unscored:
+        console.print(f"[yellow]{len(unscored)} prediction(s) have no ground truth[/] (not scored): "
+                      + escape(", ".join(unscored[:5])) + (" ..." if len(unscored) > 5 else ""))
     report = {**ev.scores.to_dict(names), "images": len(ev.per_image), "missing": ev.missing,
+              "without_ground_truth": unscored,
               "per_image_miou": ev.per_image, "prediction": str(pred), "ground_truth": str(gt)}
     if search:
         report[f"bg_{mode}_search"] = {f"{t:g}": r.scores.miou for t, r in results.items()}

@@ -453,5 +453,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             progress.update(task, advance=1)
     if info.world > 1:
         dist.barrier()
+    # the checkpoint to segment with: the best by validation mIoU, else (no validation set) the last
+    checkpoint = out / "best.pt" if best > float("-inf") else last
     return {"step": step, "loss": loss_value, "best_miou": best if best > float("-inf") else None,
-            "history": history}
+            "checkpoint": str(checkpoint), "history": history}

@@ -19,6 +19,10 @@ from ..prompts import ClassSet
 __all__ = ["Tagger", "TaggerError", "Tags"]
 
 
+# the other classes labels.json records beside an image's labels, best first
+RECORDED_OTHERS = 5
+
+
 class TaggerError(ClipesError):
     """A tagger cannot be used as asked (unknown name, unsuitable class set or image)."""
 
@@ -70,6 +74,9 @@ class Tagger(ABC):
         CLIP-ES way by the caller; a method that can use them saves a forward pass."""
 
     def record(self, scores: Tensor, labels: list[int]) -> dict[str, float]:
-        """The scores ``labels.json`` keeps for one image: the five best classes."""
-        top = scores.topk(min(5, scores.numel()))
-        return {self.class_set.classes[int(i)]: round(float(v), 6) for v, i in zip(*top, strict=False)}
+        """The scores ``labels.json`` keeps for one image: each label's, then the best ``RECORDED_OTHERS``
+        other classes' (however many labels the image has), best first."""
+        chosen = set(labels)
+        order = [int(i) for i in scores.argsort(descending=True, stable=True)]
+        keep = [i for i in order if i in chosen] + [i for i in order if i not in chosen][:RECORDED_OTHERS]
+        return {self.class_set.classes[i]: round(float(scores[i]), 6) for i in keep}

@@ -347,11 +347,6 @@ class TagCLIP(Tagger):
                     f"of {p} px (each side must be larger than {p} px)")
         return None
 
-    def record(self, scores: Tensor, labels: list[int]) -> dict[str, float]:
-        """The labelled classes and the best others, at least five."""
-        top = scores.topk(min(max(5, len(labels)), scores.numel()))
-        return {self.class_set.classes[int(i)]: round(float(v), 6) for v, i in zip(*top, strict=False)}
-
     @torch.no_grad()
     def tag(self, images: Tensor, trunk: Tensor | None = None) -> Tags:
         out = self.run(images)
