@@ -129,6 +129,7 @@ class DevTools:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory, golden) -> Path:
     """A labelled run of four golden photos (three with ground truth), its CAMs saved, viewed with --gt."""
+    _browser()  # skip before labelling when there is no browser
     tmp = tmp_path_factory.mktemp("view")
     images, gt = tmp / "images", tmp / "gt"
     images.mkdir(), gt.mkdir()
