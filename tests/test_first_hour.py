@@ -19,8 +19,8 @@ from clipes.cli import app
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-COMMANDS = [[], ["label"], ["eval"], ["view"], ["tag"], ["prompts"], ["prompts", "rank"], ["prompts", "show"],
-            ["train-seg"], ["segment"]]
+COMMANDS = [[], ["label"], ["eval"], ["view"], ["export"], ["tag"], ["prompts"], ["prompts", "rank"],
+            ["prompts", "show"], ["train-seg"], ["segment"]]
 
 
 def _clipes(*args: str, cwd: Path) -> subprocess.CompletedProcess:

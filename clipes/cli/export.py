@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .common import reported_errors, run_class_set
+from .common import make_console, reported_errors, run_class_set
 
 _FORMATS = ("coco", "cvat", "hf")  # clipes.export.FORMATS, spelt here so that --help imports nothing heavy
 _IMAGE_MODES = ("none", "link", "copy")
@@ -47,7 +46,7 @@ def export_command(
     """Export a run's pseudo masks for annotation tools (CVAT, Label Studio, FiftyOne) and trainers."""
     from ..export import check_options, check_run_folder, export_run, open_run
 
-    console = Console(stderr=True)
+    console = make_console()
     with reported_errors(console):
         check_options(fmt, images, instances, ignore_category)
         check_run_folder(run)
