@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from clipes.cli import app
+from clipes.segment.models import SEGMENTERS, build_segmenter
 from clipes.segment.train import TrainConfig, cgl_loss, load_checkpoint, load_config, train
 
 from .conftest import GOLDEN
@@ -186,3 +187,32 @@ def test_clip_heads_train_and_segment(synthetic, golden, tmp_path, model):
                               str(tmp_path / "run" / "last.pt"), "--out", str(tmp_path / "pred"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "pred").glob("*.png"))) == 12
+
+
+@pytest.mark.parametrize("model", ["clip-linear", "clip-segmenter"])
+def test_finetuned_clip_heads_train_under_torchrun(synthetic, golden, tmp_path, model):
+    """--finetune under two gloo processes: DDP runs without find_unused_parameters, so a trainable encoder
+    parameter the forward never reads (CLIP's ``proj``) fails or stalls the second step; the timeout turns a
+    stall into a failure."""
+    args = ["train-seg", "--images", str(synthetic / "images"), "--masks", str(synthetic / "noisy"), "--classes",
+            str(synthetic / "classes.txt"), "--model", model, "--finetune", "--clip-model",
+            str(golden / "tiny-clip-vit-b16-random.pt"), "--steps", "3", "--batch-size", "4", "--crop", "64",
+            "--workers", "0", "--device", "cpu", "--val-every", "100", "--out", str(tmp_path / "run")]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "clipes", *args], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("model", [m for m in SEGMENTERS if m.startswith("clip-")])
+def test_finetuned_clip_models_train_only_what_the_forward_reads(golden, model):
+    """Every trainable parameter gets a gradient, so DDP needs no find_unused_parameters; the ViT still trains."""
+    torch.manual_seed(0)
+    net = build_segmenter(model, 3, clip_model=str(golden / "tiny-clip-vit-b16-random.pt"), freeze_backbone=False)
+    out = net.train()(torch.randn(2, 3, 64, 64))
+    (sum(w * o.sum() for w, o in out) if isinstance(out, list) else out.sum()).backward()
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert {n for n, p in net.named_parameters() if p.grad is not None} == trained
+    assert "encoder.visual.transformer.resblocks.0.attn.in_proj_weight" in trained
+    assert "encoder.visual.proj" not in trained

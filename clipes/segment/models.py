@@ -54,14 +54,27 @@ class TinySegmenter(nn.Module):
         return F.interpolate(self.head(self.encoder(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-class ClipDenseEncoder(nn.Module):
-    """Patch features of a CLIP ViT: every block, then ``ln_post``; (B, D, H/p, W/p)."""
+_VIT_INPUT = ("conv1.", "class_embedding", "positional_embedding", "ln_pre.")  # what ``vit.embed`` reads
 
-    def __init__(self, visual: nn.Module, frozen: bool = True) -> None:
+
+class ClipDenseEncoder(nn.Module):
+    """Patch features of a CLIP ViT: every block, then ``ln_post``; (B, D, H/p, W/p).
+
+    Of the ViT, only what the forward reads trains (the first ``depth`` blocks, ``ln_post`` if read): the
+    rest (``proj``, ...) would get no gradient, which DDP without ``find_unused_parameters`` rejects."""
+
+    def __init__(self, visual: nn.Module, frozen: bool = True, depth: int | None = None,
+                 ln_post: bool = True) -> None:
         super().__init__()
         self.visual = visual
         self.frozen = frozen
         self.visual.requires_grad_(not frozen)
+        depth = len(visual.transformer.resblocks) if depth is None else depth
+        blocks = tuple(f"transformer.resblocks.{i}." for i in range(depth))
+        read = _VIT_INPUT + blocks + (("ln_post.",) if ln_post else ())
+        for name, p in visual.named_parameters():
+            if not name.startswith(read):
+                p.requires_grad_(False)
         self.dim = int(visual.ln_post.weight.shape[0])
         self.patch = int(visual.conv1.kernel_size[0])
 

@@ -91,14 +91,12 @@ class ClipBlockEncoder(ClipDenseEncoder):
     what they read), as ``{block: (B, H/p, W/p, D)}``; blocks after the last one chosen are not run."""
 
     def __init__(self, visual: nn.Module, blocks: Sequence[int], frozen: bool = True) -> None:
-        super().__init__(visual, frozen=frozen)
         depth = len(visual.transformer.resblocks)
         if not blocks or not all(0 <= b < depth for b in blocks):
             raise ValueError(f"blocks {tuple(blocks)} are not among the encoder's {depth}")
-        self.blocks = tuple(sorted(set(blocks)))
-        for p in (visual.ln_post.weight, visual.ln_post.bias, getattr(visual, "proj", None)):
-            if p is not None:
-                p.requires_grad_(False)  # unused here; trainable they would stall DDP
+        blocks = tuple(sorted(set(blocks)))
+        super().__init__(visual, frozen=frozen, depth=blocks[-1] + 1, ln_post=False)
+        self.blocks = blocks
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:  # type: ignore[override]
         h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
