@@ -19,6 +19,7 @@ from torch import nn
 from .errors import brief
 from .images import CLIP_MEAN, CLIP_STD
 from .model import ModelLoadError, _read_checkpoint
+from .vit import mlp_ratio
 
 __all__ = ["ACTIVATIONS", "build_open_clip", "hub_folder", "is_hub_id", "load_folder", "model_files",
            "state_from_transformers", "weight_files"]
@@ -208,8 +209,7 @@ def _square(value, what: str, folder: Path) -> int:
 
 
 def _mlp_ratio(cfg) -> float:
-    # open_clip sizes the MLP as int(width * mlp_ratio): half a unit over keeps float rounding off the floor
-    return (cfg.intermediate_size + 0.5) / cfg.hidden_size
+    return mlp_ratio(cfg.hidden_size, cfg.intermediate_size)
 
 
 def build_open_clip(config, folder: Path) -> nn.Module:

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["attention", "block_forward", "cls_embedding", "embed", "encode_trunk", "head_mean_attention",
-           "interpolate_pos_embed", "merge_heads", "project_heads"]
+           "interpolate_pos_embed", "merge_heads", "mlp_ratio", "project_heads"]
+
+
+def mlp_ratio(width: int, mlp_width: int) -> float:
+    """The ``mlp_ratio`` that makes open_clip build an MLP of ``mlp_width`` units on ``width``. open_clip sizes it
+    as ``int(width * mlp_ratio)``, so the plain quotient can floor one short (120 / 88 gives 119); half a unit
+    over cannot."""
+    return (mlp_width + 0.5) / width
 
 
 def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from clipes.cli import app
-from clipes.segment.checkpoint import VERSION
+from clipes.segment.checkpoint import VERSION, rebuild_vision, vision_spec
 from clipes.segment.train import load_checkpoint
 
 from .conftest import lock_held_elsewhere, make_tiny_openclip
@@ -406,3 +406,21 @@ def test_segment_a_tiny_image_at_a_small_scale_is_predicted(data, run, tmp_path,
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "pred" / "dot.png").size == (1, 1)
     assert len(list((tmp_path / "pred").glob("*.png"))) == 9 and _digests(images) == before
+
+
+@pytest.mark.parametrize("width, mlp_width", [(88, 120), (64, 256)])
+def test_a_recorded_vision_layout_rebuilds_exactly(width, mlp_width):
+    """open_clip sizes the MLP as int(width * mlp_ratio): from the ratio 120 / 88 it builds 119 units, so the
+    checkpoint records the MLP width; a spec from before it (ratio only) rebuilds the same."""
+    import open_clip
+
+    cfg = open_clip.CLIPVisionCfg(layers=2, width=width, head_width=width // 2, mlp_ratio=(mlp_width + 0.5) / width,
+                                  patch_size=16, image_size=32)
+    visual = open_clip.model._build_vision_tower(24, cfg)
+    assert visual.transformer.resblocks[0].mlp.c_fc.out_features == mlp_width
+    spec = vision_spec(visual)
+    old = {k: v for k, v in spec.items() if k != "mlp_width"}
+    for recorded in (spec, old):
+        rebuilt = rebuild_vision(recorded)
+        rebuilt.load_state_dict(visual.state_dict())  # the same shapes everywhere
+        assert rebuilt.transformer.resblocks[0].mlp.c_fc.out_features == mlp_width

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ClipesError
 from ..output import atomic_write
+from ..vit import mlp_ratio
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "read_checkpoint", "rebuild_vision", "vision_spec",
            "write_checkpoint"]
@@ -38,19 +39,22 @@ def vision_spec(visual: nn.Module) -> dict[str, Any]:
     heads = int(blocks[0].attn.num_heads)
     patch = int(visual.conv1.kernel_size[0])
     grid = round((visual.positional_embedding.shape[0] - 1) ** 0.5)
+    mlp = int(blocks[0].mlp.c_fc.out_features)  # rebuilt from; mlp_ratio stays for clipes before mlp_width
     return {"width": width, "layers": len(blocks), "head_width": width // heads,
-            "mlp_ratio": blocks[0].mlp.c_fc.out_features / width, "patch_size": patch, "image_size": grid * patch,
+            "mlp_width": mlp, "mlp_ratio": mlp / width, "patch_size": patch, "image_size": grid * patch,
             "output_dim": int(visual.proj.shape[1]) if getattr(visual, "proj", None) is not None else width,
             "quick_gelu": isinstance(blocks[0].mlp.gelu, QuickGELU),
             "layer_scale": not isinstance(blocks[0].ls_1, nn.Identity)}
 
 
 def rebuild_vision(spec: dict[str, Any]) -> nn.Module:
-    """An open_clip ``VisionTransformer`` of the layout ``vision_spec`` recorded (random weights)."""
+    """An open_clip ``VisionTransformer`` of the layout ``vision_spec`` recorded (random weights). Specs before
+    ``mlp_width`` hold its quotient by the width, which rounds back to it exactly."""
     import open_clip
 
+    mlp = spec.get("mlp_width") or round(spec["mlp_ratio"] * spec["width"])
     cfg = open_clip.CLIPVisionCfg(layers=spec["layers"], width=spec["width"], head_width=spec["head_width"],
-                                  mlp_ratio=spec["mlp_ratio"], patch_size=spec["patch_size"],
+                                  mlp_ratio=mlp_ratio(spec["width"], mlp), patch_size=spec["patch_size"],
                                   image_size=spec["image_size"], ls_init_value=1.0 if spec["layer_scale"] else None)
     return open_clip.model._build_vision_tower(spec["output_dim"], cfg, quick_gelu=spec["quick_gelu"])
 
