@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["attention", "block_forward", "cls_embedding", "embed", "encode_trunk", "head_mean_attention",
-           "interpolate_pos_embed", "merge_heads", "mlp_ratio", "project_heads"]
+__all__ = ["add_patch_attention", "attention", "block_forward", "cls_embedding", "embed", "encode_trunk",
+           "head_mean_attention", "interpolate_pos_embed", "merge_heads", "mlp_ratio", "project_heads"]
 
 
 def mlp_ratio(width: int, mlp_width: int) -> float:
@@ -87,28 +87,44 @@ def head_mean_attention(q: Tensor, k: Tensor) -> Tensor:
                       for s in range(0, q.shape[-2], step)], dim=1)
 
 
+def add_patch_attention(q: Tensor, k: Tensor, total: Tensor) -> Tensor:
+    """Add the head-averaged patch-to-patch attention weights (CLS row and column dropped) into
+    ``total`` (B, L - 1, L - 1), fp32, in place; return it.
+
+    What CAA sums over blocks, computed as ``head_mean_attention`` computes it (same chunks of
+    query rows, same values) but added chunk by chunk: no (B, L, L) map per block is ever whole.
+    """
+    step = row_chunk(q, k.shape[-2])
+    for s in range(0, q.shape[-2], step):
+        probs = _attention_probs(q[:, :, s:s + step], k)
+        first = 1 if s == 0 else 0  # the CLS query row
+        total[:, s + first - 1:s + probs.shape[-2] - 1] += probs[:, :, first:, 1:].mean(dim=1)
+    return total
+
+
 def attention(attn: nn.MultiheadAttention, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
     """Multi-head self-attention on (B, L, D); with ``need_weights`` also the head-averaged weights.
 
-    Without weights this is SDPA. With them, the softmax of each chunk of query rows gives both its
-    output rows and its rows of the head average, so no (B, H, L, L) tensor is ever whole.
+    The output is always fused attention (SDPA); the weights, when asked for, are computed apart
+    (``head_mean_attention``): the output never waits on a materialised (B, H, L, L) tensor.
     """
     q, k, v = project_heads(attn, x)
-    if not need_weights:
-        return merge_heads(attn, F.scaled_dot_product_attention(q, k, v)), None
-    k, v = k.contiguous(), v.contiguous()  # once, not per chunk
-    step = row_chunk(q, k.shape[-2])
-    outs, weights = [], []
-    for s in range(0, q.shape[-2], step):
-        probs = _attention_probs(q[:, :, s:s + step], k)
-        outs.append(probs.to(v.dtype) @ v)
-        weights.append(probs.mean(dim=1))
-    return merge_heads(attn, torch.cat(outs, dim=2)), torch.cat(weights, dim=1)
+    out = merge_heads(attn, F.scaled_dot_product_attention(q, k, v))
+    return out, head_mean_attention(q, k) if need_weights else None
 
 
-def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-    """One residual attention block of open_clip (pre-norm, optional layer scale)."""
-    out, weights = attention(block.attn, block.ln_1(x), need_weights)
+def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False,
+                  patch_attention: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """One residual attention block of open_clip (pre-norm, optional layer scale).
+
+    With ``need_weights`` it also returns the head-averaged attention weights (B, L, L); with
+    ``patch_attention`` (B, L - 1, L - 1) it adds the patch-to-patch part of them into that tensor.
+    """
+    q, k, v = project_heads(block.attn, block.ln_1(x))
+    out = merge_heads(block.attn, F.scaled_dot_product_attention(q, k, v))
+    weights = head_mean_attention(q, k) if need_weights else None
+    if patch_attention is not None:
+        add_patch_attention(q, k, patch_attention)
     x = x + block.ls_1(out)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, weights
@@ -122,20 +138,16 @@ def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8
     The sum covers the head-averaged patch-to-patch attention (CLS row and column dropped) of the
     blocks among the last ``attn_blocks`` (or the block indices of a range) that precede block
     ``stop``: ``attn_blocks - 1`` maps for the default. A CAM method that needs the later blocks
-    with gradients (GETAM) runs them itself from these tokens.
+    with gradients (GETAM) runs them itself from these tokens. Every block runs fused attention;
+    those in the sum also add their head-mean patch map into it, chunk by chunk.
     """
     x = embed(visual, images)
     blocks = visual.transformer.resblocks
     kept = attn_blocks if isinstance(attn_blocks, range) else range(len(blocks) - attn_blocks, len(blocks))
-    attn_sum = None
+    n = x.shape[1] - 1
+    attn_sum = x.new_zeros((x.shape[0], n, n), dtype=torch.float32)
     for i, block in enumerate(blocks[:len(blocks) - 1 if stop is None else stop]):
-        x, w = block_forward(block, x, need_weights=i in kept)
-        if w is not None:
-            w = w[:, 1:, 1:].float()
-            attn_sum = w if attn_sum is None else attn_sum + w
-    if attn_sum is None:
-        n = x.shape[1] - 1
-        attn_sum = x.new_zeros(x.shape[0], n, n, dtype=torch.float32)
+        x, _ = block_forward(block, x, patch_attention=attn_sum if i in kept else None)
     return x, attn_sum
 
 
