@@ -37,14 +37,13 @@ def _cpu_seconds() -> float:
 def run_mode(args: argparse.Namespace) -> dict:
     from clipes import Labeler, load_class_set, load_clip
     from clipes.cams import make_cam
-    from clipes.run import DTYPES
+    from clipes.precision import DTYPES
 
     name, _, start = args.mode.partition(":")
     device = torch.device(args.device)
-    clip = load_clip(args.model, device=device)
+    clip = load_clip(args.model, device=device, dtype=DTYPES[args.dtype])  # vision weights cast once
     cam = make_cam(name, start=int(start) if start else None)
-    labeler = Labeler(clip, load_class_set("voc"), cam=cam,
-                      autocast=None if args.dtype == "float32" else DTYPES[args.dtype])
+    labeler = Labeler(clip, load_class_set("voc"), cam=cam)
     images, labels = _images(args.images + args.warmup, args.size)
     prepared = [labeler.prepare(img, lab) for img, lab in zip(images, labels, strict=True)]
 

@@ -50,10 +50,10 @@ def image_features(visual: nn.Module, tokens: Tensor) -> Tensor:
 def pair_probabilities(visual: nn.Module, tokens: Tensor, pairs: CamPairs, logit_scale: float) -> Tensor:
     """CLIP-ES's target: per pair, the softmax over its image's text set of ``logit_scale * cos(image,
     text)``, from the pair's tokens after the last block (P, L, D); (P, K) float32, padding at 0."""
-    feats = image_features(visual, tokens)
-    text = pairs.text[pairs.image].to(feats.dtype)
-    logits = logit_scale * torch.einsum("pe,pke->pk", feats, text)
-    logits = logits.float().masked_fill(~pairs.valid[pairs.image], float("-inf"))
+    feats = image_features(visual, tokens).float()
+    with torch.autocast(feats.device.type, enabled=False):  # fp32 logits whatever the blocks ran in
+        logits = logit_scale * torch.einsum("pe,pke->pk", feats, pairs.text[pairs.image].float())
+    logits = logits.masked_fill(~pairs.valid[pairs.image], float("-inf"))
     return logits.softmax(dim=-1)
 
 

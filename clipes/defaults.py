@@ -1,10 +1,11 @@
 """Defaults the command line names before torch and open_clip load (the CLIP model and the variable that
-overrides it, CAA's blocks) and the parser of --caa-blocks, in a module without heavy imports."""
+overrides it, the variable of --dtype, CAA's blocks) and the parser of --caa-blocks, in a module without heavy imports."""
 
 from .errors import ClipesError
 
 DEFAULT_MODEL = "ViT-B-16/openai"
 MODEL_ENV = "CLIPES_MODEL"
+DTYPE_ENV = "CLIPES_DTYPE"  # --dtype
 CAA_BLOCKS = "-8:"  # CLIP-ES: the attention of the last eight blocks (TagCLIP's label-free VOC run: "-8:-1")
 
 

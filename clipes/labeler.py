@@ -84,17 +84,18 @@ class Labeler:
     for benchmarks, with the same results. ``refiner`` turns the refined CAMs into the mask at
     pixel level (``clipes.refiners``: the dense CRF, PAR); ``crf=True`` is ``CrfRefiner(confidence,
     crf_params)``, the reference's dense CRF, with ``confidence`` marking pixels whose CRF
-    probability is below it as 255. ``autocast``
-    (bf16 or fp16) runs the transformer's matrix products in low precision while the residual
-    stream, layer norms, softmaxes and CAA stay fp32 (``torch.autocast``). ``keep_attention``
-    returns the attention CAA starts from in every result.
+    probability is below it as 255. The vision transformer runs in the dtype of ``clip``'s vision
+    weights (``load_clip(dtype=)`` casts them once): in bf16 or fp16 its matrix products run in that
+    dtype (under ``torch.autocast``, which then casts no weights, only mixed inputs) while layer
+    norms, softmaxes, the CAM's logits and CAA stay fp32. ``keep_attention`` returns the attention
+    CAA starts from in every result.
     """
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
                  box_threshold: float | None = None, zero_shot_threshold: float = 0.1,
                  attn_blocks: int | range = 8, max_side: int | None = None, per_pair_backward: bool = False,
                  refiner: Refiner | None = None, crf: bool = False, confidence: float | None = None,
-                 crf_params: CrfParams | None = None, autocast: torch.dtype | None = None, keep_attention: bool = False,
+                 crf_params: CrfParams | None = None, keep_attention: bool = False,
                  tagger: Tagger | str = "global", cam: CamMethod | str = "gradcam") -> None:
         depth = len(clip.visual.transformer.resblocks)
         if isinstance(attn_blocks, range):  # block indices, e.g. TagCLIP's VOC blocks [-8:-1]
@@ -119,7 +120,6 @@ class Labeler:
         if crf and refiner is not None:
             raise ValueError("give either crf=True or a refiner, not both")
         self.refiner = CrfRefiner(confidence, crf_params) if crf else refiner
-        self.autocast = autocast
         self.keep_attention = keep_attention
         self.text: TextFeatures = encode_class_set(clip, class_set)
         self.logit_scale = float(clip.model.logit_scale.exp())
@@ -200,7 +200,7 @@ class Labeler:
         # each image on its own: from the DataLoader's pinned memory the copies are asynchronous
         images = torch.stack([p.tensor.to(clip.device, clip.dtype, non_blocking=True) for p in group])
         grid = (images.shape[-2] // clip.patch_size, images.shape[-1] // clip.patch_size)
-        low = torch.autocast(clip.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        low = torch.autocast(clip.device.type, dtype=clip.dtype, enabled=clip.dtype != torch.float32)
         with low:
             tokens, attn_sum = encode_trunk(visual, images, self.attn_range, stop=self._cam_from)
         depth = len(visual.transformer.resblocks)

@@ -18,7 +18,8 @@ from .defaults import DEFAULT_MODEL, MODEL_ENV
 from .errors import ClipesError, brief
 
 __all__ = [
-    "DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "cpu_has_fast_bf16", "load_clip", "resolve_device",
+    "DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "cast_vision_weights", "fp32_layer_norms", "load_clip",
+    "resolve_device",
 ]
 
 TRANSFORMERS_ARCH = "transformers-clip"  # ClipModel.arch of a transformers CLIPModel folder or hub id
@@ -77,13 +78,27 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def cpu_has_fast_bf16() -> bool | None:
-    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16); None when it cannot tell."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+def fp32_layer_norms(model: nn.Module) -> nn.Module:
+    """Make every LayerNorm of ``model`` compute in fp32 and return its input's dtype, in place.
+
+    As OpenAI's CLIP does, and what low precision needs: CUDA's layer norm refuses a bf16 input with
+    fp32 weights (the text tower crashed so), the CPU's accepts it. For fp32 inputs nothing changes.
+    """
+    for module in model.modules():
+        if type(module) in (nn.LayerNorm, open_clip.transformer.LayerNorm):
+            module.__class__ = open_clip.transformer.LayerNormFp32
+    return model
+
+
+def cast_vision_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The vision tower's matrix weights (convolution, linear, attention, projection) in ``dtype``, once.
+
+    Layer norms, embeddings and the text tower stay fp32: the text features are computed once per
+    class set, in full precision.
+    """
+    if dtype != torch.float32:
+        open_clip.model.convert_weights_to_lp(model.visual, dtype)
+    return model
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -220,7 +235,8 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
     OpenAI-format or open_clip checkpoint (architecture inferred), ``ARCH:PATH``, or a Hugging Face
     transformers CLIP: a folder of ``CLIPModel.save_pretrained`` or a hub id ``org/repo``.
     ``None`` reads ``$CLIPES_MODEL`` and falls back to ``ViT-B-16/openai``. Errors tell the user to pass
-    ``flag``, the option that gave ``spec``.
+    ``flag``, the option that gave ``spec``. ``dtype`` bf16 or fp16 casts the vision tower's matrix
+    weights once (``cast_vision_weights``); layer norms compute in fp32 whatever the dtype, on every device.
     """
     spec = spec or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     path = Path(spec).expanduser()
@@ -259,8 +275,6 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + _HOW_TO.format(flag=flag, name=spec)) from e
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
         raise ModelLoadError(f"{spec!r} is not a CLIP ViT (clipes needs a vision transformer)")
-    model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-    if dtype != torch.float32:
-        # matmul weights in low precision; layer norms and embeddings stay fp32, as open_clip does
-        open_clip.model.convert_weights_to_lp(model, dtype)
+    model = fp32_layer_norms(model.to(device=device, dtype=torch.float32).eval().requires_grad_(False))
+    cast_vision_weights(model, dtype)
     return ClipModel(model=model, tokenizer=tokenizer or _tokenizer_for(arch), spec=spec, arch=arch)

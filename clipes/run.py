@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import platform
@@ -32,8 +33,9 @@ from .errors import ClipesError
 from .images import find_images
 from .labeler import Labeler, LabelResult, PreparedImage
 from .labels import read_labels
-from .model import ClipModel, cpu_has_fast_bf16, load_clip, resolve_device
+from .model import ClipModel, load_clip, resolve_device
 from .output import OutputError, RunOutput, check_not_inputs, check_writable, named_file
+from .precision import DTYPE_ENV, DTYPES, DtypeChoice, resolve_dtype, slow_low_precision
 from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
 from .refiners import HostRefiner, Refiner, make_refiner
@@ -42,9 +44,6 @@ from .refiners.par import par_iterations
 from .tagging import tagger_class, tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class LabelConfig:
@@ -262,8 +261,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
         labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                           attn_blocks=caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks)),
                           zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
-                          cam=_cam(cfg), refiner=refiner if pool is None else None,
-                          autocast=None if dtype_name == "float32" else DTYPES[dtype_name])
+                          cam=_cam(cfg), refiner=refiner if pool is None else None)
 
         def crf(rgb, result: LabelResult) -> Future:
             return pool.submit(refiner.refine_image, rgb, result.cam_refined, result.labels, cfg.bg_power)
@@ -306,20 +304,37 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
                                           "--classes": named_file(cfg.classes), "--model": named_file(cfg.model),
                                           "--split-file": cfg.split_file})
     check_writable(cfg.out)
-    dtype_name = cfg.dtype or "float32"
     refiner = _refiner(cfg, class_set)
     if refiner is not None:
         refiner.check()
     tagger_class(cfg.tagger)  # checked with given labels too, before anything is written
     _cam(cfg)
-    if dtype_name not in DTYPES:
-        raise ClipesError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}")
     device = resolve_device(cfg.device)
-    if device.type == "cpu" and dtype_name != "float32" and cpu_has_fast_bf16() is False:
-        console.print(f"[yellow]warning:[/] this CPU has no low-precision matrix units (AMX / AVX512-BF16): "
-                      f"--dtype {dtype_name} will run far slower than float32 here")
+    try:
+        choice = _dtype_choice(cfg, device)
+    except ValueError as e:
+        raise ClipesError(str(e)) from None
+    console.print(f"dtype: {choice.name} ({choice.reason})", highlight=False)
+    slow = slow_low_precision(choice, device)
+    if slow:
+        console.print(f"[yellow]warning:[/] {escape(slow)}")
     with process_group(device) as (device, dist_info):
-        return _label_folder(cfg, console, items, class_set, given, dtype_name, device, dist_info)
+        return _label_folder(cfg, console, items, class_set, given, choice.name, device, dist_info)
+
+
+def _dtype_choice(cfg: LabelConfig, device: torch.device) -> DtypeChoice:
+    """``--dtype``; ``auto`` on a folder a run already labelled takes that run's dtype (its recorded
+    settings), so that a resume never depends on a fresh speed measurement."""
+    name = cfg.dtype or os.environ.get(DTYPE_ENV) or "auto"
+    if name != "auto" or cfg.overwrite:
+        return resolve_dtype(name, device)
+    try:
+        previous = json.loads((cfg.out / RunOutput.MANIFEST).read_text(encoding="utf-8"))["settings"]["dtype"]
+    except (OSError, ValueError, KeyError, TypeError):
+        previous = None
+    if previous in DTYPES:
+        return DtypeChoice(previous, f"auto: the dtype {cfg.out} was labelled in")
+    return resolve_dtype(name, device)
 
 
 def _input_name(path: Path, root: Path) -> str:
@@ -389,7 +404,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
     # them all here instead of leaving them waiting for it at the next collective.
     clip, failure = None, None
     try:
-        clip = load_clip(cfg.model, device=device) if work else None
+        clip = load_clip(cfg.model, device=device, dtype=DTYPES[dtype_name]) if work else None
         if clip is not None:
             caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks))  # selects some of its blocks
             _cam(cfg).first_block(len(clip.visual.transformer.resblocks))  # --getam-start within the model

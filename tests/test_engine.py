@@ -176,29 +176,61 @@ def test_zero_shot_labels_are_recorded(labeler):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_runs_and_keeps_layer_norms_fp32(golden, golden_labels, dtype):
+def test_low_precision_casts_vision_weights_once_and_keeps_layer_norms_fp32(golden, golden_labels, dtype):
+    from open_clip.transformer import LayerNormFp32
+
     from clipes import load_clip
 
     clip = load_clip(str(golden / "tiny-clip-vit-b16-random.pt"), dtype=dtype)
-    assert clip.dtype == dtype and clip.visual.ln_post.weight.dtype == torch.float32
+    visual, model = clip.visual, clip.model
+    assert clip.dtype == dtype and visual.transformer.resblocks[0].attn.in_proj_weight.dtype == dtype
+    assert visual.proj.dtype == dtype and visual.ln_post.weight.dtype == torch.float32
+    # the text tower stays fp32 (its features are computed once); every layer norm computes in fp32
+    assert model.text_projection.dtype == torch.float32 and model.transformer.resblocks[0].mlp.c_fc.weight.dtype == \
+        torch.float32
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m) is LayerNormFp32 for m in norms)
+    x = torch.randn(2, 5, visual.ln_post.normalized_shape[0]).to(dtype)
+    out = visual.ln_post(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, F.layer_norm(x.float(), visual.ln_post.normalized_shape, visual.ln_post.weight,
+                                                 visual.ln_post.bias, visual.ln_post.eps).to(dtype), rtol=0, atol=0)
     labeler = Labeler(clip, load_class_set("voc"))
     res = labeler.label(Image.open(golden / "images" / "chelsea.png"), golden_labels["chelsea.png"])
     ref = np.load(golden / "expected" / "chelsea.npz")
     assert res.cam.dtype == np.float32 and np.isfinite(res.cam_refined).all()
-    # bf16 weights everywhere (the residual stream too) move the nearly flat random-weight maps a lot;
-    # clipes label uses autocast instead (next test)
-    assert (res.mask == ref["pseudo_mask_t1"]).mean() > 0.9
+    assert (res.mask == ref["pseudo_mask_t1"]).mean() > 0.95
 
 
-def test_bf16_autocast_masks_agree_with_fp32(tiny_clip, golden, golden_labels):
-    """--dtype bfloat16 on the CPU: measured 99.19% of golden pixels agree (worst image 97.5%)."""
+def test_text_tower_in_low_precision_encodes(tiny_clip):
+    """A text tower cast to bf16 (by open_clip, or a user) encodes with its fp32-computing layer norms."""
+    import copy
+
+    import open_clip
+
+    from clipes.text import encode_prompts
+
+    clip = copy.deepcopy(tiny_clip)
+    open_clip.model.convert_weights_to_lp(clip.model, torch.bfloat16)
+    low = encode_prompts(clip, ["cat", "dog"], ("a photo of a {}.",))
+    exact = encode_prompts(tiny_clip, ["cat", "dog"], ("a photo of a {}.",))
+    assert low.dtype == torch.float32 and F.cosine_similarity(low, exact).min() > 0.99
+
+
+def test_bf16_weights_masks_agree_with_fp32(tiny_clip, golden, golden_labels):
+    """--dtype bfloat16 on the CPU, vision weights cast once: measured 99.19% of golden pixels agree, the
+    worst image 96.95%. The random weights' refined maps are nearly flat (range ~1e-5 of their value),
+    so bf16 rounding decides pixels: two equally valid rounding paths (fused attention or softmax @ v
+    in the CAA blocks) move 2009_000573 between 96.9% and 98.2%, the whole set between 99.2% and 99.4%."""
+    from clipes import load_clip
+
     exact = Labeler(tiny_clip, load_class_set("voc"))
-    fast = Labeler(tiny_clip, load_class_set("voc"), autocast=torch.bfloat16)
+    fast = Labeler(load_clip(str(golden / "tiny-clip-vit-b16-random.pt"), dtype=torch.bfloat16), load_class_set("voc"))
     same = total = 0
     for name, labels in golden_labels.items():
         image = Image.open(golden / "images" / name)
         a, b = exact.label(image, labels), fast.label(image, labels)
-        assert (a.mask == b.mask).mean() >= 0.97, name
+        assert (a.mask == b.mask).mean() >= 0.96, name
         same += int((a.mask == b.mask).sum())
         total += a.mask.size
     assert same / total >= 0.99

@@ -78,3 +78,63 @@ def test_trunk_maps_of_chosen_blocks(labeler):
     assert (every - default).min() >= 0 and (every - default).sum() > 0  # four more blocks' weights
     assert tokens.shape == (1, 13, visual.transformer.width)
 
+
+
+# --dtype auto
+
+def test_auto_takes_bf16_on_gpus_and_on_cpus_where_it_measures_faster(monkeypatch):
+    from clipes import precision
+
+    monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
+    assert precision.resolve_dtype(None, torch.device("cuda")).name == "bfloat16"
+    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 3.0)
+    fast = precision.resolve_dtype("auto", torch.device("cpu"))
+    assert fast.name == "bfloat16" and "3.0x" in fast.reason
+    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 0.65)
+    slow = precision.resolve_dtype(None, torch.device("cpu"))
+    assert slow.name == "float32" and "0.65x" in slow.reason
+    # an asked-for low precision is kept, with a warning that says what was measured
+    asked = precision.resolve_dtype("bfloat16", torch.device("cpu"))
+    assert asked.name == "bfloat16" and "0.65x" in precision.slow_low_precision(asked, torch.device("cpu"))
+    assert precision.slow_low_precision(slow, torch.device("cpu")) is None
+    monkeypatch.setenv(precision.DTYPE_ENV, "float16")
+    assert precision.resolve_dtype(None, torch.device("cpu")).name == "float16"
+    with pytest.raises(ValueError, match="choose auto"):
+        precision.resolve_dtype("float64", torch.device("cpu"))
+
+
+def test_cpu_matmul_speedup_is_measured_once():
+    from clipes.precision import cpu_matmul_speedup
+
+    first = cpu_matmul_speedup(torch.bfloat16)
+    assert 0 < first < float("inf") and cpu_matmul_speedup(torch.bfloat16) == first
+
+
+def test_label_auto_says_which_dtype_and_a_resume_keeps_the_recorded_one(golden, tmp_path, monkeypatch):
+    import json
+
+    from rich.console import Console
+
+    from clipes import precision
+    from clipes.run import LabelConfig, label_folder
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(golden / "images" / "chelsea.png").save(images / "chelsea.png")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"chelsea": ["cat"]}))
+    monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 0.5)
+    cfg = LabelConfig(images=images, out=tmp_path / "out", labels=labels, model=str(golden / "tiny-clip-vit-b16-random.pt"),
+                      device="cpu")
+    console = Console(record=True, width=200)
+    label_folder(cfg, console)
+    assert "dtype: float32 (auto: this CPU's bf16 matrix products measured 0.50x" in console.export_text()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["settings"]["dtype"] == "float32"
+    # the machine now measures bf16 faster: auto on this folder keeps float32, and redoes nothing
+    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 4.0)
+    console = Console(record=True, width=200)
+    summary = label_folder(cfg, console)
+    assert summary.skipped == 1 and summary.labelled == 0
+    assert "dtype: float32 (auto: the dtype" in console.export_text()

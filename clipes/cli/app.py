@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from ..defaults import CAA_BLOCKS, MODEL_ENV, block_slice
+from ..defaults import CAA_BLOCKS, DTYPE_ENV, MODEL_ENV, block_slice
 from ..errors import ClipesError
 from .common import (
     MIN_MAX_SIDE,
@@ -110,7 +110,10 @@ def label(
                                "transformers CLIP folder or hub ID (org/name) \\[default: ViT-B-16/openai].")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=_device)] = "auto",
     dtype: Annotated[str | None, typer.Option(
-        help="float32 (default, exact), or bfloat16 / float16 autocast for the transformer's matrix products.")
+        envvar=DTYPE_ENV, show_default=False,
+        help="auto (default: bf16 on a GPU; on the CPU bf16 where it measures faster than float32, else "
+             "float32), float32 (exact, as the parity tests pin it), bfloat16 or float16 (the vision weights "
+             "cast once).")
     ] = None,
     bg_power: Annotated[float, typer.Option(help="t in the background score (1 - max cam)^t; > 0.",
                                             callback=finite(0, low_open=True))] = 1.0,

@@ -362,9 +362,9 @@ class TagCLIP(Tagger):
             raise TaggerError(for_reason)
         text = self.text.to(images.device)
         features, attn = encode_voted(visual, images)
-        # the patch-level maths stays float32 under autocast (only the transformers run in low precision)
+        # the patch-level maths stays float32 under autocast or cast weights (only the transformers run low)
         with torch.autocast(images.device.type, enabled=False):
-            coarse = ((self.logit_scale * features) @ text.T)[:, 1:].softmax(dim=-1)
+            coarse = ((self.logit_scale * features.float()) @ text.T)[:, 1:].softmax(dim=-1)
             smoothed = attn @ coarse
             boxes = refine_in_boxes(smoothed, coarse, attn, grid)
             best = boxes.refined.amax(dim=1)[:, : self.num_fg]
@@ -401,7 +401,7 @@ class TagCLIP(Tagger):
                 x, _ = masked_block(block, x, mask)
             cls = project_tokens(visual, x[:, :1])[:, 0]
             with torch.autocast(images.device.type, enabled=False):
-                prob = ((self.logit_scale * cls) @ text.T).softmax(dim=-1)
+                prob = ((self.logit_scale * cls.float()) @ text.T).softmax(dim=-1)
             for (i, k), kp, pr in zip(jobs[s:s + self.crop_batch], keep, prob, strict=True):
                 scores[i, k] = MIX * scores[i, k] + (1 - MIX) * pr[k]
                 per_image_keep[i].append(kp)
