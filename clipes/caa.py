@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,7 +11,8 @@ from .cam import minmax_normalize
 from .defaults import CAA_BLOCKS, block_slice
 from .errors import ClipesError
 
-__all__ = ["CAA_BLOCKS", "box_mask", "caa_blocks", "refine_cams", "sinkhorn_affinity", "upsample"]
+__all__ = ["CAA_BLOCKS", "box_mask", "caa_blocks", "refine_cams", "refine_pairs", "sinkhorn_affinity", "upsample",
+           "upsample_batch"]
 
 def caa_blocks(spec: str, depth: int) -> range:
     """The indices of the blocks (of ``depth``) whose attention CAA averages, given as a Python slice
@@ -98,11 +100,29 @@ def box_mask(cam: Tensor, threshold: float) -> Tensor:
 def refine_cams(affinity: Tensor, cam: Tensor, mask: Tensor) -> Tensor:
     """``(T * mask[None, :]) @ vec(cam)`` per class: (n, n), (k, h, w), (k, n) -> (k, h, w), unnormalised.
 
-    Masking T's columns equals masking the CAM before the product (the mask is 0/1), so one
-    (k, n) @ (n, n) product serves every class.
+    Masking T's columns equals masking the CAM before the product (the mask is 0/1). One image's
+    ``refine_pairs``: the same bits as when it is refined in a batch.
     """
-    masked = cam.flatten(1).float() * mask.float()
-    return (masked @ affinity.float().T).view_as(cam)
+    return refine_pairs(affinity[None], cam, mask, torch.zeros(cam.shape[0], dtype=torch.long, device=cam.device))
+
+
+def refine_pairs(affinity: Tensor, cams: Tensor, masks: Tensor, image: Tensor, budget: int = 1 << 26) -> Tensor:
+    """``refine_cams`` for the P (image, class) pairs of a batch at once: affinities (B, n, n), CAMs
+    (P, h, w), box masks (P, n), the image of each pair (P,) -> (P, h, w).
+
+    Each pair's map is its own rows of T times its masked CAM, multiplied and summed over the last
+    dimension: no reduction is shared between pairs, so a pair gets the same bits in any batch (a
+    matrix product's kernel would depend on how many pairs share it). ``budget`` bounds the
+    elements of the (pairs, n, n) products made at once.
+    """
+    masked = cams.flatten(1).float() * masks.float()
+    n = masked.shape[1]
+    out = masked.new_empty(masked.shape)
+    step = max(1, budget // max(n * n, 1))
+    for s in range(0, masked.shape[0], step):
+        rows = affinity.float()[image[s:s + step]]
+        out[s:s + step] = rows.mul_(masked[s:s + step, None, :]).sum(dim=-1)
+    return out.view_as(cams)
 
 
 def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
@@ -111,3 +131,29 @@ def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     if maps.shape[0] == 0:
         return maps.new_zeros((0, *size))
     return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def upsample_batch(maps: Tensor, counts: list[int], sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """``upsample`` for a batch: the maps (P, h, w) of every image in turn, ``counts[i]`` of them for
+    image i, to its size ``sizes[i]`` -> one (counts[i], *sizes[i]) tensor per image.
+
+    One resize for all the maps of a size. Every map is normalised and resized on its own (no
+    reduction spans maps), so each image gets its ``upsample``, bit for bit.
+    """
+    maps = minmax_normalize(maps.float()) if maps.shape[0] else maps.float()
+    starts = np.cumsum([0, *counts])
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(tuple(size), []).append(i)
+    out: list[Tensor] = [maps.new_zeros((0, *size)) for size in sizes]
+    for size, members in by_size.items():
+        pairs = [p for i in members for p in range(starts[i], starts[i + 1])]
+        if not pairs:
+            continue
+        index = torch.tensor(pairs, device=maps.device)
+        resized = F.interpolate(maps[index][None], size=size, mode="bilinear", align_corners=False)[0]
+        at = 0
+        for i in members:
+            out[i] = resized[at:at + counts[i]]
+            at += counts[i]
+    return out

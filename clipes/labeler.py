@@ -10,17 +10,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .caa import box_mask, refine_cams, sinkhorn_affinity, upsample
+from .caa import box_mask, refine_pairs, sinkhorn_affinity, upsample_batch
 from .cam import CamPairs
 from .cams import CamMethod, make_cam
 from .images import preprocess, to_rgb_or_gray
-from .masks import pseudo_mask
+from .masks import pseudo_masks
 from .model import ClipModel
 from .prompts import ClassSet
 from .refiners import CrfRefiner, DeviceRefiner, HostRefiner, Refined, Refiner
 from .refiners.crf import CrfParams
 from .tagging import GlobalTagger, Tagger, TaggerError, make_tagger, tagger_class
 from .text import TextFeatures, encode_class_set
+from .transfer import to_host
 from .vit import encode_trunk
 
 __all__ = ["LabelResult", "Labeler", "PreparedImage"]
@@ -233,41 +234,61 @@ class Labeler:
         affinity = sinkhorn_affinity(attn)
         boxes = box_mask(cams, self.box_threshold) if len(cams) else cams.new_zeros((0, n))
 
-        # queue every image's device work first and copy to the host after: on a GPU the copies
-        # then wait once for the batch instead of once per image
+        # the group's post-processing as batched tensor ops over all its (image, class) pairs
+        counts = [len(lab) for lab in labels]
+        spans = np.cumsum([0, *counts])
         class_ids = torch.tensor([c for lab in labels for c in lab], dtype=torch.long).to(clip.device)
-        spans = np.cumsum([0] + [len(lab) for lab in labels])
-        queued = []
-        for i, p in enumerate(group):
-            span = slice(spans[i], spans[i + 1])
-            refined_low = refine_cams(affinity[i], cams[span], boxes[span])
-            refined = upsample(refined_low, p.size)
-            mask = None if self.refiner is not None else pseudo_mask(refined, class_ids[span], self.bg_power)
-            queued.append((refined_low, refined, mask))
-        pixel = self._refine_on_device(group, [q[1] for q in queued], [class_ids[spans[i]:spans[i + 1]]
-                                                                      for i in range(len(group))])
+        pair_image = torch.repeat_interleave(torch.arange(len(group)), torch.tensor(counts)).to(clip.device)
+        refined_low = refine_pairs(affinity, cams, boxes, pair_image)
+        refined = upsample_batch(refined_low, counts, [p.size for p in group])
+        masks = self._pseudo_masks(group, refined, class_ids, counts) if self.refiner is None else None
+        pixel = self._refine_on_device(group, refined, [class_ids[spans[i]:spans[i + 1]] for i in range(len(group))])
+
+        # one copy to the host for the whole group (on a GPU: asynchronous, into pinned memory)
+        extra = [] if pixel is None else [t for r in pixel for t in (r.mask, r.confidence) if t is not None]
+        host = iter(to_host([cams, probs, boxes, refined_low, *refined, *(masks or []), *extra,
+                             *([attn] if self.keep_attention else [])]))
+        cams_np, probs_np, boxes_np, refined_low_np = (next(host) for _ in range(4))
+        refined_np = [next(host) for _ in group]
+        masks_np = [next(host) for _ in group] if masks is not None else None
+        pixel_np = [(next(host), None if r.confidence is None else next(host)) for r in pixel] if pixel else None
+        attn_np = next(host) if self.keep_attention else None
 
         out = []
-        for i, (p, lab, (refined_low, refined, mask)) in enumerate(zip(group, labels, queued, strict=True)):
+        for i, (p, lab) in enumerate(zip(group, labels, strict=True)):
             span, k = slice(spans[i], spans[i + 1]), len(lab)
-            refined_np = refined.cpu().numpy()
             confidence = None
             if isinstance(self.refiner, HostRefiner):
-                mask_np, confidence = self.refiner.refine_image(self._rgb(p), refined_np,
+                mask_np, confidence = self.refiner.refine_image(self._rgb(p), refined_np[i],
                                                                 np.asarray(lab, dtype=np.int64), self.bg_power)
-            elif pixel is not None:
-                mask_np = pixel[i].mask.cpu().numpy()
-                confidence = None if pixel[i].confidence is None else pixel[i].confidence.cpu().numpy()
+            elif pixel_np is not None:
+                mask_np, confidence = pixel_np[i]
             else:
-                mask_np = mask.cpu().numpy()
-            prob = probs[spans[i], : k + len(self.text.bg)] if k else probs.new_zeros(0)
+                mask_np = masks_np[i]
+            prob = probs_np[spans[i], : k + len(self.text.bg)] if k else np.zeros(0, dtype=np.float32)
             out.append(LabelResult(
-                labels=np.asarray(lab, dtype=np.int64), mask=mask_np, cam=cams[span].cpu().numpy(),
-                cam_refined=refined_np, confidence=confidence, cam_refined_lowres=refined_low.cpu().numpy(),
-                box_mask=boxes[span].cpu().numpy(), attention=attn[i].cpu().numpy() if self.keep_attention else None,
-                probs=prob.cpu().numpy(), input_size=(images.shape[-2], images.shape[-1]),
+                labels=np.asarray(lab, dtype=np.int64), mask=mask_np, cam=cams_np[span],
+                cam_refined=refined_np[i], confidence=confidence, cam_refined_lowres=refined_low_np[span],
+                box_mask=boxes_np[span], attention=None if attn_np is None else attn_np[i],
+                probs=prob, input_size=(images.shape[-2], images.shape[-1]),
                 label_source=sources[i], scores=scores[i], threshold=thresholds[i]))
         return out
+
+    def _pseudo_masks(self, group: list[PreparedImage], refined: list[Tensor], class_ids: Tensor,
+                      counts: list[int]) -> list[Tensor]:
+        """Each image's pseudo mask, one batched argmax for the images of each original size."""
+        starts = np.cumsum([0, *counts])
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(group):
+            by_size.setdefault(p.size, []).append(i)
+        masks: list[Tensor] = [None] * len(group)  # type: ignore[list-item]
+        for members in by_size.values():
+            maps = torch.cat([refined[i] for i in members])
+            ids = torch.cat([class_ids[starts[i]:starts[i + 1]] for i in members])
+            for i, mask in zip(members, pseudo_masks(maps, ids, [counts[i] for i in members], self.bg_power),
+                               strict=True):
+                masks[i] = mask
+        return masks
 
     @staticmethod
     def _rgb(p: PreparedImage) -> np.ndarray:

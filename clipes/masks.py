@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-__all__ = ["IGNORE", "class_argmax", "mask_to_png", "overlay", "pseudo_mask", "threshold_mask", "voc_palette"]
+__all__ = ["IGNORE", "class_argmax", "mask_to_png", "overlay", "pseudo_mask", "pseudo_masks", "threshold_mask",
+           "voc_palette"]
 
 IGNORE = 255
 
@@ -29,6 +30,29 @@ def pseudo_mask(cams: Tensor, labels: Tensor, bg_power: float = 1.0) -> Tensor:
         return torch.zeros(cams.shape[1:], dtype=torch.uint8, device=cams.device)
     bg = (1 - cams.max(dim=0, keepdim=True).values).pow(bg_power)
     return _label_map(bg, cams, labels)
+
+
+def pseudo_masks(cams: Tensor, labels: Tensor, counts: list[int], bg_power: float = 1.0) -> Tensor:
+    """``pseudo_mask`` of several images of one size at once: the class maps of every image in turn
+    (P, H, W) with their class indices (P,), ``counts[i]`` of them for image i -> (B, H, W) uint8.
+
+    The maps are laid out (B, k_max, H, W), padding at -inf, which neither the maximum nor the argmax
+    takes: each image's mask is its ``pseudo_mask``, bit for bit.
+    """
+    b, k_max = len(counts), max(counts, default=0)
+    if k_max == 0:
+        return torch.zeros((b, *cams.shape[1:]), dtype=torch.uint8, device=cams.device)
+    dev = cams.device
+    image = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(counts, device=dev))
+    starts = torch.tensor([0, *counts], device=dev).cumsum(0)[:-1]
+    slot = torch.arange(cams.shape[0], device=dev) - starts[image]
+    padded = cams.new_full((b, k_max, *cams.shape[1:]), float("-inf"))
+    padded[image, slot] = cams
+    bg = (1 - padded.max(dim=1, keepdim=True).values).pow(bg_power)
+    index = torch.cat([bg, padded], dim=1).max(dim=1).indices
+    keys = torch.zeros((b, k_max + 1), dtype=torch.long, device=dev)
+    keys[image, slot + 1] = labels.to(dev) + 1
+    return keys.gather(1, index.flatten(1)).view(index.shape).to(torch.uint8)
 
 
 def threshold_mask(cams: Tensor, labels: Tensor, threshold: float) -> Tensor:

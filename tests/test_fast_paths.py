@@ -138,3 +138,73 @@ def test_label_auto_says_which_dtype_and_a_resume_keeps_the_recorded_one(golden,
     summary = label_folder(cfg, console)
     assert summary.skipped == 1 and summary.labelled == 0
     assert "dtype: float32 (auto: the dtype" in console.export_text()
+
+
+# batched post-processing
+
+def _group(seed: int = 0, counts=(2, 0, 1, 3), sizes=((70, 90), (70, 90), (65, 88), (70, 90)), grid=(5, 6)):
+    """A size group's CAA inputs: affinities (B, n, n), CAMs in [0, 1] (P, h, w), their boxes, class ids."""
+    from clipes.caa import box_mask, sinkhorn_affinity
+
+    gen = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    affinity = sinkhorn_affinity(torch.rand(len(counts), n, n, generator=gen).softmax(-1))
+    cams = torch.rand(sum(counts), *grid, generator=gen)
+    cams[1] = 0.25  # a flat map: ties everywhere
+    ids = torch.randint(0, 20, (sum(counts),), generator=gen)
+    return affinity, cams, box_mask(cams, 0.4), ids, list(counts), [tuple(s) for s in sizes]
+
+
+def test_batched_post_processing_equals_one_image_at_a_time_bit_for_bit():
+    from clipes.caa import refine_cams, refine_pairs, upsample, upsample_batch
+    from clipes.masks import pseudo_mask, pseudo_masks
+
+    affinity, cams, boxes, ids, counts, sizes = _group()
+    starts = np.cumsum([0, *counts])
+    image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    low = refine_pairs(affinity, cams, boxes, image)
+    assert torch.equal(low, refine_pairs(affinity, cams, boxes, image, budget=1))  # pair by pair
+    up = upsample_batch(low, counts, sizes)
+    same_size = [i for i, s in enumerate(sizes) if s == sizes[0]]
+    masks = pseudo_masks(torch.cat([up[i] for i in same_size]), torch.cat([ids[starts[i]:starts[i + 1]]
+                                                                             for i in same_size]),
+                         [counts[i] for i in same_size], bg_power=2.0)
+    for i, (k, size) in enumerate(zip(counts, sizes, strict=True)):
+        span = slice(starts[i], starts[i + 1])
+        alone = refine_cams(affinity[i], cams[span], boxes[span])
+        assert torch.equal(low[span], alone)
+        assert torch.equal(up[i], upsample(alone, size)) and up[i].shape == (k, *size)
+        if i in same_size:
+            assert torch.equal(masks[same_size.index(i)], pseudo_mask(up[i], ids[span], bg_power=2.0))
+    assert not masks[same_size.index(1)].any()  # the image without classes: all background
+
+
+def test_refine_pairs_is_the_masked_affinity_product():
+    from clipes.caa import refine_pairs
+
+    affinity, cams, boxes, _, counts, _ = _group(seed=1)
+    image = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    out = refine_pairs(affinity, cams, boxes, image).flatten(1)
+    for p, i in enumerate(image.tolist()):
+        expected = (affinity[i].double() * boxes[p].double()[None, :]) @ cams[p].flatten().double()
+        np.testing.assert_allclose(out[p].double(), expected, rtol=1e-6, atol=0)
+
+
+def test_labeler_group_post_processing_equals_the_per_image_functions(labeler, golden, golden_labels):
+    """Through the Labeler, on golden photos of several sizes in one call: each image's refined maps
+    and mask are the per-image functions' on its own CAMs and attention, bit for bit."""
+    from clipes.caa import box_mask, refine_cams, sinkhorn_affinity, upsample
+    from clipes.masks import pseudo_mask
+
+    names = IMAGES[:4]
+    results = labeler.label_batch([Image.open(golden / "images" / n) for n in names],
+                                  [golden_labels[n] for n in names])
+    for res in results:
+        cam = torch.from_numpy(res.cam)
+        boxes = box_mask(cam, labeler.box_threshold)
+        low = refine_cams(sinkhorn_affinity(torch.from_numpy(res.attention)), cam, boxes)
+        assert torch.equal(torch.from_numpy(res.box_mask), boxes)
+        assert torch.equal(torch.from_numpy(res.cam_refined_lowres), low)
+        up = upsample(low, res.mask.shape)
+        assert torch.equal(torch.from_numpy(res.cam_refined), up)
+        np.testing.assert_array_equal(res.mask, pseudo_mask(up, torch.from_numpy(res.labels)).numpy())
