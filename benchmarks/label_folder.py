@@ -1,6 +1,6 @@
 """`clipes label` end to end on a folder: decoding, batching, the engine, PNG writes, all included.
 
-    python benchmarks/label_folder.py                                   # CPU, fp32, 16 images
+    python benchmarks/label_folder.py                                   # CPU, --dtype auto, 16 images
     python benchmarks/label_folder.py --device cuda --dtype bfloat16 --images 1024 --workers 8
 
 Writes a VOC-like folder of JPEGs (the common VOC sizes in VOC's rough proportions, 1.37 classes an
@@ -76,7 +76,7 @@ def timed_run(images: Path, labels: Path, out: Path, args: argparse.Namespace) -
 
 
 def main() -> None:
-    ap = parser(__doc__)
+    ap = parser(__doc__, dtypes=("auto", "float32", "bfloat16", "float16"))
     ap.add_argument("--images", type=int, default=16, help="images in the timed folder")
     ap.add_argument("--warmup", type=int, default=4, help="images in the warm-up folder")
     ap.add_argument("--batch-size", type=int, default=None, help="default: clipes label's auto")
@@ -97,15 +97,18 @@ def main() -> None:
         full = make_folder(root / "full", args.images, photos=photos)
         t_warm, _ = timed_run(warm, root / "warm" / "labels.json", root / "out_warm", args)
         t_full, own_rate = timed_run(full, root / "full" / "labels.json", root / "out_full", args)
+        taken = json.loads((root / "out_full" / "manifest.json").read_text())["settings"]["dtype"]
     steady = (args.images - args.warmup) / (t_full - t_warm)
     machine = hardware(args.device)
     result = {"model": args.model, "device": args.device, "hardware": machine, "dtype": args.dtype,
+              "dtype_taken": taken,
               "batch_size": args.batch_size or "auto", "workers": args.workers, "images": args.images,
               "warmup_images": args.warmup, "seconds": t_full, "warmup_seconds": t_warm,
               "images_per_second_steady": steady, "images_per_second_run": own_rate,
               "threads": torch.get_num_threads(), "crf_backend": args.crf_backend, "confidence": args.confidence,
               "photos": str(args.photos) if args.photos else None}
-    table = Table(title=f"clipes label on a folder: {args.model}, {args.dtype}, VOC-sized JPEGs, {machine}")
+    table = Table(title=f"clipes label on a folder: {args.model}, --dtype {args.dtype} ({taken}), VOC-sized JPEGs, "
+                        f"{machine}")
     for col in ("images", "seconds", "img/s (whole run)", "img/s (steady)"):
         table.add_column(col, justify="right")
     table.add_row(str(args.warmup), f"{t_warm:.1f}", "", "")
