@@ -125,8 +125,8 @@ def test_label_auto_says_which_dtype_and_a_resume_keeps_the_recorded_one(golden,
     labels.write_text(json.dumps({"chelsea": ["cat"]}))
     monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
     monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 0.5)
-    cfg = LabelConfig(images=images, out=tmp_path / "out", labels=labels, model=str(golden / "tiny-clip-vit-b16-random.pt"),
-                      device="cpu")
+    cfg = LabelConfig(images=images, out=tmp_path / "out", labels=labels,
+                      model=str(golden / "tiny-clip-vit-b16-random.pt"), device="cpu")
     console = Console(record=True, width=200)
     label_folder(cfg, console)
     assert "dtype: float32 (auto: this CPU's bf16 matrix products measured 0.50x" in console.export_text()
