@@ -85,7 +85,7 @@ def child_engine(args: argparse.Namespace) -> dict:
         x = torch.stack([p.tensor for p in items]).to(device, weights_dtype)
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                              enabled=autocast is not None):
-            encode_trunk(clip.visual, x, labeler.attn_blocks)
+            encode_trunk(clip.visual, x, getattr(labeler, "attn_range", labeler.attn_blocks))
         _sync(device)
 
     def whole(items) -> None:
