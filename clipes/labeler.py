@@ -87,9 +87,9 @@ class Labeler:
     crf_params)``, the reference's dense CRF, with ``confidence`` marking pixels whose CRF
     probability is below it as 255. The vision transformer runs in the dtype of ``clip``'s vision
     weights (``load_clip(dtype=)`` casts them once): in bf16 or fp16 its matrix products run in that
-    dtype (under ``torch.autocast``, which then casts no weights, only mixed inputs) while layer
-    norms, softmaxes, the CAM's logits and CAA stay fp32. ``keep_attention`` returns the attention
-    CAA starts from in every result.
+    dtype (under ``torch.autocast``, which then casts no weights, only mixed inputs) while the
+    residual stream, layer norms, softmaxes, the CAM's logits and CAA stay fp32. ``keep_attention``
+    returns the attention CAA starts from in every result.
     """
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,

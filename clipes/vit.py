@@ -36,8 +36,15 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
 
 
 def embed(visual: nn.Module, images: Tensor) -> Tensor:
-    """Patch embedding, CLS token, resized positional embedding and ``ln_pre``: (B, 1 + n, D)."""
+    """Patch embedding, CLS token, resized positional embedding and ``ln_pre``: (B, 1 + n, D).
+
+    Under autocast the tokens are fp32 whatever the weights' dtype: the residual stream (the sums of
+    the blocks' outputs) stays fp32 and only the matrix products run low, as autocast over fp32
+    weights runs them; a bf16 residual stream moves CLIP-ES's masks several times more.
+    """
     x = visual.conv1(images)
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.float()
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)

@@ -218,10 +218,10 @@ def test_text_tower_in_low_precision_encodes(tiny_clip):
 
 
 def test_bf16_weights_masks_agree_with_fp32(tiny_clip, golden, golden_labels):
-    """--dtype bfloat16 on the CPU, vision weights cast once: measured 99.19% of golden pixels agree, the
-    worst image 96.95%. The random weights' refined maps are nearly flat (range ~1e-5 of their value),
-    so bf16 rounding decides pixels: two equally valid rounding paths (fused attention or softmax @ v
-    in the CAA blocks) move 2009_000573 between 96.9% and 98.2%, the whole set between 99.2% and 99.4%."""
+    """--dtype bfloat16 on the CPU, vision weights cast once, residual stream fp32 (as autocast over fp32
+    weights keeps it): measured 99.23% of golden pixels agree, the worst image (2009_000573) 97.68%
+    (AMD EPYC, AVX-512). With a bf16 residual stream the worst was 96.94%: the random weights' refined
+    maps are nearly flat (range ~1e-5 of their value), so rounding decides pixels."""
     from clipes import load_clip
 
     exact = Labeler(tiny_clip, load_class_set("voc"))
@@ -230,7 +230,7 @@ def test_bf16_weights_masks_agree_with_fp32(tiny_clip, golden, golden_labels):
     for name, labels in golden_labels.items():
         image = Image.open(golden / "images" / name)
         a, b = exact.label(image, labels), fast.label(image, labels)
-        assert (a.mask == b.mask).mean() >= 0.96, name
+        assert (a.mask == b.mask).mean() >= 0.97, name
         same += int((a.mask == b.mask).sum())
         total += a.mask.size
     assert same / total >= 0.99
