@@ -1,5 +1,6 @@
 """Defaults the command line names before torch and open_clip load (the CLIP model and the variable that
-overrides it, the variable of --dtype, CAA's blocks) and the parser of --caa-blocks, in a module without heavy imports."""
+overrides it, --dtype's variable, CAA's blocks) and the parser of --caa-blocks, in a module without heavy
+imports."""
 
 from .errors import ClipesError
 
