@@ -32,8 +32,12 @@ FEW = ["a photo of a {}.", "a bad photo of the {}.", "itap of my {}.", "a sketch
 @pytest.fixture()
 def fast_model(monkeypatch, tiny_clip):
     """The session's tiny model instead of loading the checkpoint again in every command."""
-    monkeypatch.setattr("clipes.model.load_clip", lambda spec, device: tiny_clip)  # the command imports it late
-    monkeypatch.setattr(run, "load_clip", lambda spec, device: tiny_clip)
+    def load(spec, device, dtype=None):  # float32: tests/conftest.py pins CLIPES_DTYPE, as the session's model is
+        assert dtype in (None, torch.float32)
+        return tiny_clip
+
+    monkeypatch.setattr("clipes.model.load_clip", load)  # the command imports it late
+    monkeypatch.setattr(run, "load_clip", load)
     return tiny_clip
 
 
