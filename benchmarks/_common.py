@@ -1,9 +1,12 @@
-"""What the benchmark scripts share: the model/device/dtype options and the name of the hardware."""
+"""What the benchmark scripts share: the model/device/dtype options, the name of the hardware, one process per mode."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -35,3 +38,16 @@ def hardware(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def run_modes(script: str, modes: list[str], json_out: Path | None) -> list[dict]:
+    """Run ``script`` once per mode in a fresh process (its own peak memory and warm-up), with this
+    command's arguments less ``--json``, and collect the JSON line each child prints last."""
+    argv = [a for a in sys.argv[1:] if a != "--json" and (json_out is None or a != str(json_out))]
+    rows = []
+    for mode in modes:
+        done = subprocess.run([sys.executable, script, *argv, "--mode", mode], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the {mode} run failed:\n{done.stderr}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from label_throughput import _images, _peak_bytes
 from rich.console import Console
 from rich.table import Table
 
-from _common import hardware, parser
+from _common import hardware, parser, run_modes
 
 
 def _cpu_seconds() -> float:
@@ -78,14 +76,7 @@ def main() -> None:
         print(json.dumps(run_mode(args)))
         return
 
-    rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, *[a for a in sys.argv[1:] if a not in ("--json", str(args.json))],
-               "--mode", mode]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"the {mode} run failed:\n{done.stderr}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = run_modes(__file__, args.modes.split(","), args.json)
     machine = hardware(args.device)
     result = {"model": args.model, "device": args.device, "hardware": machine, "dtype": args.dtype,
               "size": args.size, "threads": torch.get_num_threads(), "results": rows}

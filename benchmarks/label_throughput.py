@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
-from _common import GOLDEN, hardware, parser
+from _common import GOLDEN, hardware, parser, run_modes
 
 
 def _images(n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[list[int]]]:
@@ -124,15 +122,7 @@ def main() -> None:
         print(json.dumps(run_mode(args)))
         return
 
-    rows = []
-    for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--mode", mode, *[a for a in sys.argv[1:] if a != "--json"]]
-        if args.json:
-            cmd = [c for c in cmd if c != str(args.json)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"the {mode} run failed:\n{done.stderr}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    rows = run_modes(__file__, args.modes.split(","), args.json)
     gpu = hardware(args.device)
     result = {"model": args.model, "device": args.device, "hardware": gpu, "dtype": args.dtype,
               "size": args.size, "threads": torch.get_num_threads(), "results": rows}
