@@ -94,6 +94,9 @@ def train_seg_command(
         console.print(f"step {result['step']}, loss {result['loss']:.4f}"
                       + (f", best val mIoU {100 * best:.2f}" if best is not None else ", no validation set")
                       + f" -> {escape(result['checkpoint'])}", highlight=False)
+        if best is not None:
+            console.print(f"report {escape(result['checkpoint'])}: {escape(result['best_checkpoint'])} was selected "
+                          "on the validation set, so its score there is optimistic", highlight=False)
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
 
@@ -104,7 +107,9 @@ def _scales(value: str) -> str:
 
 def segment_command(
     images: Annotated[Path, typer.Argument(help="Folder of images.")],
-    checkpoint: Annotated[Path, typer.Option(help="A train-seg checkpoint (best.pt or last.pt).")],
+    checkpoint: Annotated[Path, typer.Option(
+        help="A train-seg checkpoint: last.pt (the one to report, as deeplab-pytorch does), or best.pt (selected "
+             "on the validation set: optimistic there).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predicted label PNGs.")],
     scales: Annotated[str, typer.Option(help="Comma-separated test scales, e.g. 0.75,1,1.25.",
                                         callback=_scales)] = "1",

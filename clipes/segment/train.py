@@ -453,7 +453,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             progress.update(task, advance=1)
     if info.world > 1:
         dist.barrier()
-    # the checkpoint to segment with: the best by validation mIoU, else (no validation set) the last
-    checkpoint = out / "best.pt" if best > float("-inf") else last
-    return {"step": step, "loss": loss_value, "best_miou": best if best > float("-inf") else None,
-            "checkpoint": str(checkpoint), "history": history}
+    # the checkpoint to report: the last, as deeplab-pytorch reports its final weights; best.pt is chosen by the
+    # validation mIoU, so its score on that same set is optimistic
+    validated = best > float("-inf")
+    return {"step": step, "loss": loss_value, "best_miou": best if validated else None, "checkpoint": str(last),
+            "best_checkpoint": str(out / "best.pt") if validated else None, "history": history}
