@@ -17,6 +17,7 @@ from clipes.segment.augment import (
     mmseg_augment,
     nearest_resize,
     rescale_size,
+    short_side_size,
 )
 from clipes.segment.config import load_config
 from clipes.segment.deeplabv2 import msc_loss, resize_labels
@@ -176,7 +177,9 @@ def test_mmseg_augment_pads_a_small_crop():
 
 
 def test_slide_windows_are_mmseg_grid():
-    # a 500x375 photo resized to 520 on its long side: 390x520, windows 480 / stride 320
+    # a 500x375 VOC photo at SETR's test size: short side 520, 520x693; windows 480 every 320
+    assert short_side_size(375, 500, 520) == (520, int(500 * 520 / 375 + 0.5)) == (520, 693)
+    assert short_side_size(500, 375, 520) == (693, 520)
     assert slide_windows(390, 520, 480, 320) == [(0, 390, 0, 480), (0, 390, 40, 520)]
     assert slide_windows(520, 693, 480, 320) == [(0, 480, 0, 480), (0, 480, 213, 693), (40, 520, 0, 480),
                                                  (40, 520, 213, 693)]

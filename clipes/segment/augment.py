@@ -23,7 +23,7 @@ from torch import Tensor
 from ..masks import IGNORE
 
 __all__ = ["MmsegAugment", "cat_max_crop", "mmseg_augment", "nearest_resize", "photometric_distortion",
-           "rescale_size"]
+           "rescale_size", "short_side_size"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ def rescale_size(h: int, w: int, target: int) -> tuple[int, int]:
     """mmcv ``imrescale`` to the square ``target``: factor min(target / long side, target / short side), each
     side ``int(side * factor + 0.5)``."""
     factor = min(target / max(h, w), target / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def short_side_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """SETR's test ``Resize`` (``dataset='pascal_context'``, keep_ratio): the short side to ``short``, each
+    side ``int(side * short / short side + 0.5)``."""
+    factor = short / min(h, w)
     return int(h * factor + 0.5), int(w * factor + 0.5)
 
 

@@ -89,7 +89,7 @@ class TrainConfig:
     base_size: int | None = None  # mmseg: the Resize img_scale the ratio multiplies
     cat_max_ratio: float | None = None  # mmseg RandomCrop: retry crops where one class covers more than this
     photometric: bool | None = None  # mmseg PhotoMetricDistortion
-    test_size: int | None = None  # segment: resize the image's long side to this first (mmseg keep_ratio)
+    test_size: int | None = None  # segment: resize the image's short side to this first (SETR's test Resize)
     test_crop: int | None = None  # segment: sliding-window crop (None: the whole image at once)
     test_stride: int | None = None
     loss: str = "ce"  # losses.LOSSES: the authors' plain CE, or AdvCAM's class-balanced CE

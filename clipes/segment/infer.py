@@ -20,7 +20,7 @@ from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
 from ..output import atomic_write, check_not_inputs, check_writable, encode_image, folder_lock
 from ..provenance import file_digest, input_stamp
-from .augment import rescale_size
+from .augment import short_side_size
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
 from .crf import DEEPLAB_CRF, crf_probabilities
@@ -95,12 +95,12 @@ def _rescaled(x: Tensor, s: float) -> Tensor:
 
 
 def _test_input(x: Tensor, s: float, cfg: TrainConfig) -> Tensor:
-    """The input at test scale ``s``: with the run's ``test_size`` (SETR's mmseg test pipeline) the image
-    rescaled to fit ``test_size * s`` with its aspect kept (mmcv's rounding), else ``x`` scaled by ``s``."""
+    """The input at test scale ``s``: with the run's ``test_size`` (SETR's test pipeline) the image resized so
+    that its short side is ``test_size * s`` (mmcv's rounding), else ``x`` scaled by ``s``."""
     size = getattr(cfg, "test_size", None)
     if not size:
         return x if s == 1.0 else _rescaled(x, s)
-    h, w = rescale_size(*x.shape[-2:], int(size * s))
+    h, w = short_side_size(*x.shape[-2:], int(size * s))
     return x if (h, w) == tuple(x.shape[-2:]) else F.interpolate(x, size=(h, w), mode="bilinear",
                                                                  align_corners=False)
 

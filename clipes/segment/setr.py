@@ -51,7 +51,8 @@ SETR_DECODERS = ("naive", "pup", "mla")
 # The loss is mmseg's CrossEntropyLoss (avg_non_ignore off): averaged over every pixel of the crops. The data
 # pipeline is configs/_base_/datasets/pascal_context.py's (segment/augment.py): Resize of the 520 base by a
 # ratio in [0.5, 2.0] (keep_ratio), RandomCrop 480 with cat_max_ratio 0.75, RandomFlip 0.5,
-# PhotoMetricDistortion, Pad with 0 / 255; test: the image resized to 520 (keep_ratio), slide 480 / stride 320.
+# PhotoMetricDistortion, Pad with 0 / 255; test: the short side resized to 520 (their Resize with
+# dataset='pascal_context'), then mmseg's sliding window, 480 every 320.
 _SETR_SGD: dict[str, Any] = {
     "optimizer": "sgd", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "min_lr": 1e-4, "crop": 480,
     "batch_size": 16, "accumulate": 1, "steps": 80000, "head_lr_mult": 10.0, "head_bias_lr_mult": 10.0,
