@@ -134,3 +134,16 @@ def test_segment_ignore_exif_keeps_the_stored_pixels(trained, tmp_path):
     assert res.exit_code == 0, res.output
     assert Image.open(tmp_path / "stored" / "p.png").size == (40, 24)
     assert json.loads((tmp_path / "stored" / "segment.json").read_text())["settings"]["ignore_exif"] is True
+
+
+def test_segment_split_file_takes_only_the_listed_images(trained, tmp_path):
+    data, ckpt = trained
+    stems = sorted(p.stem for p in (data / "val_images").iterdir())
+    listed = tmp_path / "val.txt"
+    listed.write_text(f"{stems[1]}\n")
+    res = _segment(data / "val_images", ckpt, tmp_path / "one", "--split-file", str(listed))
+    assert res.exit_code == 0, res.output
+    assert [p.stem for p in (tmp_path / "one").glob("*.png")] == [stems[1]]
+    listed.write_text(f"{stems[0]}\nnot_an_image\n")
+    res = _segment(data / "val_images", ckpt, tmp_path / "two", "--split-file", str(listed))
+    assert res.exit_code != 0 and "not_an_image" in res.output and not (tmp_path / "two").exists()

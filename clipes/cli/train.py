@@ -128,6 +128,9 @@ def segment_command(
                                   "bilateral 67/3/4), as DeepLab-v2 WSSS results are usually reported.")] = False,
     crf_backend: Annotated[str | None, typer.Option(
         help="torch or pydensecrf \\[torch on a GPU; pydensecrf on the CPU when installed].")] = None,
+    split_file: Annotated[Path | None, typer.Option(
+        help="Segment only the images this list names, one per line (e.g. VOC's ImageSets/Segmentation/val.txt) "
+             "\\[every image of IMAGES].")] = None,
     ignore_exif: Annotated[bool, typer.Option(
         "--ignore-exif", metavar="", help="Use the stored pixel order instead of the EXIF orientation (as the "
                                           "datasets' annotations are; clipes label --dataset does so).")] = False,
@@ -154,7 +157,8 @@ def segment_command(
             require_pydensecrf()
         with Progress(console=console) as progress:
             done, skipped, failed = segment_folder(checkpoint, images, out, dev, tuple(positive_floats(scales)), flip,
-                                                   overwrite, progress, crf=backend, exif=not ignore_exif)
+                                                   overwrite, progress, crf=backend, exif=not ignore_exif,
+                                                   split_file=split_file)
     console.print(f"segmented {done} image(s), {skipped} already done -> {escape(str(out))}", highlight=False)
     for why in failed:
         console.print(f"[yellow]unreadable[/] {escape(why)}", highlight=False)

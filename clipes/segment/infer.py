@@ -20,6 +20,7 @@ from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
 from ..output import atomic_write, check_not_inputs, check_writable, encode_image, folder_lock
 from ..provenance import file_digest, input_stamp
+from ..splits import read_split_file
 from .augment import short_side_size
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
@@ -138,6 +139,18 @@ def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: t
     return class_argmax(total[0]).to(torch.uint8).cpu().numpy()
 
 
+def listed_items(items: list[tuple[str, Path]], split_file: Path, images: Path) -> list[tuple[str, Path]]:
+    """The images of ``items`` that ``split_file`` names (by file stem, as the authors' lists); a listed name
+    without an image is refused."""
+    listed, _ = read_split_file(split_file)
+    by_name = {stem.rsplit("/", 1)[-1]: (stem, path) for stem, path in items}
+    unknown = [name for name in listed if name not in by_name]
+    if unknown:
+        raise ClipesError(f"--split-file {split_file}: {len(unknown)} of {len(listed)} listed image(s) are not in "
+                          f"{images}, e.g. {unknown[0]}")
+    return [by_name[name] for name in listed]
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -157,12 +170,13 @@ def _write_record(path: Path, settings: dict[str, Any], images: dict[str, Any]) 
 
 def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],
                    flip: bool, overwrite: bool, progress, save_every: float = 2.0, crf: str | None = None,
-                   exif: bool = True) -> tuple[int, int, list[str]]:
+                   exif: bool = True, split_file: Path | None = None) -> tuple[int, int, list[str]]:
     """Predict every image under ``images`` into ``out/<stem>.png``; returns done, skipped, failures.
 
     ``crf``: the dense CRF's backend (None: no CRF); ``exif``: turn photos by their EXIF orientation (False:
-    the pixels as stored, as dataset annotations are). ``out/segment.json`` records what made the predictions
-    (the checkpoint's content hash, scales, flip, CRF, EXIF) and each input's file, size and modification time.
+    the pixels as stored, as dataset annotations are); ``split_file``: only the images it lists (by stem).
+    ``out/segment.json`` records what made the predictions (the checkpoint's content hash, scales, flip, CRF,
+    EXIF) and each input's file, size and modification time.
     A rerun skips only images whose input and settings are unchanged; a folder made with other settings is
     refused unless ``overwrite``, which also removes the predictions of images no longer in the input.
     """
@@ -171,6 +185,8 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
     check_not_inputs({"--out": out}, {"the input folder": images, "--checkpoint": checkpoint})
     check_writable(out)  # a file, a file above it or a read-only place, before the model loads
     items = find_images(images)
+    if split_file is not None:
+        items = listed_items(items, split_file, images)
     settings = {"checkpoint": file_digest(checkpoint) if checkpoint.is_file() else str(checkpoint),
                 "scales": list(scales), "flip": flip}
     if crf is not None:  # recorded only when on: folders made before these options compare equal without them
