@@ -103,6 +103,8 @@ def test_presets_choose_loss_averaging_and_pipeline():
     assert load_config(None, {"model": "clip-setr-pup", "loss_norm": "labelled"}).loss_norm == "labelled"
     with pytest.raises(Exception, match="--loss"):
         load_config(None, {"model": "tiny", "loss": "focal"})
+    with pytest.raises(Exception, match="deeplab-pytorch"):  # its MSC loss has its own averaging: not silently
+        load_config(None, {"model": "deeplabv2-resnet101", "loss_norm": "all"})
 
 
 def test_rescale_size_is_mmcv_imrescale():

@@ -203,6 +203,9 @@ def _check_together(cfg: TrainConfig) -> None:
         raise ConfigError(f"scale_min {cfg.scale_min} is larger than scale_max {cfg.scale_max}")
     if cfg.batch_size % cfg.accumulate:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --accumulate {cfg.accumulate}")
+    if SEGMENTERS[cfg.model].recipe == "deeplab-pytorch" and (cfg.loss_norm, cfg.augment) != ("labelled", "clipes"):
+        raise ConfigError(f"{cfg.model} trains as deeplab-pytorch: each output's loss averaged over its labelled "
+                          "pixels and its own augmentation; loss_norm all and augment mmseg do not apply")
     stride = SEGMENTERS[cfg.model].stride
     if cfg.crop < stride:
         raise ConfigError(f"--crop {cfg.crop} is smaller than the model's stride {stride}")
