@@ -109,6 +109,10 @@ class FolderGroundTruth:
     def stems(self) -> list[str]:
         return list(self.paths)
 
+    def known(self) -> list[str]:
+        """Every image with ground truth (what a split list may name)."""
+        return list(self.paths)
+
     def mask(self, stem: str) -> np.ndarray:
         return read_label_png(self.paths[stem])
 

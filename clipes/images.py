@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from .errors import ClipesError
+from .names import IMAGE_SUFFIXES
 
 __all__ = [
     "CLIP_MEAN",
@@ -25,7 +26,6 @@ __all__ = [
     "to_rgb_or_gray",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 

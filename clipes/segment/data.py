@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import ClipesError
 from ..evaluate import read_label_png
 from ..images import find_images, read_image
+from .augment import MmsegAugment, mmseg_augment
 from .deeplabv2 import CAFFE_MEAN_BGR, caffe_input
 
 __all__ = ["PositionSampler", "SegDataset", "SegItem", "deeplab_augment", "pair_folders"]
@@ -62,7 +63,7 @@ class SegDataset(Dataset):
     def __init__(self, items: Sequence[SegItem], mean: Sequence[float], std: Sequence[float], *,
                  train: bool, crop: int = 321, scale: tuple[float, float] = (0.5, 1.5), flip: bool = True,
                  seed: int = 0, scales: Sequence[float] | None = None, num_classes: int | None = None,
-                 recipe: str = "clipes", exif: bool = True) -> None:
+                 recipe: str = "clipes", exif: bool = True, mmseg: MmsegAugment | None = None) -> None:
         self.items = list(items)
         self.mean = np.asarray(mean, dtype=np.float32) * 255
         self.std = np.asarray(std, dtype=np.float32) * 255
@@ -70,6 +71,7 @@ class SegDataset(Dataset):
         self.scales = list(scales) if scales else None
         self.num_classes = num_classes
         self.recipe, self.exif = recipe, exif
+        self.mmseg = mmseg  # SETR's pipeline (segment/augment.py) instead of clipes' scale-crop-flip
 
     def __len__(self) -> int:
         return len(self.items)
@@ -117,6 +119,8 @@ class SegDataset(Dataset):
             if self.train:
                 return deeplab_augment(np.asarray(img), labels, weight, rng, self.scales or [1.0], self.crop, self.flip)
             x = caffe_input(np.asarray(img))
+        elif self.train and self.mmseg is not None:
+            return mmseg_augment(np.asarray(img), labels, weight, rng, self.mmseg, self.mean, self.std)
         elif self.train:
             return self._augment(img, labels, weight, rng)
         else:

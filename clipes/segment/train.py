@@ -36,10 +36,12 @@ from ..masks import IGNORE, class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
 from ..output import atomic_write, check_not_inputs, check_writable, folder_lock, named_file
 from ..prompts import load_class_set
+from .augment import MmsegAugment
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
 from .data import PositionSampler, SegDataset, SegItem, pair_folders
 from .deeplabv2 import msc_loss
+from .losses import balanced_ce, loss_norm
 from .models import SEGMENTERS, build_segmenter, head_parameters
 
 __all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "segmentation_loss", "train"]
@@ -54,12 +56,25 @@ def cgl_loss(logits: Tensor, labels: Tensor, weights: Tensor, norm: Tensor | flo
 
 
 def segmentation_loss(out: Tensor | Sequence[tuple[float, Tensor]], labels: Tensor, weights: Tensor,
-                      norm: Tensor | float) -> Tensor:
+                      norm: Tensor | float, loss: str = "ce") -> Tensor:
     """CGL of a model's output: its logits, or the weighted sum over ``(loss weight, logits)`` pairs of a
-    model with auxiliary heads (mmseg's sum of each head's loss times its ``loss_weight``)."""
+    model with auxiliary heads (mmseg's sum of each head's loss times its ``loss_weight``). ``loss``
+    "balanced-ce": the class-balanced cross-entropy of these pixels instead (``norm`` unused)."""
+    def one(logits: Tensor) -> Tensor:
+        return balanced_ce(logits, labels, weights) if loss == "balanced-ce" else cgl_loss(logits, labels, weights,
+                                                                                            norm)
+
     if isinstance(out, Tensor):
-        return cgl_loss(out, labels, weights, norm)
-    return sum(w * cgl_loss(logits, labels, weights, norm) for w, logits in out)  # type: ignore[return-value]
+        return one(out)
+    return sum(w * one(logits) for w, logits in out)  # type: ignore[return-value]
+
+
+def mmseg_settings(cfg: TrainConfig) -> MmsegAugment | None:
+    """SETR's training pipeline from the run's settings (``augment: mmseg``), else None (clipes' own)."""
+    if cfg.augment != "mmseg":
+        return None
+    return MmsegAugment(base=cfg.base_size, ratio_range=(cfg.scale_min, cfg.scale_max), crop=cfg.crop,
+                        cat_max_ratio=cfg.cat_max_ratio or 1.0, photometric=bool(cfg.photometric))
 
 
 def _seed_everything(seed: int) -> None:
@@ -300,6 +315,15 @@ def train(cfg: TrainConfig, console: Console | None = None, config_file: Path | 
             raise ClipesError(_out_of_memory(cfg, device)) from None
 
 
+def _not_finite(value: float, step: int, cfg: TrainConfig) -> str:
+    """What to do when the loss diverges: a lower --lr, or the class-balanced loss (AdvCAM's), which a
+    reproduction of CLIP-ES's DeepLab-v2 from the ImageNet init needed at lr 2e-4."""
+    fix = "lower --lr" if cfg.loss == "balanced-ce" else (
+        "lower --lr, or train with --loss balanced-ce (AdvCAM's class-balanced cross-entropy: a reproduction of "
+        "DeepLab-v2 from the ImageNet init needed it at lr 2e-4)")
+    return f"loss became {value} at step {step} (--lr {cfg.lr:g}, --loss {cfg.loss}); {fix}"
+
+
 def _out_of_memory(cfg: TrainConfig, device: torch.device) -> str:
     """What to do when a step does not fit: the batch in more parts (same result), else a smaller crop."""
     where = "GPU" if device.type == "cuda" else "host"
@@ -366,7 +390,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     msc = spec.recipe == "deeplab-pytorch"
     exif = not cfg.dataset  # a dataset's annotations are of the pixels as stored
     train_set = SegDataset(items, spec.mean, spec.std, train=True, crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max),
-                           scales=cfg.scales, seed=cfg.seed, num_classes=num_classes, recipe=spec.recipe, exif=exif)
+                           scales=cfg.scales, seed=cfg.seed, num_classes=num_classes, recipe=spec.recipe, exif=exif,
+                           mmseg=mmseg_settings(cfg))
     stop = min(cfg.steps, cfg.stop_at or cfg.steps)
     sampler = PositionSampler(len(train_set), cfg.batch_size, stop, start, cfg.seed, info.rank, info.world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -397,10 +422,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             x = x.to(device, non_blocking=True)
             if not msc:  # deeplab-pytorch's loss resizes the labels on the CPU, per output
                 labels, weights = labels.to(device, non_blocking=True), weights.to(device, non_blocking=True)
-                valid = ((labels != IGNORE) * weights).sum()
-                if info.world > 1:
-                    dist.all_reduce(valid)
-                norm = valid.clamp_min(1e-6) / info.world  # DDP averages gradients over ranks
+                norm = loss_norm(labels, weights, cfg.loss_norm, info.world)  # DDP averages gradients over ranks
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
             parts = list(zip(x.chunk(cfg.accumulate), labels.chunk(cfg.accumulate), weights.chunk(cfg.accumulate),
@@ -411,7 +433,9 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         output = model(xk)
                     if msc:  # each part's mean over its own pixels, divided by the parts (main.py's iter_size)
-                        loss = msc_loss(output, lk, wk, info.world)[0] / len(parts)
+                        loss = msc_loss(output, lk, wk, info.world, cfg.loss)[0] / len(parts)
+                    elif cfg.loss == "balanced-ce":  # each part's balanced mean, averaged over the parts
+                        loss = segmentation_loss(output, lk, wk, norm, cfg.loss) / len(parts)
                     else:
                         loss = segmentation_loss(output, lk, wk, norm)
                     loss.backward()
@@ -430,7 +454,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step in (stop, cfg.steps):
                 for r, value in zip(records, torch.stack(unread).tolist(), strict=True):
                     if not math.isfinite(value):
-                        raise ClipesError(f"loss became {value} at step {r['step']}; lower --lr")
+                        raise ClipesError(_not_finite(value, r["step"], cfg))
                     r["loss"] = loss_value = value
                 unread.clear()
                 records.clear()
@@ -453,7 +477,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             progress.update(task, advance=1)
     if info.world > 1:
         dist.barrier()
-    # the checkpoint to segment with: the best by validation mIoU, else (no validation set) the last
-    checkpoint = out / "best.pt" if best > float("-inf") else last
-    return {"step": step, "loss": loss_value, "best_miou": best if best > float("-inf") else None,
-            "checkpoint": str(checkpoint), "history": history}
+    # the checkpoint to report: the last, as deeplab-pytorch reports its final weights; best.pt is chosen by the
+    # validation mIoU, so its score on that same set is optimistic
+    validated = best > float("-inf")
+    return {"step": step, "loss": loss_value, "best_miou": best if validated else None, "checkpoint": str(last),
+            "best_checkpoint": str(out / "best.pt") if validated else None, "history": history}
