@@ -113,6 +113,23 @@ def _palette_mask(mask: np.ndarray) -> Image.Image:
     return img
 
 
+def read_cams(path: Path) -> list[tuple[int, np.ndarray]]:
+    """(class, refined CAM) pairs of a run's ``cams/<stem>.npz``: integer classes, one 2-D map of numbers each;
+    a one-line error naming the file for anything else (a file edited or not made by clipes)."""
+    try:
+        with np.load(path) as data:
+            labels, cams = data["labels"], data["cam_refined"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ClipesError(f"{path}: cannot read saved CAMs ({type(e).__name__}: {e})") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ClipesError(f"{path}: 'labels' must be a list of class numbers, not {labels.dtype} of shape "
+                          f"{labels.shape}")
+    if cams.ndim != 3 or len(cams) != len(labels) or not np.issubdtype(cams.dtype, np.number):
+        raise ClipesError(f"{path}: 'cam_refined' must hold one 2-D map of numbers per label ({len(labels)}), not "
+                          f"{cams.dtype} of shape {cams.shape}")
+    return [(int(c), cam) for c, cam in zip(labels, cams, strict=True)]
+
+
 def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -> Path:
     """Write ``run/view/index.html`` with thumbnails; rows sortable, worst IoU first when ``gt`` is given.
 
@@ -189,11 +206,7 @@ def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -
             cams_html: list[str] = []
             cam_file = run / "cams" / f"{stem}.npz"
             if cam_file.is_file() and image is not None:
-                try:
-                    with np.load(cam_file) as data:
-                        cams = list(zip(data["labels"], data["cam_refined"], strict=True))
-                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-                    raise ClipesError(f"{cam_file}: cannot read saved CAMs ({type(e).__name__}: {e})") from None
+                cams = read_cams(cam_file)
                 for j, (c, cam) in enumerate(cams):
                     cam_src = quote(f"cam/{stem}.{j}.jpg")
                     atomic_write(view / "cam" / f"{stem}.{j}.jpg", _thumb(heatmap(image, cam), thumb // 2))
