@@ -292,3 +292,236 @@ def test_the_pixel_limit_is_one_setting_for_photos_and_masks(tmp_path, monkeypat
     with pytest.raises(Exception, match="CLIPES_MAX_PIXELS='lots': give a whole number"):
         read_label_png(tmp_path / "m.png")
     assert os.environ[MAX_PIXELS_ENV] == "lots"
+
+
+# ---------------------------------------------------------------- item 4: poisoned CLIP weights
+
+def test_a_clip_file_with_nan_vision_weights_is_refused_naming_the_tensor(made, tmp_path, golden):
+    """``label`` with a CLIP whose vision weights are NaN wrote all-zero masks with exit 0."""
+    import torch
+
+    state = torch.load(golden / "tiny-clip-vit-b16-random.pt", weights_only=True)
+    state["visual.conv1.weight"] = torch.full_like(state["visual.conv1.weight"], float("nan"))
+    torch.save(state, tmp_path / "nan.pt")
+    before = _inputs(made)
+    res = _invoke("label", made["photos"], "--out", tmp_path / "out", "--model", tmp_path / "nan.pt", "--device",
+                  "cpu", "--workers", "0")
+    _clear_error(res, f"--model {tmp_path / 'nan.pt'}: tensor visual.conv1.weight holds NaN or infinite values")
+    assert _inputs(made) == before and not (tmp_path / "out").exists()
+
+
+def _transformers_folder(tmp_path: Path, **save) -> Path:
+    from .test_transformers_clip import _config, _save  # skips where transformers is not installed
+
+    folder = tmp_path / "hf-clip"
+    model = _save(tmp_path / "unsharded", _config())
+    if not save:
+        return tmp_path / "unsharded"
+    model.save_pretrained(folder, **save)
+    shutil.copy(tmp_path / "unsharded" / "config.json", folder)
+    return folder
+
+
+def _label_error(made, tmp_path: Path, model: Path, *expect: str) -> None:
+    before = _inputs(made, model)
+    res = _invoke("label", made["photos"], "--out", tmp_path / "out", "--model", model, "--device", "cpu",
+                  "--workers", "0")
+    _clear_error(res, *expect)
+    assert _inputs(made, model) == before and not (tmp_path / "out").exists()
+
+
+def test_a_transformers_folder_with_nan_weights_is_refused(made, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _transformers_folder(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["vision_model.encoder.layers.1.mlp.fc2.bias"][3] = float("inf")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    _label_error(made, tmp_path, folder, "tensor visual.transformer.resblocks.1.mlp.c_proj.bias holds NaN or "
+                 "infinite values (1 of 64)")
+
+
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(made, tmp_path):
+    """``model.safetensors.index.json`` naming ``../elsewhere/...`` read weights from outside the folder."""
+    folder = _transformers_folder(tmp_path, max_shard_size="2MB")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(folder / shard, tmp_path / "elsewhere" / shard)
+    index["weight_map"] = {k: f"../elsewhere/{v}" if v == shard else v for k, v in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    _label_error(made, tmp_path, folder, f"shard '../elsewhere/{shard}' is not a file name inside {folder}")
+
+
+def test_a_transformers_config_is_compared_with_its_weights_before_building(made, tmp_path):
+    """A config claiming 20000 vision blocks (weights of 3) built the model first: past 2 GB for minutes."""
+    folder = _transformers_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 20000
+    (folder / "config.json").write_text(json.dumps(config))
+    _label_error(made, tmp_path, folder, f"{folder}: its config gives the vision tower 20000 layers, its weights "
+                 "hold 3")
+
+
+# ---------------------------------------------------------------- item 4: hostile segment checkpoints
+
+@pytest.fixture(scope="module")
+def seg_data(tmp_path_factory) -> Path:
+    from .synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("seg4"), n_train=4, n_val=2, size=32)
+
+
+def _train_args(data: Path, out: Path, *extra) -> list[str]:
+    from .test_segment_trust import _args
+
+    return _args(data, out, *map(str, extra))
+
+
+@pytest.fixture(scope="module")
+def clip_ckpt(seg_data, tmp_path_factory) -> Path:
+    """A clip-linear checkpoint (its CLIP layout recorded) of a tiny CLIP, trained one step."""
+    import torch
+
+    from .conftest import make_tiny_openclip
+
+    root = tmp_path_factory.mktemp("ckpt4")
+    torch.save(make_tiny_openclip(seed=3, image=32).state_dict(), root / "clip.pt")
+    args = _train_args(seg_data, root / "seg", "--clip-model", root / "clip.pt")
+    args[args.index("--model") + 1] = "clip-linear"
+    args[args.index("--steps") + 1] = "1"
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return root / "seg" / "last.pt"
+
+
+def _segment_error(seg_data, tmp_path: Path, source: Path, edit, *expect: str) -> None:
+    import torch
+
+    from .test_segment_trust import _fails
+
+    ckpt = torch.load(source, weights_only=True)
+    edit(ckpt)
+    bad = tmp_path / "bad.pt"
+    torch.save(ckpt, bad)
+    before = _digests(seg_data, bad)
+    res = runner.invoke(app, ["segment", str(seg_data / "val_images"), "--checkpoint", str(bad), "--out",
+                              str(tmp_path / "pred"), "--device", "cpu"])
+    _fails(res, str(bad), *expect)
+    assert _digests(seg_data, bad) == before and not (tmp_path / "pred").exists()
+
+
+def _nan_weight(ckpt):
+    key = sorted(ckpt["model"])[0]
+    ckpt["model"][key] = ckpt["model"][key].float().fill_(float("nan"))
+
+
+@pytest.mark.parametrize(("edit", "expect"), [
+    (_nan_weight, "holds NaN or infinite values"),
+    (lambda c: c.update(classes=7), "'classes' must be a list of class names, not 7"),
+    (lambda c: c["arch"]["clip_vision"].update(layers="twelve"), "layers must be a whole number above 0, not "
+                                                                  "'twelve'"),
+    (lambda c: c["arch"]["clip_vision"].update(layers=20000), "layers 20000, but its weights have 4"),
+    (lambda c: c["arch"]["clip_vision"].update(image_size=160000), "image_size 160000 / patch_size 16 makes"),
+    (lambda c: c["arch"]["clip_vision"].update(quick_gelu="yes"), "quick_gelu must be true or false"),
+    (lambda c: c.update(arch=[1]), "'arch' must be a mapping"),
+])
+def test_a_hostile_segment_checkpoint_is_one_line_before_anything_is_built(seg_data, clip_ckpt, tmp_path, edit,
+                                                                         expect):
+    """A NaN checkpoint gave all-zero masks; ``layers: "twelve"`` or ``classes: 7`` a TypeError; a huge
+    recorded layout an allocator error."""
+    _segment_error(seg_data, tmp_path, clip_ckpt, edit, expect)
+
+
+# ---------------------------------------------------------------- items 5 and 6: train-seg refuses up front
+
+def _train_error(seg_data, tmp_path: Path, args: list[str], *expect: str, inputs: tuple[Path, ...] = ()) -> None:
+    from .test_segment_trust import _fails
+
+    before = _digests(seg_data, *inputs)
+    _fails(runner.invoke(app, args), *expect)
+    assert _digests(seg_data, *inputs) == before and not (tmp_path / "o").exists()
+
+
+def _masks_copy(seg_data: Path, tmp_path: Path, edit) -> Path:
+    masks = Path(shutil.copytree(seg_data / "noisy", tmp_path / "masks"))
+    edit(sorted(masks.glob("*.png")))
+    return masks
+
+
+def test_masks_that_are_all_ignored_are_refused(seg_data, tmp_path):
+    """Masks 255 everywhere wrote a checkpoint trained on nothing."""
+    masks = _masks_copy(seg_data, tmp_path, lambda pngs: [Image.fromarray(np.full((32, 32), 255, np.uint8)).save(p)
+                                                          for p in pngs])
+    args = _train_args(seg_data, tmp_path / "o")
+    args[args.index("--masks") + 1] = str(masks)
+    _train_error(seg_data, tmp_path, args, "is 255 (ignored)", "nothing to train on", inputs=(masks,))
+
+
+def test_a_mask_value_beyond_the_class_set_is_found_before_the_first_step(seg_data, tmp_path):
+    """A mask value of 40 was found only when a step happened to load that image."""
+    def edit(pngs):
+        arr = np.asarray(Image.open(pngs[-1])).copy()
+        arr[0, 0] = 40
+        Image.fromarray(arr).save(pngs[-1])
+    masks = _masks_copy(seg_data, tmp_path, edit)
+    args = _train_args(seg_data, tmp_path / "o", "--steps", "1")
+    args[args.index("--masks") + 1] = str(masks)
+    _train_error(seg_data, tmp_path, args, str(sorted(masks.glob("*.png"))[-1]), "mask value(s) 40 are not classes",
+                 inputs=(masks,))
+
+
+@pytest.mark.parametrize("value", [-5.0, 1e30, float("nan")])
+def test_confidences_outside_0_1_are_refused_naming_the_file(seg_data, tmp_path, value):
+    """Confidences of -5 or 1e30 were used as pixel weights; NaN ones gave only "loss became nan"."""
+    cams = tmp_path / "run" / "cams"
+    cams.mkdir(parents=True)
+    for k, img in enumerate(sorted((seg_data / "images").glob("*.png"))):
+        conf = np.full((32, 32), 0.9, np.float32)
+        conf[3, 4] = value if k == 2 else 0.5
+        np.savez(cams / f"{img.stem}.npz", labels=np.zeros(1, np.int64), cam_refined=np.zeros((1, 32, 32), np.float32),
+                 confidence=conf)
+    third = sorted(cams.glob("*.npz"))[2]
+    _train_error(seg_data, tmp_path, _train_args(seg_data, tmp_path / "o", "--confidence", tmp_path / "run"),
+                 str(third), "confidences are pixel weights in [0, 1]", inputs=(cams,))
+
+
+def test_deeplabv3_with_one_image_a_step_is_refused_with_the_reason(seg_data, tmp_path):
+    """``--model deeplabv3-resnet50 --batch-size 1``: "Expected more than 1 value per channel" traceback."""
+    args = _train_args(seg_data, tmp_path / "o", "--backbone-weights", "random", "--accumulate", "1")
+    args[args.index("--model") + 1] = "deeplabv3-resnet50"
+    args[args.index("--batch-size") + 1] = "1"
+    _train_error(seg_data, tmp_path, args, "--batch-size 1: deeplabv3-resnet50 trains a BatchNorm on a pooled 1x1 "
+                 "map", "use --batch-size 2 or more")
+
+
+@pytest.mark.parametrize("case", ["resnet18", "nan"])
+def test_backbone_weights_of_another_resnet_or_not_finite_are_one_line(seg_data, tmp_path, case):
+    """A ResNet-18 file for deeplabv3-resnet50: size-mismatch RuntimeError; NaN weights: "loss became nan"."""
+    import torch
+    from torchvision.models import resnet18
+
+    if case == "resnet18":
+        state = resnet18().state_dict()
+        expect = ("not a torchvision ResNet-50 state dict (layer1.0.conv1.weight is (64, 64, 3, 3), ResNet-50's is "
+                  "(64, 64, 1, 1))")
+    else:
+        state = {"conv1.weight": torch.full((64, 3, 7, 7), float("nan"))}
+        expect = "tensor conv1.weight holds NaN or infinite values"
+    weights = tmp_path / "backbone.pth"
+    torch.save(state, weights)
+    args = _train_args(seg_data, tmp_path / "o", "--backbone-weights", weights)
+    args[args.index("--model") + 1] = "deeplabv3-resnet50"
+    _train_error(seg_data, tmp_path, args, str(weights), expect, inputs=(weights,))
+
+
+# ---------------------------------------------------------------- item 6: view with a bad CAM file
+
+def test_view_with_string_labels_in_a_cam_file_is_one_line(run):
+    """``view`` with string labels in ``cams/*.npz``: ValueError traceback."""
+    (run / "cams").mkdir()
+    np.savez(run / "cams" / "a.npz", labels=np.array(["cat"]), cam_refined=np.zeros((1, 48, 64), np.float32))
+    before = _digests(run)
+    res = _invoke("view", run)
+    _clear_error(res, str(run / "cams" / "a.npz"), "'labels' must be a list of class numbers")
+    assert _digests(run) == before and not (run / "view").exists()
