@@ -495,13 +495,17 @@ def test_deeplabv3_with_one_image_a_step_is_refused_with_the_reason(seg_data, tm
                  "map", "use --batch-size 2 or more")
 
 
-@pytest.mark.parametrize("case", ["resnet18", "nan"])
+@pytest.mark.parametrize("case", ["resnet18", "nan", "deeplabv2-nan"])
 def test_backbone_weights_of_another_resnet_or_not_finite_are_one_line(seg_data, tmp_path, case):
     """A ResNet-18 file for deeplabv3-resnet50: size-mismatch RuntimeError; NaN weights: "loss became nan"."""
     import torch
     from torchvision.models import resnet18
 
-    if case == "resnet18":
+    model = "deeplabv3-resnet50"
+    if case == "deeplabv2-nan":
+        model, state = "deeplabv2-resnet101", {"layer1.conv1.conv.weight": torch.full((64, 64, 1, 1), float("nan"))}
+        expect = "tensor layer1.conv1.conv.weight holds NaN or infinite values"
+    elif case == "resnet18":
         state = resnet18().state_dict()
         expect = ("not a torchvision ResNet-50 state dict (layer1.0.conv1.weight is (64, 64, 3, 3), ResNet-50's is "
                   "(64, 64, 1, 1))")
@@ -511,7 +515,7 @@ def test_backbone_weights_of_another_resnet_or_not_finite_are_one_line(seg_data,
     weights = tmp_path / "backbone.pth"
     torch.save(state, weights)
     args = _train_args(seg_data, tmp_path / "o", "--backbone-weights", weights)
-    args[args.index("--model") + 1] = "deeplabv3-resnet50"
+    args[args.index("--model") + 1] = model
     _train_error(seg_data, tmp_path, args, str(weights), expect, inputs=(weights,))
 
 
