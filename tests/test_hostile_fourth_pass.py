@@ -114,7 +114,9 @@ def test_export_never_replaces_a_folder_it_did_not_write(made, tmp_path, fmt, ov
     out = _saved_dataset(tmp_path / "mine") if fmt == "hf" else _cvat_download(tmp_path / "mine")
     before = _inputs(made, out)
     res = _invoke("export", made["run"], "-f", fmt, "-o", out, *overwrite)
-    _clear_error(res, f"--out {out} holds other files (not an earlier clipes export)", "even with --overwrite")
+    shown = "data-00000-of-00001.arrow, dataset_info.json, state.json" if fmt == "hf" else \
+        "JPEGImages, SegmentationClass, SegmentationObject and 1 more"
+    _clear_error(res, f"--out {out} holds other files ({shown}; not an earlier clipes export)", "even with --overwrite")
     assert _inputs(made, out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 

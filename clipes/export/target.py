@@ -74,8 +74,11 @@ def check_target(out: Path, inputs: dict[str, Path], folder: bool, identity: dic
         found = read_identity(out)
         if found is None and (folder or not overwrite):
             if folder:
-                raise OutputError(f"--out {out} holds other files (not an earlier clipes export); clipes replaces "
-                                  "only folders it wrote, even with --overwrite: choose an empty or new folder")
+                names = sorted(p.name for p in out.iterdir())
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                raise OutputError(f"--out {out} holds other files ({shown}; not an earlier clipes export); clipes "
+                                  "replaces only folders it wrote, even with --overwrite: choose an empty or new "
+                                  "folder")
             raise OutputError(f"--out {out} is a file clipes export did not write; --overwrite replaces it, or "
                               "choose a new name")
         if found is not None and found != identity and not overwrite:
