@@ -505,7 +505,7 @@ def test_backbone_weights_of_another_resnet_or_not_finite_are_one_line(seg_data,
 
     model = "deeplabv3-resnet50"
     if case == "deeplabv2-nan":
-        model, state = "deeplabv2-resnet101", {"layer1.conv1.conv.weight": torch.full((64, 64, 1, 1), float("nan"))}
+        model, state = "deeplabv2-resnet101", {"layer1.conv1.conv.weight": torch.full((64, 3, 7, 7), float("nan"))}
         expect = "tensor layer1.conv1.conv.weight holds NaN or infinite values"
     elif case == "resnet18":
         state = resnet18().state_dict()
