@@ -16,6 +16,7 @@ from torch import nn
 
 from .defaults import DEFAULT_MODEL, MODEL_ENV
 from .errors import ClipesError, brief
+from .weights import check_finite
 
 __all__ = [
     "DEFAULT_MODEL", "MODEL_ENV", "ClipModel", "ModelLoadError", "cast_vision_weights", "fp32_layer_norms", "load_clip",
@@ -275,6 +276,7 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + _HOW_TO.format(flag=flag, name=spec)) from e
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
         raise ModelLoadError(f"{spec!r} is not a CLIP ViT (clipes needs a vision transformer)")
+    check_finite(model.state_dict().items(), f"{flag} {spec}", ModelLoadError)  # every tower, by any path above
     model = fp32_layer_norms(model.to(device=device, dtype=torch.float32).eval().requires_grad_(False))
     cast_vision_weights(model, dtype)
     return ClipModel(model=model, tokenizer=tokenizer or _tokenizer_for(arch), spec=spec, arch=arch)

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ClipesError
 from ..masks import IGNORE
+from ..weights import check_finite
 
 __all__ = ["CAFFE_MEAN_BGR", "DeepLabV2MSC", "InitReport", "caffe_input", "load_deeplab_weights", "msc_loss",
            "resize_labels"]
@@ -235,6 +236,7 @@ def load_deeplab_weights(model: DeepLabV2MSC, path: str) -> InitReport:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ClipesError(f"--backbone-weights {path}: not a state dict")
+    check_finite(state.items(), f"--backbone-weights {path}")
     own = model.state_dict()
     report = InitReport(path)
     chosen = {}

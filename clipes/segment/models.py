@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..errors import ClipesError
 from ..images import CLIP_MEAN, CLIP_STD
 from ..vit import block_forward, embed
+from ..weights import check_finite
 from .deeplabv2 import DeepLabV2MSC, caffe_input, load_deeplab_weights
 
 __all__ = [
@@ -251,6 +252,19 @@ def _clip(head: str):
     return build
 
 
+def check_backbone_state(backbone: nn.Module, state: dict, source: str, depth: int) -> None:
+    """Backbone weights fit ``backbone`` tensor by tensor (a ResNet-18 file for a ResNet-50 is refused naming the
+    first tensor of another shape, not a size-mismatch traceback) and are finite."""
+    own = backbone.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ClipesError(f"{source}: {key} is not a tensor; not a torchvision ResNet-{depth} state dict")
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise ClipesError(f"{source}: not a torchvision ResNet-{depth} state dict ({key} is "
+                              f"{tuple(value.shape)}, ResNet-{depth}'s is {tuple(own[key].shape)})")
+    check_finite(state.items(), source)
+
+
 def _load_backbone(backbone: nn.Module, weights: str | None, depth: int, imagenet) -> None:
     """ImageNet weights for a torchvision ResNet (``imagenet``/None: torchvision's download or cache), a local
     torchvision ResNet state dict, or ``random``."""
@@ -274,6 +288,7 @@ def _load_backbone(backbone: nn.Module, weights: str | None, depth: int, imagene
     if not isinstance(state, dict):
         raise ClipesError(f"--backbone-weights {weights}: not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    check_backbone_state(backbone, state, source, depth)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if unexpected or missing:

@@ -39,7 +39,7 @@ from ..prompts import load_class_set
 from .augment import MmsegAugment
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
-from .data import PositionSampler, SegDataset, SegItem, pair_folders
+from .data import PositionSampler, SegDataset, SegItem, check_training_data, pair_folders
 from .deeplabv2 import msc_loss
 from .losses import balanced_ce, loss_norm
 from .models import SEGMENTERS, build_segmenter, head_parameters
@@ -335,6 +335,23 @@ def _out_of_memory(cfg: TrainConfig, device: torch.device) -> str:
             f"{cfg.accumulate}: {part} image(s) a pass) at --crop {cfg.crop}; {fix}")
 
 
+def _check_batch_norm(model: nn.Module, cfg: TrainConfig, per_step: int, synced: bool) -> None:
+    """Refuse batches of one image where a training BatchNorm normalises a pooled 1x1 map (the image-pooling
+    branch of DeepLabv3's ASPP): one value per channel has no batch statistics, and torch stops at the first
+    step with "Expected more than 1 value per channel". SyncBatchNorm over several GPUs sees them all."""
+    if per_step > 1 or synced:
+        return
+    model.train()
+    for name, module in model.named_modules():
+        children = list(module.children())
+        pooled = any(isinstance(c, nn.AdaptiveAvgPool2d) and c.output_size in (1, (1, 1)) for c in children)
+        if pooled and any(isinstance(c, nn.modules.batchnorm._BatchNorm) and c.training for c in children):
+            raise ClipesError(f"--batch-size {cfg.batch_size}"
+                              + (f" (--accumulate {cfg.accumulate})" if cfg.accumulate > 1 else "")
+                              + f": {cfg.model} trains a BatchNorm on a pooled 1x1 map ({name}), which needs at "
+                              "least 2 images a step; use --batch-size 2 or more")
+
+
 def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo, held: ExitStack,
            config_file: Path | None = None) -> dict[str, Any]:
     """``held`` keeps rank 0's lock on the run folder until training ends."""
@@ -354,6 +371,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                           f"no saved confidence (cams/<stem>.npz), e.g. {unweighted[0]}; give the clipes label run "
                           "of these images made with --crf --save-cams")
     val_items = _items(cfg, val=True)
+    check_training_data(items, num_classes)
     _check_run_folder(out, cfg, config_file)
     last = out / "last.pt"
     ckpt = load_checkpoint(last) if cfg.resume else None
@@ -363,6 +381,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     _seed_everything(cfg.seed)
     model = build_segmenter(cfg.model, num_classes, clip_model=cfg.clip_model, freeze_backbone=cfg.freeze_backbone,
                             backbone_weights=cfg.backbone_weights, freeze_bn=cfg.freeze_bn).to(device)
+    _check_batch_norm(model, cfg, cfg.batch_size // info.world // cfg.accumulate, info.world > 1 and
+                      device.type == "cuda")
     report = getattr(model, "init_report", None)
     if report is not None and info.is_main:  # which keys of a deeplab-pytorch init file were used, which not
         console.print(escape(report.summary()), highlight=False)
