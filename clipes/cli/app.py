@@ -48,17 +48,17 @@ def _version(value: bool) -> None:
 def _refine(value: str | None) -> str | None:
     if value is None:
         return value
-    from ..refiners import REFINERS
+    from ..method_options import REFINER_FLAGS  # the names, without torch
 
-    if value not in (*REFINERS, "none"):
-        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINERS)} or none")
+    if value not in (*REFINER_FLAGS, "none"):
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINER_FLAGS)} or none")
     return value
 
 
 def _crf_backend(value: str | None) -> str | None:
     if value is None:
         return value
-    from ..refiners.crf_torch import CRF_BACKENDS
+    from ..method_options import CRF_BACKENDS
 
     if value not in CRF_BACKENDS:
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CRF_BACKENDS)}")

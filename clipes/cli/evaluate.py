@@ -16,8 +16,8 @@ from rich.table import Table
 from ..errors import ClipesError
 from .common import make_console, positive_floats, reported_errors, run_class_set, write_output
 
-# clipes.evaluate, clipes.masks and clipes.output load torch: imported where used, so that --help and usage
-# errors come back at once
+# clipes.evaluate, clipes.masks and clipes.output are imported where used, so that --help and usage errors come
+# back at once; none of them loads torch (numpy does eval's work)
 
 
 class _Masks:
@@ -37,8 +37,9 @@ class _Masks:
 
 
 # the two ways the reference scores background from saved CAMs (eval_cam.py): a power of 1 - max, or a constant;
-# each a function of clipes.masks
-_BACKGROUND = {"power": ("background power", "pseudo_mask"), "threshold": ("background threshold", "threshold_mask")}
+# each a numpy function of clipes.masks
+_BACKGROUND = {"power": ("background power", "pseudo_mask_np"),
+               "threshold": ("background threshold", "threshold_mask_np")}
 
 
 class _Cams(_Masks):
@@ -56,8 +57,6 @@ class _Cams(_Masks):
         return f"{self.folder / f'{stem}.npz'} ({self.name} {self.value:g})"
 
     def __call__(self, stem: str) -> np.ndarray | None:
-        import torch
-
         path = self.folder / f"{stem}.npz"
         if not path.is_file():
             return None
@@ -71,7 +70,7 @@ class _Cams(_Masks):
         if cams.ndim != 3 or labels.ndim != 1 or len(cams) != len(labels) or not np.isfinite(cams).all():
             raise ClipesError(f"{path}: 'cam_refined' {cams.shape} and 'labels' {labels.shape} are not one finite "
                               "map per label; delete it and rerun clipes label --save-cams")
-        return self.make(torch.from_numpy(cams), torch.from_numpy(labels.astype(np.int64)), self.value).numpy()
+        return self.make(cams, labels.astype(np.int64), self.value)
 
 
 def _no_nan(value):

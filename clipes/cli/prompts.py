@@ -275,9 +275,8 @@ def show_command(
         help="Show the prompts with these templates (one per line) instead of the class set's.")] = None,
 ) -> None:
     """Print the exact prompt strings the text encoder sees, one per line: 'class<TAB>prompt'."""
-    from ..prompt_selection import read_templates
     from ..prompts import load_class_set
-    from ..text import prompt_strings
+    from ..templates import prompt_strings, read_templates  # no torch: the prompts are text
 
     console = make_console()
     with reported_errors(console):

@@ -1,0 +1,145 @@
+"""A new user's first hour, fourth pass (issue 32): --dtype auto from what the CPU is, mistakes answered before
+torch loads, no torch where no model runs, help texts from the presets, hints in the right order."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipes.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+# torch, torchvision and open_clip as if not installed: an import raises ImportError and find_spec says None,
+# so a command that passes here needs none of them
+_WITHOUT_TORCH = """
+import sys
+for name in ("torch", "torchvision", "open_clip"):
+    sys.modules[name] = None
+from clipes.cli import main
+sys.argv = ["clipes", *{args!r}]
+try:
+    main()
+except SystemExit as e:
+    sys.exit(e.code)
+"""
+
+
+def without_torch(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``clipes ARGS`` in a fresh process where torch cannot be imported, output a pipe."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    environ.update(env or {}, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TORCH.format(args=[str(a) for a in args])], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env=environ)
+
+
+# 1. --dtype auto from the CPU's units, never a timing
+
+def test_auto_follows_the_cpu_flags_and_never_times(monkeypatch, tmp_path):
+    from clipes import precision
+
+    monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
+
+    def no_timing(dtype):
+        raise AssertionError("auto must not time anything")
+
+    monkeypatch.setattr(precision, "cpu_matmul_speedup", no_timing)
+    amx = precision.resolve_dtype("auto", "cpu", flags=("amx_bf16",))
+    assert amx.name == "bfloat16" and "amx_bf16" in amx.reason
+    assert precision.resolve_dtype(None, "cpu", flags=("avx512_bf16",)).name == "bfloat16"
+    plain = precision.resolve_dtype(None, "cpu", flags=())
+    assert plain.name == "float32" and "no bf16 matrix unit" in plain.reason
+    assert precision.resolve_dtype(None, "cuda:0").name == "bfloat16"
+    assert precision.slow_low_precision(amx, "cpu") is None  # auto's choice is never measured
+    # the flags come from the kernel's report, the same on every call
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert precision.cpu_bf16_flags(info) == ()
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert precision.cpu_bf16_flags(info) == ("amx_bf16", "avx512_bf16")
+    assert precision.cpu_bf16_flags(tmp_path / "absent") == ()
+
+
+def test_auto_is_the_same_on_every_run_and_says_why(monkeypatch):
+    """Twenty decisions in a row all alike, and the one this CPU's flags give (the timing gave float32 once
+    and bf16 the next on a shared CPU)."""
+    from clipes import precision
+
+    monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
+    choices = {precision.resolve_dtype("auto", "cpu") for _ in range(20)}
+    assert len(choices) == 1
+    (choice,) = choices
+    assert choice.name == ("bfloat16" if precision.cpu_bf16_flags() else "float32")
+
+
+def test_an_asked_low_precision_is_still_measured(monkeypatch):
+    from clipes import precision
+
+    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 0.65)
+    asked = precision.resolve_dtype("bfloat16", "cpu")
+    assert "0.65x" in precision.slow_low_precision(asked, "cpu")
+
+
+# 3. commands that run no model import no torch
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, golden) -> Path:
+    """A small labelled run with saved CAMs (made in this process, with torch)."""
+    root = tmp_path_factory.mktemp("fourth")
+    photos = root / "photos"
+    photos.mkdir()
+    Image.open(golden / "images" / "chelsea.png").resize((96, 64)).save(photos / "chelsea.png")
+    Image.open(golden / "images" / "coffee.png").resize((80, 64)).save(photos / "coffee.png")
+    labels = root / "labels.json"
+    labels.write_text(json.dumps({"chelsea": ["cat"], "coffee": ["diningtable", "bottle"]}))
+    res = runner.invoke(app, ["label", str(photos), "--out", str(root / "run"), "--labels", str(labels), "--model",
+                              str(golden / "tiny-clip-vit-b16-random.pt"), "--device", "cpu", "--save-cams"])
+    assert res.exit_code == 0, res.output
+    return root / "run"
+
+
+def test_commands_without_a_model_run_with_torch_unimportable(run, tmp_path):
+    gt = run / "masks"  # the run's own masks as ground truth: a perfect score, whatever the masks are
+    cases = {
+        "prompts show": (["prompts", "show", "--classes", "coco"], lambda: None),
+        "eval": (["eval", run, gt, "--json", tmp_path / "scores.json"], lambda: (tmp_path / "scores.json").is_file()),
+        "eval cams": (["eval", run, gt, "--search-bg-power", "1,2", "--search-bg-threshold", "0.3"], lambda: None),
+        "view": (["view", run, "--gt", gt], lambda: (run / "view" / "index.html").is_file()),
+        "export coco": (["export", run, "-f", "coco", "-o", tmp_path / "c.json", "--instances"],
+                        lambda: (tmp_path / "c.json").is_file()),
+        "export cvat": (["export", run, "-f", "cvat", "-o", tmp_path / "cvat.zip"],
+                        lambda: (tmp_path / "cvat.zip").is_file()),
+    }
+    for name, (args, made) in cases.items():
+        res = without_torch(*args, cwd=tmp_path)
+        assert res.returncode == 0, f"{name}: {res.stderr}"
+        assert made() is not False, name
+    shown = without_torch("prompts", "show", cwd=tmp_path).stdout.splitlines()
+    assert shown[1] == "aeroplane\ta clean origami aeroplane."
+
+
+def test_eval_of_saved_cams_in_numpy_is_torch_s_mask(run):
+    """eval's masks from saved CAMs are now numpy's: the same masks as the engine's torch functions."""
+    import torch
+
+    from clipes.masks import pseudo_mask, pseudo_mask_np, threshold_mask, threshold_mask_np
+
+    for path in sorted((run / "cams").glob("*.npz")):
+        with np.load(path) as data:
+            cams, labels = data["cam_refined"], data["labels"].astype(np.int64)
+        for t in (1.0, 2.0, 0.5):
+            want = pseudo_mask(torch.from_numpy(cams), torch.from_numpy(labels), t).numpy()
+            np.testing.assert_array_equal(pseudo_mask_np(cams, labels, t), want)
+        want = threshold_mask(torch.from_numpy(cams), torch.from_numpy(labels), 0.3).numpy()
+        np.testing.assert_array_equal(threshold_mask_np(cams, labels, 0.3), want)
+    empty = np.zeros((0, 4, 5), np.float32)
+    assert not pseudo_mask_np(empty, np.zeros(0, np.int64)).any()
