@@ -112,7 +112,8 @@ def test_commands_without_a_model_run_with_torch_unimportable(run, tmp_path):
     cases = {
         "prompts show": (["prompts", "show", "--classes", "coco"], lambda: None),
         "eval": (["eval", run, gt, "--json", tmp_path / "scores.json"], lambda: (tmp_path / "scores.json").is_file()),
-        "eval cams": (["eval", run, gt, "--search-bg-power", "1,2", "--search-bg-threshold", "0.3"], lambda: None),
+        "eval power": (["eval", run, gt, "--search-bg-power", "1,2"], lambda: None),
+        "eval threshold": (["eval", run, gt, "--search-bg-threshold", "0.3"], lambda: None),
         "view": (["view", run, "--gt", gt], lambda: (run / "view" / "index.html").is_file()),
         "export coco": (["export", run, "-f", "coco", "-o", tmp_path / "c.json", "--instances"],
                         lambda: (tmp_path / "c.json").is_file()),
@@ -125,6 +126,19 @@ def test_commands_without_a_model_run_with_torch_unimportable(run, tmp_path):
         assert made() is not False, name
     shown = without_torch("prompts", "show", cwd=tmp_path).stdout.splitlines()
     assert shown[1] == "aeroplane\ta clean origami aeroplane."
+
+
+def test_hf_export_imports_no_torch(run, tmp_path):
+    """datasets' pickler takes a None in sys.modules for a loaded torch, so here torch stays importable and the
+    test asks whether anything imported it."""
+    pytest.importorskip("datasets")
+    probe = ("import sys\nfrom clipes.cli import main\nsys.argv = ['clipes', 'export', sys.argv[1], '-f', 'hf', '-o', "
+             "sys.argv[2]]\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+             "print(sorted(m for m in ('torch', 'open_clip', 'torchvision') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe, str(run), str(tmp_path / "hf")], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[-2] == "[]", res.stdout
 
 
 def test_eval_of_saved_cams_in_numpy_is_torch_s_mask(run):
@@ -143,3 +157,99 @@ def test_eval_of_saved_cams_in_numpy_is_torch_s_mask(run):
         np.testing.assert_array_equal(threshold_mask_np(cams, labels, 0.3), want)
     empty = np.zeros((0, 4, 5), np.float32)
     assert not pseudo_mask_np(empty, np.zeros(0, np.int64)).any()
+
+
+# 2. every check that needs no weights comes before torch
+
+def _label_mistakes(run: Path, tmp_path: Path, golden: Path) -> list[tuple[list, str]]:
+    photos, labels = run.parent / "photos", run.parent / "labels.json"
+    ckpt = str(golden / "tiny-clip-vit-b16-random.pt")
+    bad_labels = tmp_path / "bad.json"
+    bad_labels.write_text('{"chelsea": ["unicorn"]}')
+    base = ["label", photos, "--model", ckpt, "--device", "cpu", "--out", tmp_path / "new"]
+    return [
+        ([*base, "--refine", "crf", "--par-bg-high", "0.6"], "--par-bg-high needs --refine par, not --crf"),
+        ([*base, "--crf", "--par-iterations", "3"], "--par-iterations needs --refine par, not --crf"),
+        ([*base, "--confidence", "0.9"], "--confidence needs --crf"),
+        ([*base, "--getam-start", "3"], "--getam-start needs --cam getam, not --cam gradcam"),
+        ([*base, "--crf-backend", "torch"], "--crf-backend needs --crf"),
+        ([*base, "--refine", "par", "--par-bg-high", "0.3", "--par-bg-low", "0.5"], "is above --par-bg-high"),
+        ([*base, "--tagger", "nosuch"], "--tagger 'nosuch': choose one of tagclip, global"),
+        (["label", photos, "--model", "/nonexistent/ViT-B-16.pt", "--out", tmp_path / "x"],
+         "checkpoint file not found: /nonexistent/ViT-B-16.pt"),
+        (["label", photos, "--model", "ViT-B-16:/nonexistent/w.safetensors", "--out", tmp_path / "x"],
+         "checkpoint file not found: /nonexistent/w.safetensors"),
+        ([*base[:-1], photos / "masks"], "--out"),
+        ([*base, "--dtype", "float64"], "--dtype 'float64': choose auto"),
+        ([*base, "--classes", tmp_path / "nosuch.yaml"], "nosuch.yaml"),
+        ([*base, "--labels", bad_labels], "unicorn"),
+        (["label", tmp_path / "no-images", "--model", ckpt, "--out", tmp_path / "x"], "does not exist"),
+        ([*base, "--caa-blocks", "x"], "--caa-blocks"),
+        # a resume the folder's manifest refuses
+        (["label", photos, "--out", run, "--labels", labels, "--model", ckpt, "--device", "cpu", "--save-cams",
+          "--bg-power", "2"], "holds a run made with other settings (bg_power)"),
+        (["label", photos, "--out", run, "--labels", labels, "--model", ckpt, "--device", "cpu", "--save-cams",
+          "--classes", "coco"], "other settings (box_threshold, classes)"),
+        (["label", photos, "--out", run, "--model", ckpt, "--device", "cpu", "--save-cams"],
+         "other settings (tagger)"),
+        (["label", photos, "--out", run, "--labels", labels, "--model", ckpt, "--device", "cpu", "--save-cams",
+          "--refine", "par"], "other settings (refiner)"),
+    ]
+
+
+def test_label_mistakes_are_answered_with_torch_unimportable(run, tmp_path, golden):
+    """The issue's cases answered after 11 to 44 s, torch and the model loaded first; here torch cannot load."""
+    for args, message in _label_mistakes(run, tmp_path, golden):
+        res = without_torch(*args, cwd=tmp_path)
+        assert res.returncode == 2, f"{args}: {res.stderr}"
+        assert message in res.stderr and res.stderr.startswith("error:"), f"{args}: {res.stderr}"
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists()
+
+
+def test_a_missing_checkpoint_path_gets_no_hf_cache_hint(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "images" / "a.png")
+    res = without_torch("label", tmp_path / "images", "--model", tmp_path / "weights.pt", cwd=tmp_path)
+    assert "checkpoint file not found" in res.stderr and "Hugging Face" not in res.stderr
+    assert "--model" in res.stderr and "CLIPES_MODEL" in res.stderr
+    # the loader's own words (for callers of load_clip) say the same
+    from clipes.model import ModelLoadError, load_clip
+
+    for spec in (str(tmp_path / "weights.pt"), f"ViT-B-16:{tmp_path / 'w.safetensors'}"):
+        with pytest.raises(ModelLoadError, match="checkpoint file not found") as err:
+            load_clip(spec)
+        assert "Hugging Face" not in str(err.value)
+
+
+def test_a_rerun_with_nothing_to_do_loads_no_model(run, tmp_path, golden):
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    res = without_torch("label", run.parent / "photos", "--out", run, "--labels", run.parent / "labels.json",
+                        "--model", golden / "tiny-clip-vit-b16-random.pt", "--device", "cpu", "--save-cams",
+                        cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "labelled 0 image(s)" in res.stderr and "2 already done" in res.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # left as it is
+
+
+def test_the_plan_decides_what_the_run_would(run, golden):
+    """The torch-free shortcut and the full run agree: nothing to do for the same options (batch size shapes no
+    mask); an option that shapes a method's settings and differs from the recorded one takes no shortcut, and
+    the run decides (here: the threshold of a tagger that given labels leave unused, so still nothing to do)."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from clipes.label_plan import LabelConfig, plan_label
+    from clipes.run import label_folder
+
+    quiet = Console(quiet=True)
+    cfg = LabelConfig(images=run.parent / "photos", out=run, labels=run.parent / "labels.json",
+                      model=str(golden / "tiny-clip-vit-b16-random.pt"), device="cpu", save_cams=True)
+    plan = plan_label(cfg, quiet)
+    assert plan.finished is not None and plan.finished.skipped == 2 and plan.dtype.name == "float32"
+    assert plan_label(replace(cfg, batch_size=1), quiet).finished is not None
+    other = replace(cfg, zero_shot_threshold=0.2)
+    assert plan_label(other, quiet).finished is None
+    full = label_folder(other, quiet)
+    assert full.skipped == 2 and full.labelled == 0

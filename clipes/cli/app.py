@@ -182,7 +182,7 @@ def label(
              "ignored by train-seg; in (0, 1].", callback=finite(0, 1, low_open=True))] = None,
 ) -> None:
     """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
-    from ..run import LabelConfig, label_folder
+    from ..label_plan import LabelConfig, plan_label  # no torch: mistakes and nothing-to-do are answered at once
 
     console = make_console()
     if crf and refine not in (None, "crf"):
@@ -199,7 +199,13 @@ def label(
                       dataset=dataset,
                       split=split, split_file=split_file, tagger=tagger, cam=cam, getam_start=getam_start)
     with reported_errors(console):
-        summary = label_folder(cfg, console)
+        plan = plan_label(cfg, console)
+        if plan.finished is not None:
+            summary = plan.finished
+        else:
+            from ..run import label_folder  # torch, the model's modules
+
+            summary = label_folder(cfg, console, plan)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for the whole job
     console.print(f"labelled {summary.labelled} image(s) in {summary.seconds:.1f}s "
