@@ -277,12 +277,22 @@ def recorded_method_settings(cfg: LabelConfig, manifest: dict[str, Any], given) 
     return {k: settings[k] for k in ("tagger", "refiner", "cam") if k in settings}
 
 
+def _merged(out: Path) -> bool:
+    """Whether the last run's records are all in ``labels.json``: no rank's journal left, and ``labels.json``
+    written after the journal (a run merges them at its end; a kill or a deleted file leaves it to redo)."""
+    state = out / RunOutput.STATE
+    try:
+        labels, journal = (out / RunOutput.LABELS).stat(), (state / "records.jsonl").stat()
+    except OSError:
+        return False
+    return labels.st_mtime_ns >= journal.st_mtime_ns and not any(state.glob("records.rank*.jsonl"))
+
+
 def _finished(cfg: LabelConfig, manifest: dict[str, Any], settings: dict[str, Any], items, class_set,
               given) -> RunSummary | None:
     """The summary of a rerun with nothing to do, or None. Only a finished folder (its last run merged its
-    records: a summary in its manifest, no rank's journal left) is left as it is."""
-    state = cfg.out / RunOutput.STATE
-    if "summary" not in manifest or any(state.glob("records.rank*.jsonl")):
+    records: a summary in its manifest, ``_merged``) is left as it is."""
+    if "summary" not in manifest or not _merged(cfg.out):
         return None
     out = RunOutput(cfg.out, settings, save_cams=cfg.save_cams, overlays=cfg.overlays)
     summary = RunSummary()

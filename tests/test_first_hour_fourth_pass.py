@@ -253,3 +253,39 @@ def test_the_plan_decides_what_the_run_would(run, golden):
     assert plan_label(other, quiet).finished is None
     full = label_folder(other, quiet)
     assert full.skipped == 2 and full.labelled == 0
+
+
+# 6. a torch / torchvision pair that does not match
+
+def test_a_torchvision_that_does_not_match_torch_is_named_in_one_line(tmp_path, golden):
+    from clipes.install_check import matching_torchvision
+
+    assert matching_torchvision("2.14.1+cpu") == "0.29" and matching_torchvision("2.5.0") == "0.20"
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    # what a torchvision built for another torch raises on import (its _meta_registrations)
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "images" / "a.png")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO)])}
+    res = subprocess.run([sys.executable, "-m", "clipes", "label", str(tmp_path / "images"), "--out",
+                          str(tmp_path / "out"), "--model", str(golden / "tiny-clip-vit-b16-random.pt"), "--device",
+                          "cpu"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: torchvision"), res.stderr
+    from importlib.metadata import version
+
+    wanted = matching_torchvision(version("torch"))
+    assert "does not match torch" in lines[0] and f"pip install 'torchvision=={wanted}.*' --index-url" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_pytest_says_where_golden_data_was_looked_for(tmp_path):
+    """A fresh clone without ../shared/golden: the header names the folder, that it is missing, and CLIPES_GOLDEN."""
+    env = {**os.environ, "CLIPES_GOLDEN": str(tmp_path / "nowhere"), "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider",
+                          str(REPO / "tests" / "test_text.py")], cwd=REPO, capture_output=True, text=True,
+                         timeout=600, env=env)
+    header = next((line for line in res.stdout.splitlines() if line.startswith("clipes golden data:")), "")
+    assert str(tmp_path / "nowhere") in header and "NOT found" in header and "CLIPES_GOLDEN=" in header, res.stdout

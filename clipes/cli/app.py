@@ -240,4 +240,13 @@ def main() -> None:
         import typer.rich_utils
 
         typer.rich_utils.MAX_WIDTH = PLAIN_HELP_WIDTH  # read by Typer when it renders help
-    app()
+    try:
+        app()
+    except Exception as e:  # an installation that cannot import torchvision: one line naming the fix
+        from ..install_check import torch_pair_mismatch
+
+        message = torch_pair_mismatch(e)
+        if message is None:
+            raise
+        make_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
