@@ -289,3 +289,51 @@ def test_pytest_says_where_golden_data_was_looked_for(tmp_path):
                          timeout=600, env=env)
     header = next((line for line in res.stdout.splitlines() if line.startswith("clipes golden data:")), "")
     assert str(tmp_path / "nowhere") in header and "NOT found" in header and "CLIPES_GOLDEN=" in header, res.stdout
+
+
+# 7. export: --min-area for instances, the HF masks' id-to-name map
+
+def _coco(run: Path, out: Path, *extra) -> dict:
+    res = runner.invoke(app, ["export", str(run), "-f", "coco", "-o", str(out), "--instances", *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text())
+
+
+def test_export_min_area_drops_exactly_the_small_regions(run, tmp_path):
+    pytest.importorskip("pycocotools")
+    pytest.importorskip("scipy")
+    from clipes.defaults import MIN_AREA
+
+    every = _coco(run, tmp_path / "all.json", "--min-area", "0")["annotations"]
+    areas = sorted(a["area"] for a in every)
+    cut = areas[len(areas) // 2] if areas[0] < areas[-1] else areas[0] + 1  # a size that drops some, keeps some
+    kept = _coco(run, tmp_path / "cut.json", "--min-area", str(cut))["annotations"]
+
+    def key(a):
+        return a["image_id"], a["category_id"], a["area"], tuple(a["bbox"]), a["segmentation"]["counts"]
+
+    assert sorted(map(key, kept)) == sorted(key(a) for a in every if a["area"] >= cut)
+    assert 0 < len(kept) < len(every)
+    default = _coco(run, tmp_path / "default.json")["annotations"]
+    assert sorted(map(key, default)) == sorted(key(a) for a in every if a["area"] >= MIN_AREA)
+    # only where there are regions to drop
+    for args in (["-f", "cvat", "-o", tmp_path / "c", "--min-area", "3"], ["-f", "coco", "-o", tmp_path / "x.json",
+                                                                           "--min-area", "3"]):
+        res = runner.invoke(app, ["export", str(run), *map(str, args)])
+        assert res.exit_code == 2 and "--min-area goes with --format coco --instances" in res.output
+
+
+def test_hf_masks_carry_their_id_to_name_map(run, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    res = runner.invoke(app, ["export", str(run), "-f", "hf", "-o", str(tmp_path / "hf"), "--images", "none"])
+    assert res.exit_code == 0, res.output
+    ds = datasets.load_from_disk(str(tmp_path / "hf"))
+    classes = json.loads((run / "manifest.json").read_text())["settings"]["classes"]["classes"]
+    names = ds.features["mask_classes"].feature.names
+    assert names == ["background", *classes]  # mask value v is names[v]
+    for row in ds:
+        values = np.unique(np.asarray(row["mask"]))
+        assert row["mask_classes"] == [int(v) for v in values if v != 255]
+        # the 0-based labels name the same classes as the mask's values above 0
+        assert {names[v] for v in row["mask_classes"] if v} <= {ds.features["labels"].feature.names[i]
+                                                                 for i in row["labels"]}

@@ -12,14 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ClipesError
-from .coco import coco_json
+from .coco import check_min_area, coco_json
 from .cvat import LABELMAP, SEGMENTATION, write_cvat
 from .hf import write_hf
 from .runfolder import ExportRun, RunImage, check_run_folder, open_run
 from .target import FolderSink, ZipSink, check_target, staged_file, staged_folder
 
-__all__ = ["FORMATS", "IMAGE_MODES", "ExportRun", "RunImage", "check_options", "check_run_folder", "export_run",
-           "open_run"]
+__all__ = ["FORMATS", "IMAGE_MODES", "ExportRun", "RunImage", "check_min_area", "check_options", "check_run_folder",
+           "export_run", "open_run"]
 
 FORMATS = ("coco", "cvat", "hf")
 IMAGE_MODES = ("none", "link", "copy")
@@ -50,20 +50,23 @@ def check_options(fmt: str, images: str | None, instances: bool, ignore_category
 
 
 def export_run(run: ExportRun, fmt: str, out: Path, *, images: str | None = None, instances: bool = False,
-               ignore_category: bool = False, advance: Callable[[], None] = lambda: None) -> None:
+               ignore_category: bool = False, min_area: int | None = None,
+               advance: Callable[[], None] = lambda: None) -> None:
     """Write ``run`` as ``fmt`` to ``out``: a COCO JSON file, a CVAT folder (or ``.zip``), an HF dataset folder.
 
     ``out`` is checked first (not inside the run or its photos, writable, no other files replaced);
     ``advance`` is called once an image.
     """
     check_options(fmt, images, instances, ignore_category)
+    check_min_area(fmt, instances, min_area)
     images = images or _DEFAULT_IMAGES.get(fmt)
     zipped = fmt == "cvat" and out.suffix.lower() == ".zip"
     folder = fmt == "hf" or (fmt == "cvat" and not zipped)
     check_target(out, [run.root, run.input], folder, {"cvat": _is_cvat, "hf": _is_hf}.get(fmt),
                  f"{fmt} export")
     if fmt == "coco":
-        data = json.dumps(coco_json(run, instances=instances, ignore_category=ignore_category, advance=advance),
+        data = json.dumps(coco_json(run, instances=instances, ignore_category=ignore_category, min_area=min_area,
+                                    advance=advance),
                           separators=(",", ":")).encode()
         with staged_file(out) as tmp:
             tmp.write_bytes(data)
