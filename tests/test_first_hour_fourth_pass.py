@@ -337,3 +337,25 @@ def test_hf_masks_carry_their_id_to_name_map(run, tmp_path):
         # the 0-based labels name the same classes as the mask's values above 0
         assert {names[v] for v in row["mask_classes"] if v} <= {ds.features["labels"].feature.names[i]
                                                                  for i in row["labels"]}
+
+
+# 4. train-seg --help: each family's preset values, read from the presets
+
+def test_train_seg_help_gives_each_family_its_preset(tmp_path):
+    import re
+
+    from clipes.segment import SEGMENTERS
+    from clipes.segment.presets import MODEL_PRESETS, PRESETS, preset_help
+
+    assert {name: spec.preset for name, spec in SEGMENTERS.items()} == MODEL_PRESETS
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    res = subprocess.run([sys.executable, "-m", "clipes", "train-seg", "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600, env={**env, "PYTHONPATH": str(REPO)})
+    text = re.sub(r"[│╭╮╰╯─\s]+", " ", res.stdout)
+    for key in ("optimizer", "lr", "weight_decay", "steps", "batch_size", "accumulate", "crop"):
+        assert f"[preset: {preset_help(key)}]" in text, key
+    # SETR's own recipe, not DeepLab's or the ViT heads': every value its preset holds
+    setr = PRESETS[MODEL_PRESETS["clip-setr-pup"]]
+    assert f"{setr['steps']} SETR PUP/MLA" in preset_help("steps")
+    assert f"{setr['crop']} SETR PUP/MLA" in preset_help("crop")
+    assert preset_help("lr").count("SETR") == 2  # naive's lr is its own

@@ -37,22 +37,14 @@ from torch import Tensor, nn
 
 from ..vit import block_forward, embed
 from .models import ClipDenseEncoder, clip_visual
+from .presets import SETR_PRESETS
 
 __all__ = ["SETR_DECODERS", "SETR_PRESETS", "ClipBlockEncoder", "MlaAuxHead", "MlaHead", "MlaNeck", "Setr",
            "SetrDecoder", "SetrUpHead", "build_setr", "setr_blocks"]
 
 SETR_DECODERS = ("naive", "pup", "mla")
 
-# configs/SETR/*_DeiT_480x480_80k_pascal_context_bs_16.py (Pascal Context, the nearest to VOC; the naive
-# decoder has no ViT-B config there, its ViT-L one is used: lr 0.01 as in every naive config) over mmseg's
-# schedule_80k: SGD momentum 0.9, weight decay 0, lr x10 on every parameter named "head" (the decode and
-# auxiliary heads; the MLA neck is part of their backbone and trains at 1x), poly 0.9 per iteration down to
-# min_lr 1e-4, 80k iterations of 16 crops of 480. Whether the CLIP encoder trains stays --finetune's.
-_SETR_SGD: dict[str, Any] = {
-    "optimizer": "sgd", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "min_lr": 1e-4, "crop": 480,
-    "batch_size": 16, "accumulate": 1, "steps": 80000, "head_lr_mult": 10.0, "head_bias_lr_mult": 10.0,
-    "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True}
-SETR_PRESETS: dict[str, dict[str, Any]] = {"setr": _SETR_SGD, "setr-naive": {**_SETR_SGD, "lr": 1e-2}}
+# SETR_PRESETS (SETR's SGD recipe) live in segment/presets.py, beside the others: read without torch for --help
 
 AUX_WEIGHT = 0.4  # loss_weight of every auxiliary head in the configs (the decode head's: 1.0)
 CHANNELS = 256  # VisionTransformerUpHead's conv width; VIT_MLA's mla_channels
