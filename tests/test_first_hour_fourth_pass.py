@@ -359,3 +359,10 @@ def test_train_seg_help_gives_each_family_its_preset(tmp_path):
     assert f"{setr['steps']} SETR PUP/MLA" in preset_help("steps")
     assert f"{setr['crop']} SETR PUP/MLA" in preset_help("crop")
     assert preset_help("lr").count("SETR") == 2  # naive's lr is its own
+
+
+def test_miou_is_a_fraction_in_files_and_a_percentage_with_its_sign_on_screen(run, tmp_path):
+    res = runner.invoke(app, ["eval", str(run), str(run / "masks"), "--json", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s.json").read_text())["miou"] == 1.0
+    assert f"mIoU 100.00% -> {tmp_path / 's.json'}" in res.output and "IoU %" in res.output

@@ -97,14 +97,14 @@ def _thresholds(value: str | None) -> str | None:
 def _report(console: Console, names: list[str], ev, title: str) -> None:
     sc = ev.scores
     table = Table(title=title)
-    for col in ("class", "IoU", "precision", "recall"):
+    for col in ("class", "IoU %", "precision %", "recall %"):  # scores are fractions; shown as percentages
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, i, p, r, g in zip(names, sc.iou, sc.precision, sc.recall, sc.present, strict=True):
         fmt = lambda v: "-" if np.isnan(v) else f"{100 * v:.1f}"  # noqa: E731
         table.add_row(name if g else f"[dim]{name} (not in GT)[/]", fmt(i), fmt(p), fmt(r))
     table.add_section()
-    table.add_row("[bold]mIoU", f"[bold]{100 * sc.miou:.2f}", "", "")
-    table.add_row("pixel accuracy", f"{100 * sc.pixel_accuracy:.2f}", "", "")
+    table.add_row("[bold]mIoU", f"[bold]{100 * sc.miou:.2f}%", "", "")
+    table.add_row("pixel accuracy", f"{100 * sc.pixel_accuracy:.2f}%", "", "")
     console.print(table)
 
 
@@ -179,7 +179,7 @@ def eval_command(
         table.add_column(symbol, justify="right")
         table.add_column("mIoU", justify="right")
         for t, r in results.items():
-            table.add_row(f"{t:g}", f"{100 * r.scores.miou:.2f}" + (" (best)" if t == best else ""))
+            table.add_row(f"{t:g}", f"{100 * r.scores.miou:.2f}%" + (" (best)" if t == best else ""))
         console.print(table)
     title = f"{len(ev.per_image)} image(s), {pred}" + (f", {symbol} = {best:g}" if search else "")
     _report(console, names, ev, title)
@@ -199,9 +199,9 @@ def eval_command(
         if json_out:
             write_output(json_out, (json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n").encode(), "--json")
         if plot:
-            chart = bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}",
+            chart = bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}%",
                               ev.scores.present)
             fmt = Image.registered_extensions().get(plot.suffix.lower(), "PNG")
             write_output(plot, encode_image(chart.convert("RGB") if fmt == "JPEG" else chart, fmt), "--plot")
     target = f" -> {escape(str(json_out))}" if json_out else ""
-    console.print(f"mIoU {100 * ev.scores.miou:.2f}{target}", highlight=False)
+    console.print(f"mIoU {100 * ev.scores.miou:.2f}%{target}", highlight=False)

@@ -91,7 +91,7 @@ def _progress(console: Console) -> Progress:
 
 def _table(ranked: list[TemplateScore], current: tuple[str, ...], show: int, validated: bool) -> Table:
     table = Table(title=f"{len(ranked)} templates, lower sharpness first")
-    for col in ("rank", "template", "sharpness", "images", *(("mIoU",) if validated else ())):
+    for col in ("rank", "template", "sharpness", "images", *(("mIoU %",) if validated else ())):
         table.add_column(col, justify="left" if col == "template" else "right")
     shown = [i for i, r in enumerate(ranked) if not show or i < show or r.template in current]
     for before, i in zip([-1, *shown], shown, strict=False):

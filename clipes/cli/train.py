@@ -95,7 +95,7 @@ def train_seg_command(
     if int(os.environ.get("RANK", "0")) == 0:
         best = result["best_miou"]
         console.print(f"step {result['step']}, loss {result['loss']:.4f}"
-                      + (f", best val mIoU {100 * best:.2f}" if best is not None else ", no validation set")
+                      + (f", best val mIoU {100 * best:.2f}%" if best is not None else ", no validation set")
                       + f" -> {escape(result['checkpoint'])}", highlight=False)
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
