@@ -366,3 +366,57 @@ def test_miou_is_a_fraction_in_files_and_a_percentage_with_its_sign_on_screen(ru
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "s.json").read_text())["miou"] == 1.0
     assert f"mIoU 100.00% -> {tmp_path / 's.json'}" in res.output and "IoU %" in res.output
+
+
+# 5. progress: each rank's bar says whose it is; a spinner names the stage while the model loads
+
+def test_each_rank_labels_its_bar():
+    from clipes.distributed import DistInfo
+    from clipes.run import progress_label
+
+    assert progress_label(DistInfo()) == "labelling"
+    assert progress_label(DistInfo(rank=1, world=4)) == "labelling, rank 1 of 4"
+
+
+def test_model_load_and_text_encoding_show_their_stage_and_the_dtype_comes_after(run, tmp_path, golden):
+    from rich.console import Console
+
+    from clipes.label_plan import LabelConfig
+    from clipes.run import label_folder
+
+    console = Console(record=True, force_terminal=True, width=200)
+    cfg = LabelConfig(images=run.parent / "photos", out=tmp_path / "out", labels=run.parent / "labels.json",
+                      model=str(golden / "tiny-clip-vit-b16-random.pt"), device="cpu")
+    assert label_folder(cfg, console).labelled == 2
+    text = console.export_text()
+    stages = [text.find(s) for s in ("loading the CLIP model on cpu", "dtype: float32", "encoding the prompts of 20")]
+    assert -1 not in stages and stages == sorted(stages), text
+
+
+# 6. weights that are missing are said before any dtype choice
+
+def test_missing_weights_are_said_before_any_dtype(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "images" / "a.png")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env.pop("CLIPES_MODEL", None)
+    res = subprocess.run([sys.executable, "-m", "clipes", "label", str(tmp_path / "images"), "--out",
+                          str(tmp_path / "out"), "--device", "cpu", "--dtype", "auto"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("error: weights for ViT-B-16/openai are not cached"), res.stderr
+    assert "dtype" not in res.stderr.split("error:")[0] and not (tmp_path / "out").exists()
+
+
+def test_the_torch_free_method_tables_are_the_registries():
+    """check_method_options answers from clipes.method_options: its names and flags are the registries' own."""
+    from clipes.cams import CAMS
+    from clipes.method_options import CAM_FLAGS, REFINER_FLAGS, TAGGERS, cam_spelling, refiner_spelling
+    from clipes.refiners import REFINERS
+    from clipes.refiners.crf_torch import CrfTorchRefiner
+    from clipes.tagging import TAGGERS as TAGGER_CLASSES
+
+    assert {n: c.flags for n, c in REFINERS.items()} == REFINER_FLAGS and CrfTorchRefiner.flags == REFINER_FLAGS["crf"]
+    assert {n: c.flags for n, c in CAMS.items()} == CAM_FLAGS and tuple(TAGGER_CLASSES) == TAGGERS
+    assert all(c.spelling() == refiner_spelling(n) for n, c in REFINERS.items())
+    assert all(c.spelling() == cam_spelling(n) for n, c in CAMS.items())

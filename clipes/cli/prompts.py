@@ -172,6 +172,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
           getam_start) -> list[TemplateScore]:
     from ..cams import make_cam
     from ..evaluate import open_ground_truth
+    from ..label_plan import _lookup
     from ..model import load_clip, resolve_device
     from ..output import check_not_inputs, named_file
     from ..prompt_selection import (
@@ -185,7 +186,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
         validate_templates,
         with_template,
     )
-    from ..run import _lookup, decode_workers
+    from ..run import decode_workers
 
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
     candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)
