@@ -26,7 +26,8 @@ from .precision import DTYPE_NAMES, DtypeChoice, resolve_dtype
 from .prompts import ClassSet, builtin_class_sets
 from .provenance import input_stamp, model_identity
 
-__all__ = ["METHOD_OPTIONS", "LabelConfig", "LabelPlan", "RunSummary", "base_settings", "plan_label", "sort_items"]
+__all__ = ["METHOD_OPTIONS", "LabelConfig", "LabelPlan", "RunSummary", "base_settings", "lookup_labels", "plan_label",
+           "sort_items"]
 
 
 @dataclass
@@ -126,7 +127,7 @@ METHOD_OPTIONS = ("refine", "confidence", "par_bg_high", "par_bg_low", "par_iter
 _REFUSE = "use --overwrite to redo it or choose another --out"
 
 
-def _lookup(labels: dict[str, list[int]], stem: str) -> list[int] | None:
+def lookup_labels(labels: dict[str, list[int]], stem: str) -> list[int] | None:
     """Labels of an image keyed by its relative stem or its bare file stem."""
     if stem in labels:
         return labels[stem]
@@ -147,7 +148,7 @@ def sort_items(cfg: LabelConfig, items, class_set: ClassSet, given, out: RunOutp
     the given labels in ``summary.unlabelled`` and unreadable ones in ``summary.failed``."""
     todo: list[Item] = []
     for stem, path in items:
-        labels = None if given is None else _lookup(given, stem)
+        labels = None if given is None else lookup_labels(given, stem)
         if given is not None and labels is None:
             summary.unlabelled.append(stem)
             continue

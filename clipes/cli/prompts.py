@@ -172,7 +172,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
           getam_start) -> list[TemplateScore]:
     from ..cams import make_cam
     from ..evaluate import open_ground_truth
-    from ..label_plan import _lookup
+    from ..label_plan import lookup_labels
     from ..model import load_clip, resolve_device
     from ..output import check_not_inputs, named_file
     from ..prompt_selection import (
@@ -202,7 +202,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
     truth = open_ground_truth(inp.gt, inp.class_set) if n_validate else None
     cam_method = make_cam(cam, start=getam_start)  # the CAM of the validation's pseudo masks
 
-    labelled = [(stem, path, lab) for stem, path in inp.items if (lab := _lookup(inp.labels, stem)) is not None]
+    labelled = [(stem, path, lab) for stem, path in inp.items if (lab := lookup_labels(inp.labels, stem)) is not None]
     multi = [item for item in labelled if len(item[2]) >= 2]
     source = f"--labels {labels}" if labels else f"--dataset {dataset} --split {split}"
     if not multi:
