@@ -16,6 +16,7 @@ from torch import nn
 
 from .defaults import DEFAULT_MODEL, MODEL_ENV
 from .errors import ClipesError, brief
+from .model_spec import LOCAL_HINT
 from .weights import check_finite
 
 __all__ = [
@@ -24,11 +25,11 @@ __all__ = [
 ]
 
 TRANSFORMERS_ARCH = "transformers-clip"  # ClipModel.arch of a transformers CLIPModel folder or hub id
-_HOW_TO = (f"Pass {{flag}} with a local checkpoint (e.g. {{flag}} ~/weights/ViT-B-16.pt, an OpenAI or "
-           f"open_clip state dict, ARCH:PATH such as ViT-B-16:/path/open_clip_model.safetensors, or a "
-           f"transformers CLIP folder), "
-           f"or set {MODEL_ENV} to one; or pre-download '{{name}}' into the Hugging Face cache "
-           f"(HF_HOME) on a machine with internet access.")
+# for named weights (ARCH/TAG, hub ids): the cache is where a download would have put them
+_HOW_TO = LOCAL_HINT + ("; or pre-download '{name}' into the Hugging Face cache (HF_HOME) on a machine with "
+                        "internet access.")
+# for a checkpoint path that does not exist: the cache has nothing to do with it
+_HOW_TO_PATH = LOCAL_HINT + "."
 
 
 class ModelLoadError(ClipesError):
@@ -253,7 +254,7 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         elif sep and not spec.startswith("hf-hub:") and arch_name in open_clip.list_models():
             ckpt = Path(arch_path).expanduser()
             if not ckpt.is_file():
-                raise ModelLoadError(f"checkpoint file not found: {ckpt}. " + _HOW_TO.format(flag=flag, name=arch_name))
+                raise ModelLoadError(f"checkpoint file not found: {ckpt}. " + _HOW_TO_PATH.format(flag=flag))
             model, arch = open_clip.create_model(arch_name, pretrained=str(ckpt)), arch_name
         elif spec.startswith("hf-hub:"):
             if not _hub_offline() and not _hub_reachable():
@@ -261,7 +262,7 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
                                      "to use a cached copy. " + _HOW_TO.format(flag=flag, name=spec))
             model, arch = open_clip.create_model(spec), spec
         elif spec.startswith(("/", "./", "~", "..")) or spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            raise ModelLoadError(f"checkpoint file not found: {path}. " + _HOW_TO.format(flag=flag, name=DEFAULT_MODEL))
+            raise ModelLoadError(f"checkpoint file not found: {path}. " + _HOW_TO_PATH.format(flag=flag))
         else:
             from .transformers_clip import is_hub_id
 

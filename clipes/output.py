@@ -20,16 +20,18 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 from rich.console import Console
 
 from .errors import ClipesError
-from .labeler import LabelResult
 from .masks import mask_to_png, overlay
 from .provenance import settings_key
+
+if TYPE_CHECKING:  # a run folder is read and checked without torch (eval, view, export, checks before the model)
+    from .labeler import LabelResult
 
 __all__ = ["OutputError", "RunOutput", "atomic_write", "check_not_inputs", "check_outside", "check_writable",
            "encode_image", "entry_path", "folder_lock", "lock_state", "named_file"]
