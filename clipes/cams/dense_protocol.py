@@ -1,0 +1,160 @@
+"""The dense methods' protocol around the forward: resize, sliding windows, thresholds, PAMR.
+
+Each step as the authors' segmentor classes take it (``dense-reference.md``, "From tokens to a mask"):
+the image resized keep-ratio to short side S (mmcv's ``rescale_size`` rounding, bilinear), normalised
+on the 0-255 scale; per window the patch logits upsampled to the window; the windows' average
+upsampled to the original size; PAMR when asked; ``softmax(logit_scale * logits)`` over the queries,
+each class the max over its queries, SCLIP's area threshold, ``prob_threshold`` to background.
+Images of one size run together: every window of every image goes through the network in one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..refiners.pamr import PAMR_DILATIONS, pamr
+from .dense import DenseCam, DenseProtocol
+from .dense_queries import Queries
+
+__all__ = ["DENSE_MEAN", "DENSE_STD", "WINDOW_BATCH", "class_probabilities", "dense_input", "dense_segment",
+           "normalise", "pad_to_patch", "predict", "rescale_size", "slide_logits", "window_boxes"]
+
+DENSE_MEAN = (122.771, 116.746, 104.094)  # the authors' SegDataPreProcessor, RGB, 0-255 scale
+DENSE_STD = (68.501, 66.632, 70.323)
+LONG_SIDE = 2048
+WINDOW_BATCH = 64  # windows per forward: bounds the memory of a group's batch
+
+
+def rescale_size(height: int, width: int, short: int, long: int = LONG_SIDE) -> tuple[int, int]:
+    """mmcv's ``rescale_size`` for ``keep_ratio`` to (long, short): factor min(long / long side, short /
+    short side), each side ``int(side * factor + 0.5)``; (height, width)."""
+    factor = min(long / max(height, width), short / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def dense_input(rgb: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H, W, 3) uint8 RGB -> (B, 3, h, w) float32 network input at ``size``: bilinear (half-pixel
+    centres, no antialiasing, as OpenCV's ``INTER_LINEAR``) rounded to uint8 values, then normalised."""
+    x = rgb.permute(0, 3, 1, 2).float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+    return normalise(x)
+
+
+def normalise(x: Tensor) -> Tensor:
+    """(B, 3, h, w) RGB on the 0-255 scale -> the authors' normalised input."""
+    mean = torch.tensor(DENSE_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(DENSE_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def window_boxes(height: int, width: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """The authors' ``forward_slide`` windows (y1, y2, x1, x2) in raster order; ``window`` 0: the image."""
+    if window == 0:
+        return [(0, height, 0, width)]
+    rows = max(height - window + stride - 1, 0) // stride + 1
+    cols = max(width - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + window, height), min(c * stride + window, width)
+            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
+    return boxes
+
+
+def pad_to_patch(height: int, width: int, patch: int) -> tuple[int, int, int, int]:
+    """ClearCLIP's ``compute_padsize``: (left, right, top, bottom) zeros to a multiple of ``patch``, the odd
+    pixel at the right or bottom."""
+    lr, tb = -width % patch, -height % patch
+    return lr // 2, lr - lr // 2, tb // 2, tb - tb // 2
+
+
+def slide_logits(images: Tensor, protocol: DenseProtocol, patch: int, out_size: tuple[int, int],
+                 window_logits: Callable[[Tensor], Tensor]) -> Tensor:
+    """Query logits (B, Q, H, W) at ``out_size`` of normalised images (B, 3, h, w).
+
+    ``window_logits`` maps windows (N, 3, wh, ww) to their patch logits (N, Q, gh, gw). Without windows
+    the patch logits go straight to ``out_size`` (NACLIP's ``slide_crop=0``); with them each window's are
+    upsampled to the window, added where it lies, divided by the count, then upsampled to ``out_size``.
+    """
+    b, _, h, w = images.shape
+    boxes = window_boxes(h, w, protocol.window, protocol.stride)
+    crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # box-major, then image
+    ch, cw = crops.shape[-2:]
+    pad = pad_to_patch(ch, cw, patch) if protocol.pad_windows else (0, 0, 0, 0)
+    if any(pad):
+        crops = F.pad(crops, pad)
+    logits = torch.cat([window_logits(crops[s:s + WINDOW_BATCH]) for s in range(0, len(crops), WINDOW_BATCH)])
+    if protocol.window == 0:
+        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+    logits = logits[:, :, pad[2]:pad[2] + ch, pad[0]:pad[0] + cw]
+    total = images.new_zeros((b, logits.shape[1], h, w))
+    count = images.new_zeros((1, 1, h, w))
+    for i, (y1, y2, x1, x2) in enumerate(boxes):
+        total[:, :, y1:y2, x1:x2] += logits[i * b:(i + 1) * b]
+        count[:, :, y1:y2, x1:x2] += 1
+    return F.interpolate(total / count, size=out_size, mode="bilinear", align_corners=False)
+
+
+def class_probabilities(logits: Tensor, line: Tensor, n_lines: int, logit_scale: float) -> Tensor:
+    """(Q, H, W) query logits -> (C, H, W): softmax of ``logit_scale * logits`` over the queries, each
+    class (``line`` of each query) the max over its queries."""
+    probs = (logits * logit_scale).softmax(dim=0)
+    if n_lines == len(line):  # one query a class, in class order (ClearCLIP's, MaskCLIP's lists)
+        return probs
+    out = probs.new_full((n_lines, *probs.shape[1:]), -1.0)
+    return out.index_reduce_(0, line, probs, "amax", include_self=True)
+
+
+def predict(probs: Tensor, prob_threshold: float, area_threshold: float | None) -> tuple[Tensor, Tensor]:
+    """(C, H, W) class probabilities -> (pred (H, W) long, its probability (H, W)) as the authors'
+    ``postprocess_result``: classes whose argmax area is at most ``area_threshold`` of the foreground's
+    scaled to 0 (SCLIP), the argmax, 0 where its probability is under ``prob_threshold``."""
+    if area_threshold is not None:
+        area = F.one_hot(probs.argmax(dim=0), probs.shape[0])[..., 1:].sum(dim=(0, 1)).to(probs.dtype)
+        probs = probs.clone()
+        probs[1:] *= (area > area_threshold * area.sum()).to(probs.dtype).view(-1, 1, 1)
+    top, pred = probs.amax(dim=0), probs.argmax(dim=0)
+    return torch.where(top < prob_threshold, torch.zeros_like(pred), pred), top
+
+
+
+def dense_segment(cam: DenseCam, visual: nn.Module, queries: Queries, rgb: Tensor,
+                  labels: Sequence[Sequence[int] | None], pamr_steps: int = 0,
+                  pamr_dilations: Sequence[int] = PAMR_DILATIONS) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Each image's (pred (H, W) long, its probability (H, W), class probabilities (C, H, W)) from the
+    images ``rgb`` (B, H, W, 3) uint8 of one size.
+
+    ``labels[i]`` None: the open-vocabulary protocol (``pred`` in lines: 0 background, c + 1 class c);
+    else background plus those classes only (``pred`` 0 background, r the r-th class given). PAMR runs
+    on the logits at the original size when ``pamr_steps`` > 0, on the network input resized there.
+    """
+    p = cam.protocol
+    size = tuple(rgb.shape[1:3])
+    x = dense_input(rgb, rescale_size(*size, p.scale))
+    patch = visual.conv1.kernel_size[0]
+
+    def window_logits(windows: Tensor) -> Tensor:
+        tokens, grid = cam.tokens(visual, windows)
+        feats = F.normalize(tokens.float(), dim=-1)
+        return (feats @ queries.features.T).transpose(1, 2).reshape(len(windows), -1, *grid)
+
+    logits = slide_logits(x, p, patch, size, window_logits)
+    if pamr_steps:
+        image = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        logits = pamr(image, logits, pamr_steps, pamr_dilations)
+    out = []
+    for i, lab in enumerate(labels):
+        if lab is None:
+            keep, line = torch.arange(len(queries.line), device=logits.device), queries.line
+        else:
+            keep, line = queries.restricted(list(lab))
+        probs = class_probabilities(logits[i, keep], line, int(line.max()) + 1, p.logit_scale)
+        pred, top = predict(probs, p.prob_threshold, p.area_threshold)
+        out.append((pred, top, probs))
+    return out
