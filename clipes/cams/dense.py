@@ -107,7 +107,8 @@ class DenseProtocol:
     ``scale`` (long side at most 2048), windows of ``window`` (0: the whole image) every ``stride``
     pixels, ``softmax(logit_scale * logits)``, background below ``prob_threshold``, classes under
     ``area_threshold`` of the foreground sent to background (SCLIP; None: off), windows padded to a
-    multiple of the patch (``pad_windows``, ClearCLIP), PAMR on the logits (``pamr_steps``, NACLIP)."""
+    multiple of the patch (``pad_windows``, ClearCLIP), PAMR on the logits (``pamr_steps``, NACLIP), the
+    class probabilities divided by their sum once the mask is made (``renormalise``, NACLIP's output)."""
 
     scale: int
     window: int
@@ -117,6 +118,7 @@ class DenseProtocol:
     area_threshold: float | None = None
     pad_windows: bool = False
     pamr_steps: int = 0
+    renormalise: bool = False
 
 
 class DenseCam(CamMethod):
@@ -192,4 +194,5 @@ class ClearClip(DenseCam):
 class Naclip(DenseCam):
     name = "naclip"
     attention = "kk+gauss"
-    defaults = DenseProtocol(scale=336, window=0, stride=112, logit_scale=40, prob_threshold=0.1, pamr_steps=10)
+    defaults = DenseProtocol(scale=336, window=0, stride=112, logit_scale=40, prob_threshold=0.1, pamr_steps=10,
+                             renormalise=True)

@@ -77,9 +77,10 @@ def slide_logits(images: Tensor, protocol: DenseProtocol, patch: int, out_size: 
                  window_logits: Callable[[Tensor], Tensor]) -> Tensor:
     """Query logits (B, Q, H, W) at ``out_size`` of normalised images (B, 3, h, w).
 
-    ``window_logits`` maps windows (N, 3, wh, ww) to their patch logits (N, Q, gh, gw). Without windows
-    the patch logits go straight to ``out_size`` (NACLIP's ``slide_crop=0``); with them each window's are
-    upsampled to the window, added where it lies, divided by the count, then upsampled to ``out_size``.
+    ``window_logits`` maps windows (N, 3, wh, ww) to their patch logits (N, Q, gh, gw). Each window's
+    are upsampled to the window, added where it lies, divided by the count, then upsampled to
+    ``out_size``. Without windows (NACLIP's ``slide_crop=0``) the image is the one window: its logits
+    go to the input size, then to ``out_size``, as NACLIP does it at the reference commit.
     """
     b, _, h, w = images.shape
     boxes = window_boxes(h, w, protocol.window, protocol.stride)
@@ -89,8 +90,6 @@ def slide_logits(images: Tensor, protocol: DenseProtocol, patch: int, out_size: 
     if any(pad):
         crops = F.pad(crops, pad)
     logits = torch.cat([window_logits(crops[s:s + WINDOW_BATCH]) for s in range(0, len(crops), WINDOW_BATCH)])
-    if protocol.window == 0:
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
     logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
     logits = logits[:, :, pad[2]:pad[2] + ch, pad[0]:pad[0] + cw]
     total = images.new_zeros((b, logits.shape[1], h, w))
@@ -107,8 +106,7 @@ def class_probabilities(logits: Tensor, line: Tensor, n_lines: int, logit_scale:
     probs = (logits * logit_scale).softmax(dim=0)
     if n_lines == len(line):  # one query a class, in class order (ClearCLIP's, MaskCLIP's lists)
         return probs
-    out = probs.new_full((n_lines, *probs.shape[1:]), -1.0)
-    return out.index_reduce_(0, line, probs, "amax", include_self=True)
+    return torch.stack([probs[line == c].amax(dim=0) for c in range(n_lines)])
 
 
 def predict(probs: Tensor, prob_threshold: float, area_threshold: float | None) -> tuple[Tensor, Tensor]:
@@ -130,7 +128,8 @@ def dense_segment(cam: DenseCam, visual: nn.Module, queries: Queries, rgb: Tenso
     """Each image's (pred (H, W) long, its probability (H, W), class probabilities (C, H, W)) from the
     images ``rgb`` (B, H, W, 3) uint8 of one size.
 
-    ``labels[i]`` None: the open-vocabulary protocol (``pred`` in lines: 0 background, c + 1 class c);
+    With ``renormalise`` (NACLIP) the probabilities returned are the class probabilities divided by
+    their sum, as NACLIP outputs them (the mask is made before). ``labels[i]`` None: the open-vocabulary protocol (``pred`` in lines: 0 background, c + 1 class c);
     else background plus those classes only (``pred`` 0 background, r the r-th class given). PAMR runs
     on the logits at the original size when ``pamr_steps`` > 0, on the network input resized there.
     """
@@ -156,5 +155,8 @@ def dense_segment(cam: DenseCam, visual: nn.Module, queries: Queries, rgb: Tenso
             keep, line = queries.restricted(list(lab))
         probs = class_probabilities(logits[i, keep], line, int(line.max()) + 1, p.logit_scale)
         pred, top = predict(probs, p.prob_threshold, p.area_threshold)
+        if p.renormalise:  # NACLIP's class probabilities, once the mask is made, sum to 1 over the classes
+            probs = probs / probs.sum(dim=0, keepdim=True)
+            top = probs.amax(dim=0)
         out.append((pred, top, probs))
     return out

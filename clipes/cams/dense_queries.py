@@ -11,16 +11,16 @@ templates, each text feature L2-normalised, averaged, normalised again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 from torch import Tensor
 
 from ..model import ClipModel
-from ..prompt_selection import imagenet_templates
 from ..prompts import ClassSet
 from ..text import encode_prompts
 
-__all__ = ["CLEARCLIP_VOC21", "SCLIP_VOC21", "Queries", "encode_queries", "query_lines"]
+__all__ = ["CLEARCLIP_VOC21", "SCLIP_VOC21", "Queries", "encode_queries", "openai_templates", "query_lines"]
 
 _VOC_WORDS = ("aeroplane", "bicycle", "bird", "ship", "bottle", "bus", "car", "cat", "chair", "cow", "table", "dog",
               "horse", "motorbike")
@@ -39,6 +39,13 @@ CLEARCLIP_VOC21: tuple[tuple[str, ...], ...] = (
     ("tvmonitor",),
 )
 _BUILTIN = {"sclip": SCLIP_VOC21, "plain": CLEARCLIP_VOC21}
+
+
+def openai_templates() -> tuple[str, ...]:
+    """CLIP's 80 ImageNet templates as shipped in ``clipes/prompts/`` (read here, not through
+    ``clipes.prompt_selection``, which imports the data pipeline and with it the Labeler)."""
+    text = resources.files("clipes.prompts").joinpath("imagenet_templates.txt").read_text(encoding="utf-8")
+    return tuple(s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#"))
 
 
 def query_lines(style: str, class_set: ClassSet) -> tuple[tuple[str, ...], ...]:
@@ -74,6 +81,6 @@ class Queries:
 def encode_queries(clip: ClipModel, lines: tuple[tuple[str, ...], ...]) -> Queries:
     """Every word of ``lines`` embedded with the 80 ImageNet templates (normalise, mean, normalise)."""
     words = [w for line in lines for w in line]
-    features = encode_prompts(clip, words, tuple(imagenet_templates()))
+    features = encode_prompts(clip, words, openai_templates())
     line = torch.tensor([i for i, ws in enumerate(lines) for _ in ws], dtype=torch.long, device=features.device)
     return Queries(features, line)
