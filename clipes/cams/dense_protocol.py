@@ -21,7 +21,7 @@ from .dense import DenseCam, DenseProtocol
 from .dense_queries import Queries
 
 __all__ = ["DENSE_MEAN", "DENSE_STD", "WINDOW_BATCH", "class_probabilities", "dense_input", "dense_segment",
-           "normalise", "pad_to_patch", "predict", "rescale_size", "slide_logits", "window_boxes"]
+           "normalise", "pad_to_patch", "predict", "rescale_size", "resize_linear_u8", "slide_logits", "window_boxes"]
 
 DENSE_MEAN = (122.771, 116.746, 104.094)  # the authors' SegDataPreProcessor, RGB, 0-255 scale
 DENSE_STD = (68.501, 66.632, 70.323)
@@ -36,13 +36,38 @@ def rescale_size(height: int, width: int, short: int, long: int = LONG_SIDE) -> 
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
+def _linear_taps(dst: int, src: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per output index: the two source indices and their weights in 1/2048, as OpenCV's ``INTER_LINEAR``
+    on 8-bit images computes them (half-pixel centres in float32, clamped at the borders, rounded)."""
+    fx = ((torch.arange(dst, dtype=torch.float64, device=device) + 0.5) * (1.0 / (dst / src)) - 0.5).float()
+    sx = torch.floor(fx)
+    fx = fx - sx
+    outside = (sx < 0) | (sx >= src - 1)
+    fx = torch.where(outside, torch.zeros_like(fx), fx)
+    sx = sx.long().clamp(0, src - 1)
+    return (sx, (sx + 1).clamp_max(src - 1), torch.round((1 - fx) * 2048).int(), torch.round(fx * 2048).int())
+
+
+def resize_linear_u8(rgb: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, H, W, C) uint8 -> (B, h, w, C) uint8: bilinear in OpenCV's fixed-point arithmetic (the
+    authors read images with OpenCV): a horizontal pass in 11-bit weights, then the vertical one as its
+    SIMD path rounds it. Matches ``cv2.resize(INTER_LINEAR)`` on all but about 0.1% of the values (by 1),
+    where plain float bilinear misses some 10%."""
+    x0, x1, a0, a1 = _linear_taps(size[1], rgb.shape[2], rgb.device)
+    y0, y1, b0, b1 = _linear_taps(size[0], rgb.shape[1], rgb.device)
+    s = rgb.int()
+    rows = s[:, :, x0] * a0[:, None] + s[:, :, x1] * a1[:, None]  # (B, H, w, C), in 1/2048
+    top, bottom = rows[:, y0] >> 4, rows[:, y1] >> 4
+    out = ((top * b0[:, None, None]) >> 16) + ((bottom * b1[:, None, None]) >> 16)
+    return ((out + 2) >> 2).clamp_(0, 255).to(torch.uint8)
+
+
 def dense_input(rgb: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H, W, 3) uint8 RGB -> (B, 3, h, w) float32 network input at ``size``: bilinear (half-pixel
-    centres, no antialiasing, as OpenCV's ``INTER_LINEAR``) rounded to uint8 values, then normalised."""
-    x = rgb.permute(0, 3, 1, 2).float()
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round_().clamp_(0, 255)
-    return normalise(x)
+    """(B, H, W, 3) uint8 RGB -> (B, 3, h, w) float32 network input at ``size`` (``resize_linear_u8``),
+    normalised."""
+    if tuple(rgb.shape[1:3]) != tuple(size):
+        rgb = resize_linear_u8(rgb, size)
+    return normalise(rgb.permute(0, 3, 1, 2).float())
 
 
 def normalise(x: Tensor) -> Tensor:
