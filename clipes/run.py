@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from .batching import HalvingBatches
 from .caa import CAA_BLOCKS, block_slice, caa_blocks
-from .cams import CamMethod, make_cam
+from .cams import CamMethod, DenseCam, cam_class, make_cam
 from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
 from .datasets import listed_images, load_split
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
@@ -58,8 +58,10 @@ class LabelConfig:
     when at least two are left, for a refiner that runs on the host (the CRF); else it runs in the
     main process. ``crf_backend`` runs the CRF with torch
     (on ``device``, batched) or pydensecrf (host CPU); None: torch on a GPU, pydensecrf on the CPU.
-    ``cam`` names the CAM method (``clipes.cams``: gradcam, getam); ``getam_start`` is GETAM's first
-    block (None: its default, 6).
+    ``cam`` names the CAM method (``clipes.cams``: gradcam, getam, or a dense method: maskclip, sclip,
+    clearclip, naclip); ``getam_start`` is GETAM's first block (None: its default, 6). The ``dense_*``
+    options tune a dense method's protocol (None: its authors'); its refiner is PAMR (NACLIP's default,
+    ``pamr_iterations`` steps) or none.
     """
 
     images: Path | None
@@ -94,6 +96,12 @@ class LabelConfig:
     tagger: str = "tagclip"
     cam: str = "gradcam"
     getam_start: int | None = None
+    dense_scale: int | None = None
+    dense_window: int | None = None
+    dense_stride: int | None = None
+    dense_logit_scale: float | None = None
+    dense_prob: float | None = None
+    pamr_iterations: int | None = None
 
 
 @dataclass
@@ -220,16 +228,32 @@ def decode_workers(requested: int | None, device: torch.device, world: int = 1) 
 
 def _cam(cfg: LabelConfig) -> CamMethod:
     """The CAM method ``cfg`` asks for; an option of another method is refused by its flag."""
-    return make_cam(cfg.cam, per_pair=cfg.per_pair_backward, start=cfg.getam_start)
+    dense = issubclass(cam_class(cfg.cam), DenseCam)
+    return make_cam(cfg.cam, per_pair=cfg.per_pair_backward, start=cfg.getam_start, scale=cfg.dense_scale,
+                    window=cfg.dense_window, stride=cfg.dense_stride, logit_scale=cfg.dense_logit_scale,
+                    prob_threshold=cfg.dense_prob, pamr_steps=0 if dense and cfg.refine == "none" else None)
 
 
 def _refiner(cfg: LabelConfig, class_set) -> Refiner | None:
     """The pixel refiner ``cfg`` asks for; an option of another refiner is refused by its flag. PAR's
-    iterations follow the class set (AFA: 15 for COCO, 10 for VOC) unless ``par_iterations`` is given."""
-    iterations = cfg.par_iterations
-    if iterations is None and cfg.refine == "par":
+    iterations follow the class set (AFA: 15 for COCO, 10 for VOC) unless ``par_iterations`` is given.
+    A dense method takes PAMR or none; NACLIP's PAMR is its default (``--refine none`` turns it off)."""
+    name, iterations = cfg.refine, cfg.par_iterations
+    cam = _cam(cfg)
+    if isinstance(cam, DenseCam):
+        if name not in (None, "none", "pamr"):
+            raise ClipesError(f"--refine {name}: {cam.spelling()} makes its own masks; its refiner is pamr or none")
+        if name is None and cam.protocol.pamr_steps:
+            name = "pamr"
+    if cfg.pamr_iterations is not None and name != "pamr":
+        raise ClipesError("--pamr-iterations needs --refine pamr (or --cam naclip, whose default it is)")
+    if name == "pamr":
+        iterations = cfg.pamr_iterations
+        if iterations is None and isinstance(cam, DenseCam) and cam.protocol.pamr_steps:
+            iterations = cam.protocol.pamr_steps
+    elif iterations is None and name == "par":
         iterations = par_iterations(class_set.name)
-    refiner = make_refiner(cfg.refine, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low,
+    refiner = make_refiner(name, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low,
                            iterations=iterations)
     return with_crf_backend(refiner, cfg.crf_backend, resolve_device(cfg.device))
 
@@ -253,8 +277,9 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
     batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
     decoders = decode_workers(cfg.workers, device, dist_info.world)
     sizes = [probe_input_size(it.path, clip.patch_size, cfg.max_side, cfg.exif_transpose) for it in todo]
+    keep_image = cfg.overlays or refiner is not None or isinstance(_cam(cfg), DenseCam)  # a dense method's input
     dataset = ImageFolderDataset([(it.stem, it.path, it.labels) for it in todo], clip.patch_size, cfg.max_side,
-                                 cfg.exif_transpose, keep_image=cfg.overlays or refiner is not None)
+                                 cfg.exif_transpose, keep_image=keep_image)
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                         num_workers=decoders, pin_memory=device.type == "cuda")
     with _crf_pool(refiner, cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
@@ -356,7 +381,9 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
         classes["name"] = None  # a user file's name is its file name: a copy elsewhere is the same set
     # a tagger's settings hold its threshold when it has one (--zero-shot-threshold is the global tagger's)
     return {"model": model_identity(cfg.model), "classes": classes, "dtype": dtype_name, "bg_power": cfg.bg_power,
-            "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold) if given is None else None,
+            # a dense method labels without a tagger (its open-vocabulary mask)
+            "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold)
+            if given is None and not isinstance(_cam(cfg), DenseCam) else None,
             "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
             "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose,
             "refiner": None if (refiner := _refiner(cfg, class_set)) is None else refiner.settings(),

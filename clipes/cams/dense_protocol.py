@@ -154,7 +154,8 @@ def dense_segment(cam: DenseCam, visual: nn.Module, queries: Queries, rgb: Tenso
     images ``rgb`` (B, H, W, 3) uint8 of one size.
 
     With ``renormalise`` (NACLIP) the probabilities returned are the class probabilities divided by
-    their sum, as NACLIP outputs them (the mask is made before). ``labels[i]`` None: the open-vocabulary protocol (``pred`` in lines: 0 background, c + 1 class c);
+    their sum, as NACLIP outputs them (the mask is made before). ``labels[i]`` None: the open-vocabulary
+    protocol (``pred`` in lines: 0 background, c + 1 class c);
     else background plus those classes only (``pred`` 0 background, r the r-th class given). PAMR runs
     on the logits at the original size when ``pamr_steps`` > 0, on the network input resized there.
     """
