@@ -313,15 +313,11 @@ class Labeler:
             given = [group[i].labels for i in members]
             with low:
                 segs = dense_segment(self.cam, clip.visual, self.queries, rgb.to(clip.device), given, steps, dilations)
-            for i, lab, (pred, top, probs) in zip(members, given, segs, strict=True):
+            for i, lab, (pred, top, probs, classes) in zip(members, given, segs, strict=True):
                 if lab is None:
-                    ids = torch.arange(probs.shape[0], device=pred.device)  # line c + 1 is class c
                     lab = [int(c) - 1 for c in torch.unique(pred).tolist() if c > 0]
-                    rows = [c + 1 for c in lab]
-                else:
-                    ids = torch.tensor([0, *(c + 1 for c in lab)], device=pred.device)
-                    rows = list(range(1, len(lab) + 1))
-                mask, maps, conf = to_host([ids[pred].to(torch.uint8), probs[rows].float(), top.float()])
+                rows = [classes.index(c) + 1 for c in lab]
+                mask, maps, conf = to_host([pred.to(torch.uint8), probs[rows].float(), top.float()])
                 out[i] = LabelResult(
                     labels=np.asarray(lab, dtype=np.int64), mask=mask, cam=maps, cam_refined=maps,
                     cam_refined_lowres=maps, box_mask=np.zeros((len(lab), 0), dtype=np.float32), attention=None,

@@ -40,5 +40,8 @@ def make_cam(name: str, per_pair: bool = False, **options: Any) -> CamMethod:
         owner = next((c for c in CAMS.values() if key in c.flags), None)
         if owner is None:
             raise TypeError(f"no CAM method takes the option {key!r}")
+        if issubclass(owner, DenseCam):
+            dense = "|".join(n for n, c in CAMS.items() if issubclass(c, DenseCam))
+            raise CamError(f"{owner.flags[key]} needs a dense method (--cam {dense}), not {cls.spelling()}")
         raise CamError(f"{owner.flags[key]} needs {owner.spelling()}, not {cls.spelling()}")
     return cls(per_pair=per_pair, **given)

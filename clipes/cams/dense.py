@@ -153,10 +153,6 @@ class DenseCam(CamMethod):
             raise CamError(f"--dense-prob {p.prob_threshold}: give a probability in [0, 1]")
         self.protocol = p
 
-    @classmethod
-    def spelling(cls) -> str:
-        return f"--cam {cls.name}" if "name" in cls.__dict__ else "--cam maskclip|sclip|clearclip|naclip"
-
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self.protocol)}
 

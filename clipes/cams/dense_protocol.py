@@ -149,15 +149,16 @@ def predict(probs: Tensor, prob_threshold: float, area_threshold: float | None) 
 
 def dense_segment(cam: DenseCam, visual: nn.Module, queries: Queries, rgb: Tensor,
                   labels: Sequence[Sequence[int] | None], pamr_steps: int = 0,
-                  pamr_dilations: Sequence[int] = PAMR_DILATIONS) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Each image's (pred (H, W) long, its probability (H, W), class probabilities (C, H, W)) from the
-    images ``rgb`` (B, H, W, 3) uint8 of one size.
+                  pamr_dilations: Sequence[int] = PAMR_DILATIONS) -> list[tuple[Tensor, Tensor, Tensor, list[int]]]:
+    """Each image's (mask (H, W) long: 0 background, c + 1 class c; its probability (H, W); class
+    probabilities (R, H, W); the class of each row after row 0, background) from the images ``rgb``
+    (B, H, W, 3) uint8 of one size.
 
-    With ``renormalise`` (NACLIP) the probabilities returned are the class probabilities divided by
-    their sum, as NACLIP outputs them (the mask is made before). ``labels[i]`` None: the open-vocabulary
-    protocol (``pred`` in lines: 0 background, c + 1 class c);
-    else background plus those classes only (``pred`` 0 background, r the r-th class given). PAMR runs
-    on the logits at the original size when ``pamr_steps`` > 0, on the network input resized there.
+    ``labels[i]`` None: the open-vocabulary protocol (every class a row); else background plus those
+    classes, in class order as the authors' restricted class files list them (ties go to the lower
+    class). PAMR runs on the logits at the original size when ``pamr_steps`` > 0, on the network
+    input resized there. With ``renormalise`` (NACLIP) the probabilities returned are divided by their
+    sum over the rows, as NACLIP outputs them (the mask is made before).
     """
     p = cam.protocol
     size = tuple(rgb.shape[1:3])
@@ -177,12 +178,15 @@ def dense_segment(cam: DenseCam, visual: nn.Module, queries: Queries, rgb: Tenso
     for i, lab in enumerate(labels):
         if lab is None:
             keep, line = torch.arange(len(queries.line), device=logits.device), queries.line
+            classes = list(range(int(line.max())))
         else:
-            keep, line = queries.restricted(list(lab))
+            classes = sorted(set(lab))
+            keep, line = queries.restricted(classes)
         probs = class_probabilities(logits[i, keep], line, int(line.max()) + 1, p.logit_scale)
         pred, top = predict(probs, p.prob_threshold, p.area_threshold)
         if p.renormalise:  # NACLIP's class probabilities, once the mask is made, sum to 1 over the classes
             probs = probs / probs.sum(dim=0, keepdim=True)
             top = probs.amax(dim=0)
-        out.append((pred, top, probs))
+        ids = torch.tensor([0, *(c + 1 for c in classes)], device=pred.device)
+        out.append((ids[pred], top, probs, classes))
     return out

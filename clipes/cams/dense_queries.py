@@ -68,8 +68,9 @@ class Queries:
     line: Tensor
 
     def restricted(self, classes: list[int]) -> tuple[Tensor, Tensor]:
-        """Indices of the queries of background and ``classes`` (in that order), and each one's line
-        renumbered 0 (background), 1.. (the classes in the order given)."""
+        """Indices of the queries of background and ``classes``, and each one's line renumbered 0
+        (background), 1.. (the classes in the order given: ``dense_segment`` gives them in class order,
+        the order of the authors' label-restricted class files)."""
         keep, lines = [], []
         for new, old in enumerate([0, *(c + 1 for c in classes)]):
             idx = torch.nonzero(self.line == old).flatten()
