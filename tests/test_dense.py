@@ -57,7 +57,8 @@ def dense_golden(golden):
 
 @pytest.fixture(scope="module")
 def golden_names(dense_golden) -> dict[str, list[str]]:
-    return {k.rsplit(".", 1)[0]: v for k, v in json.loads((dense_golden / "images" / "labels.json").read_text()).items()}
+    names = json.loads((dense_golden / "images" / "labels.json").read_text())
+    return {k.rsplit(".", 1)[0]: v for k, v in names.items()}
 
 
 @pytest.fixture(scope="module")

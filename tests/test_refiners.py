@@ -363,7 +363,7 @@ def test_cli_label_refine_par_masks_train(golden, tmp_path):
     res = runner.invoke(app, [*base, "--crf", "--refine", "par"])
     assert res.exit_code == 2 and "--crf is --refine crf" in res.output
     res = runner.invoke(app, [*base, "--refine", "densecrf"])
-    assert res.exit_code == 2 and "'densecrf': choose one of crf, par or none" in res.output
+    assert res.exit_code == 2 and "'densecrf': choose one of crf, par, pamr or none" in res.output
     res = runner.invoke(app, [*base, "--refine", "par", "--confidence", "0.9"])
     assert res.exit_code == 2 and "--confidence needs --crf, not --refine par" in res.output
 

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import DeviceRefiner, Refined, RefinerError
-from .par import neighbours
+from .par import STENCIL, neighbours, shifted
 
 __all__ = ["PAMR_DILATIONS", "PAMR_ITERATIONS", "PamrRefiner", "pamr", "pamr_affinity"]
 
@@ -44,9 +45,17 @@ def pamr(image: Tensor, scores: Tensor, iterations: int = PAMR_ITERATIONS,
     the same size: each step a pixel's scores become the affinity-weighted sum of its neighbours'."""
     if image.shape[-2:] != scores.shape[-2:]:
         raise ValueError(f"PAMR: image {tuple(image.shape[-2:])} and scores {tuple(scores.shape[-2:])} differ in size")
-    weights = pamr_affinity(image.float(), dilations)
-    for _ in range(iterations):
-        scores = (neighbours(scores, dilations) * weights).sum(dim=2)
+    weights = pamr_affinity(image.float(), dilations)[:, 0]  # (B, N, H, W)
+    h, w = scores.shape[-2:]
+    for _ in range(iterations):  # neighbour by neighbour: no (B, C, N, H, W) tensor per step
+        out = torch.zeros_like(scores)
+        n = 0
+        for d in dilations:
+            padded = F.pad(scores, [d] * 4, mode="replicate")
+            for dy, dx in STENCIL:
+                out += weights[:, n:n + 1] * shifted(padded, d, dy, dx, h, w)
+                n += 1
+        scores = out
     return scores
 
 
