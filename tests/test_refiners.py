@@ -287,7 +287,7 @@ def test_refiner_options_are_checked():
         ParRefiner(bg_high=1.5)
     with pytest.raises(RefinerError, match="--par-bg-high nan"):
         ParRefiner(bg_high=float("nan"))
-    with pytest.raises(RefinerError, match="choose one of crf, par or none"):
+    with pytest.raises(RefinerError, match="choose one of crf, par, pamr or none"):
         make_refiner("densecrf")
     with pytest.raises(RefinerError, match="--confidence needs --crf, not --refine par"):
         make_refiner("par", confidence=0.9)
