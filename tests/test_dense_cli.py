@@ -81,3 +81,16 @@ def test_bad_dense_options_are_refused_before_anything_is_written(tmp_path, fold
     res = _label(folder, out, golden / "tiny-clip-vit-b16-random.pt", *extra)
     assert res.exit_code != 0 and message in res.output, res.output
     assert not out.exists()
+
+
+def test_pamr_refines_gradcam_masks(tmp_path, folder, golden):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"chelsea": ["cat"], "coffee": ["diningtable", "bottle"]}))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["label", str(folder), "--out", str(out), "--model",
+                              str(golden / "tiny-clip-vit-b16-random.pt"), "--device", "cpu", "--labels", str(labels),
+                              "--refine", "pamr", "--pamr-iterations", "3"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["settings"]["refiner"] == {
+        "name": "pamr", "iterations": 3, "dilations": [8, 16]}
+    assert set(np.unique(np.asarray(Image.open(out / "masks" / "coffee.png")))) <= {0, 5, 11}
