@@ -141,6 +141,9 @@ def test_end_to_end_masks_match_the_authors_both_protocols(method, dense_golden,
         assert agreement(given.mask, g["pred_labels"]) >= END_TO_END_AGREEMENT, (method, stem)
         assert sorted(np.unique(free.mask[free.mask > 0]) - 1) == sorted(free.labels.tolist())
         assert free.cam_refined.shape == (len(free.labels), *g["pred_full"].shape)
+        if stem == "coffee":  # labelled images alone: PAMR on their queries only, the same masks
+            alone = labeler.label(image, golden_names[stem])
+            assert agreement(alone.mask, given.mask) >= LABEL_AGREEMENT, (method, stem)
 
 
 @pytest.mark.parametrize("method", ["sclip", "naclip"])

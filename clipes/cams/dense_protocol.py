@@ -171,17 +171,26 @@ def dense_segment(cam: DenseCam, visual: nn.Module, queries: Queries, rgb: Tenso
         return (feats @ queries.features.T).transpose(1, 2).reshape(len(windows), -1, *grid)
 
     logits = slide_logits(x, p, patch, size, window_logits)
+    chosen = []
+    for lab in labels:
+        if lab is None:
+            line = queries.line
+            chosen.append((torch.arange(len(line), device=line.device), line, list(range(int(line.max())))))
+        else:
+            classes = sorted(set(lab))
+            chosen.append((*queries.restricted(classes), classes))
     if pamr_steps:
+        # PAMR propagates each query's map on its own: only the queries some image keeps need it
+        used = torch.unique(torch.cat([keep for keep, _, _ in chosen]))
+        if len(used) < logits.shape[1]:
+            where = torch.full((logits.shape[1],), -1, dtype=torch.long, device=used.device)
+            where[used] = torch.arange(len(used), device=used.device)
+            logits = logits[:, used]
+            chosen = [(where[keep], line, classes) for keep, line, classes in chosen]
         image = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         logits = pamr(image, logits, pamr_steps, pamr_dilations)
     out = []
-    for i, lab in enumerate(labels):
-        if lab is None:
-            keep, line = torch.arange(len(queries.line), device=logits.device), queries.line
-            classes = list(range(int(line.max())))
-        else:
-            classes = sorted(set(lab))
-            keep, line = queries.restricted(classes)
+    for i, (keep, line, classes) in enumerate(chosen):
         probs = class_probabilities(logits[i, keep], line, int(line.max()) + 1, p.logit_scale)
         pred, top = predict(probs, p.prob_threshold, p.area_threshold)
         if p.renormalise:  # NACLIP's class probabilities, once the mask is made, sum to 1 over the classes
