@@ -39,11 +39,12 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
 PositionFn = Callable[[Tensor, tuple[int, int]], Tensor]
 
 
-def embed(visual: nn.Module, images: Tensor, positions: PositionFn = interpolate_pos_embed) -> Tensor:
+def embed(visual: nn.Module, images: Tensor, positions: PositionFn | None = None) -> Tensor:
     """Patch embedding, CLS token, resized positional embedding and ``ln_pre``: (B, 1 + n, D).
 
-    ``positions`` resizes the (1 + g*g, D) positional embedding to the patch grid: CLIP-ES's bilinear
-    by default; the dense methods (``clipes.cams.dense``) give their authors' bicubic.
+    ``positions`` resizes the (1 + g*g, D) positional embedding to the patch grid: None is CLIP-ES's
+    bilinear ``interpolate_pos_embed`` (looked up when called); the dense methods
+    (``clipes.cams.dense``) give their authors' bicubic.
 
     Under autocast the tokens are fp32 whatever the weights' dtype: the residual stream (the sums of
     the blocks' outputs) stays fp32 and only the matrix products run low, as autocast over fp32
@@ -55,7 +56,8 @@ def embed(visual: nn.Module, images: Tensor, positions: PositionFn = interpolate
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + positions(visual.positional_embedding, grid).to(x.dtype)
+    resize = interpolate_pos_embed if positions is None else positions
+    x = torch.cat([cls, x], dim=1) + resize(visual.positional_embedding, grid).to(x.dtype)
     return visual.ln_pre(x)
 
 
@@ -145,7 +147,7 @@ def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False,
 
 
 def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8, stop: int | None = None,
-                 positions: PositionFn = interpolate_pos_embed) -> tuple[Tensor, Tensor]:
+                 positions: PositionFn | None = None) -> tuple[Tensor, Tensor]:
     """Run the blocks before block ``stop`` (None: the last one); return its input tokens and the
     summed attention for CAA.
 

@@ -295,7 +295,7 @@ def test_refiner_options_are_checked():
         make_refiner(None, bg_low=0.3)
     assert make_refiner("none") is None and make_refiner(None, confidence=None) is None
     assert make_refiner("par", bg_high=0.6).settings()["bg_high"] == 0.6
-    assert set(REFINERS) == {"crf", "par"}
+    assert set(REFINERS) == {"crf", "par", "pamr"}
     with pytest.raises(RefinerError, match="--par-iterations -1"):
         ParRefiner(iterations=-1)
     with pytest.raises(RefinerError, match="--par-iterations needs --refine par"):
