@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PositionFn", "add_patch_attention", "attention", "block_forward", "cls_embedding", "embed", "encode_trunk",
+__all__ = ["PositionFn", "attend_and_sum", "attention", "block_forward", "cls_embedding", "embed", "encode_trunk",
            "head_mean_attention", "interpolate_pos_embed", "merge_heads", "mlp_ratio", "project_heads"]
 
 
@@ -103,19 +103,24 @@ def head_mean_attention(q: Tensor, k: Tensor) -> Tensor:
                       for s in range(0, q.shape[-2], step)], dim=1)
 
 
-def add_patch_attention(q: Tensor, k: Tensor, total: Tensor) -> Tensor:
-    """Add the head-averaged patch-to-patch attention weights (CLS row and column dropped) into
-    ``total`` (B, L - 1, L - 1), fp32, in place; return it.
+def attend_and_sum(q: Tensor, k: Tensor, v: Tensor, total: Tensor) -> Tensor:
+    """Attention outputs (B, H, L, D / H) whose head-averaged patch-to-patch weights (CLS row and column
+    dropped) are added into ``total`` (B, L - 1, L - 1), fp32, in place.
 
-    What CAA sums over blocks, computed as ``head_mean_attention`` computes it (same chunks of
-    query rows, same values) but added chunk by chunk: no (B, L, L) map per block is ever whole.
+    Each chunk of query rows' softmax gives both (probabilities @ v, as nn.MultiheadAttention computes
+    them): one softmax a block, no (B, L, L) map per block ever whole, and the residual stream rounded
+    as the reference's, which keeps the masks of GETAM and the votes of TagCLIP on the authors' side of
+    their knife edges on every CPU (fused attention sums in another order: seen off on an Intel Xeon).
     """
+    k, v = k.contiguous(), v.contiguous()  # once, not per chunk
     step = row_chunk(q, k.shape[-2])
+    outs = []
     for s in range(0, q.shape[-2], step):
         probs = _attention_probs(q[:, :, s:s + step], k)
+        outs.append(probs.to(v.dtype) @ v)
         first = 1 if s == 0 else 0  # the CLS query row
         total[:, s + first - 1:s + probs.shape[-2] - 1] += probs[:, :, first:, 1:].mean(dim=1)
-    return total
+    return torch.cat(outs, dim=2)
 
 
 def attention(attn: nn.MultiheadAttention, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
@@ -153,9 +158,9 @@ def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False,
             patch_attention += weights[:, 1:, 1:].float()
     else:
         q, k, v = project_heads(block.attn, block.ln_1(x))
-        out, weights = merge_heads(block.attn, F.scaled_dot_product_attention(q, k, v)), None
-        if patch_attention is not None:
-            add_patch_attention(q, k, patch_attention)
+        weights = None
+        out = merge_heads(block.attn, F.scaled_dot_product_attention(q, k, v) if patch_attention is None
+                          else attend_and_sum(q, k, v, patch_attention))
     x = x + block.ls_1(out)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, weights
@@ -169,9 +174,9 @@ def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8
     The sum covers the head-averaged patch-to-patch attention (CLS row and column dropped) of the
     blocks among the last ``attn_blocks`` (or the block indices of a range) that precede block
     ``stop``: ``attn_blocks - 1`` maps for the default. A CAM method that needs the later blocks
-    with gradients (GETAM) runs them itself from these tokens. Every block runs fused attention;
-    those in the sum also add their head-mean patch map into it, chunk by chunk. ``positions`` as in
-    ``embed``.
+    with gradients (GETAM) runs them itself from these tokens. The other blocks run fused attention;
+    those in the sum take their outputs from the probabilities they add into it (``attend_and_sum``).
+    ``positions`` as in ``embed``.
     """
     x = embed(visual, images, positions)
     blocks = visual.transformer.resblocks
