@@ -21,7 +21,7 @@ import torch
 
 from clipes.model import resolve_device
 from clipes.segment.deeplabv2 import msc_loss
-from clipes.segment.models import build_segmenter
+from clipes.segment.registry import build_segmenter
 from clipes.segment.train import PRESETS, SEGMENTERS, TrainConfig, _optimizer, segmentation_loss
 
 from _common import hardware

@@ -16,7 +16,8 @@ from torch import nn
 from clipes.errors import ClipesError
 from clipes.segment.data import SegDataset, deeplab_augment, pair_folders
 from clipes.segment.deeplabv2 import DeepLabV2MSC, caffe_input, msc_loss, resize_labels
-from clipes.segment.models import DeepLabV2, build_segmenter
+from clipes.segment.registry import build_segmenter
+from clipes.segment.segmenters import DeepLabV2
 from clipes.segment.train import TrainConfig, _optimizer, load_checkpoint, load_config, poly_schedule, train
 
 from .synthetic import make_dataset

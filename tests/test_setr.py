@@ -32,8 +32,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from clipes.cli import app
-from clipes.segment.models import build_segmenter
-from clipes.segment.setr import SetrUpHead, setr_blocks
+from clipes.segment.heads.setr import SetrUpHead, setr_blocks
+from clipes.segment.registry import build_segmenter
 from clipes.segment.train import _optimizer, load_checkpoint, load_config, poly_schedule, segmentation_loss
 
 from .synthetic import make_dataset

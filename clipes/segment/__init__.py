@@ -1,5 +1,6 @@
-"""The final segmenter of CLIP-ES: models, training with the confidence-guided loss, inference."""
+"""The final segmenter of CLIP-ES: encoders, heads and the registry composing them, training with the
+confidence-guided loss, inference."""
 
-from .models import SEGMENTERS, build_segmenter
+from .registry import SEGMENTERS, build_segmenter
 
 __all__ = ["SEGMENTERS", "build_segmenter"]

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from ..errors import ClipesError
-from .models import SEGMENTERS
-from .setr import SETR_PRESETS
+from .heads.setr import SETR_PRESETS
+from .registry import SEGMENTERS
 
 __all__ = ["PRESETS", "ConfigError", "TrainConfig", "check_settings", "load_config"]
 
@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "batch_size": 16, "accumulate": 1, "steps": 20000, "head_lr_mult": 1.0, "head_bias_lr_mult": 1.0,
             "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True, "poly_step": 1},
 }
-PRESETS.update(SETR_PRESETS)  # clip-setr-*: SETR's SGD recipe (segment/setr.py)
+PRESETS.update(SETR_PRESETS)  # clip-setr-*: SETR's SGD recipe (segment/heads/setr.py)
 PRESETS["deeplabv2"] = {**PRESETS["deeplab"], "poly_step": 10}
 
 

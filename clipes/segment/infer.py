@@ -21,7 +21,7 @@ from ..output import atomic_write, check_not_inputs, check_writable, encode_imag
 from ..provenance import file_digest, input_stamp
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
-from .models import SEGMENTERS, build_segmenter
+from .registry import SEGMENTERS, build_segmenter
 from .train import predict_logits
 
 __all__ = ["RECORD", "load_segmenter", "segment_folder", "segment_image"]

@@ -40,7 +40,7 @@ from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
 from .data import PositionSampler, SegDataset, SegItem, pair_folders
 from .deeplabv2 import msc_loss
-from .models import SEGMENTERS, build_segmenter, head_parameters
+from .registry import SEGMENTERS, build_segmenter, head_parameters
 
 __all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "segmentation_loss", "train"]
 
