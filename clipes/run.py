@@ -3,42 +3,36 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import platform
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
-from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from PIL import Image
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .batching import HalvingBatches
 from .caa import CAA_BLOCKS, block_slice, caa_blocks
 from .cams import CamMethod, make_cam
-from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
+from .data import ImageFolderDataset, collate_samples, probe_input_size, size_batches
 from .datasets import listed_images, load_split
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
 from .errors import ClipesError
 from .images import find_images
-from .labeler import Labeler, LabelResult, PreparedImage
+from .labeler import Labeler, LabelResult
 from .labels import read_labels
 from .model import ClipModel, load_clip, resolve_device
 from .output import OutputError, RunOutput, check_not_inputs, check_writable, named_file
+from .pipeline import Item, RunSummary, batch_sizer, crf_pool, decode_workers, progress_bar, run_batches
 from .precision import DTYPE_ENV, DTYPES, DtypeChoice, resolve_dtype, slow_low_precision
 from .prompts import builtin_class_sets, load_class_set
 from .provenance import input_stamp, model_identity
-from .refiners import HostRefiner, Refiner, make_refiner
+from .refiners import Refiner, make_refiner
 from .refiners.crf_torch import with_crf_backend
 from .refiners.par import par_iterations
 from .tagging import tagger_class, tagger_settings
@@ -96,21 +90,6 @@ class LabelConfig:
     getam_start: int | None = None
 
 
-@dataclass
-class RunSummary:
-    """What a run did: counts, the files it could not use (with why) and the time taken."""
-
-    labelled: int = 0
-    skipped: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    unlabelled: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.labelled / self.seconds if self.seconds > 0 else 0.0
-
-
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("clipes", "torch", "open_clip_torch", "numpy", "pillow"):
@@ -126,96 +105,6 @@ def _lookup(labels: dict[str, list[int]], stem: str) -> list[int] | None:
     if stem in labels:
         return labels[stem]
     return labels.get(stem.rsplit("/", 1)[-1])
-
-
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]labelling"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console,
-                    disable=not enabled)
-
-
-def _batch_sizer(labeler: Labeler, batch_size: int) -> HalvingBatches[PreparedImage, LabelResult]:
-    """The engine over a batch, halved for good on out-of-memory; an image too large alone is skipped."""
-    return HalvingBatches(partial(labeler.label_prepared, skip_unusable=True), batch_size,
-                          lambda p: tuple(p.tensor.shape[-2:]))
-
-
-@dataclass(frozen=True)
-class _Item:
-    """An image to label: where it comes from, what it is now (``stamp``) and its given labels."""
-
-    stem: str
-    path: Path
-    stamp: dict
-    labels: list[int] | None
-    given: list[str] | None
-
-
-def _write(out: RunOutput, item: _Item, result: LabelResult | Future, class_names: tuple[str, ...],
-           image: Image.Image | None, crf: Future | None = None) -> None:
-    if crf is not None:
-        mask, confidence = crf.result()
-        result = replace(result, mask=mask, confidence=confidence)
-    out.write(item.stem, result, class_names, item.stamp, item.given, image)
-
-
-def _run_batches(loader: DataLoader, items: dict[str, _Item], sizer: HalvingBatches, out: RunOutput,
-                 class_names: tuple[str, ...], summary: RunSummary, progress: Progress, flush, crf=None) -> None:
-    """Engine on the main thread, decoding in DataLoader workers, writing on background threads.
-
-    ``crf(rgb, result)``, when given, returns a future of (mask, confidence) computed in a process
-    pool; the writer waits for it, so the dense CRF never holds up the network.
-    """
-    task = progress.add_task("label", total=len(loader.dataset), rate="-")
-    start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
-    # progress is saved every 10 s, or less often once labels.json is large (about 1 s for COCO's
-    # 118k images): at most 2% of the time goes to it
-    flush_every = 10.0
-    pending: list[Future] = []
-    # PIL lets go of the GIL while it compresses, so a few threads write PNGs in parallel
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="clipes-writer") as writer:
-        for batch in loader:
-            batch: list[Sample]
-            good = [s for s in batch if s.prepared is not None]
-            for s in batch:
-                if s.error is not None:
-                    summary.failed.append((s.path, s.error))
-                    progress.console.print(f"[yellow]skipped[/] {escape(s.error)}", highlight=False)
-            for s, res in zip(good, sizer([s.prepared for s in good]), strict=True):
-                if isinstance(res, str):
-                    summary.failed.append((s.path, f"{s.path}: {res}"))
-                    continue
-                image = None if s.prepared.rgb is None or not out.overlays else Image.fromarray(s.prepared.rgb)
-                pending.append(writer.submit(_write, out, items[s.stem], res, class_names, image,
-                                             None if crf is None else crf(s.prepared.rgb, res)))
-                summary.labelled += 1
-            while len(pending) > 4 * max(1, len(batch)):  # bound memory held by queued writes
-                pending.pop(0).result()
-            done += len(batch)
-            progress.update(task, advance=len(batch), rate=f"{done / max(time.perf_counter() - start, 1e-9):.2f}")
-            if time.perf_counter() - last_flush > flush_every:
-                for f in pending:
-                    f.result()
-                pending.clear()
-                began = time.perf_counter()
-                flush()
-                last_flush = time.perf_counter()
-                flush_every = max(10.0, 50 * (last_flush - began))
-        for f in pending:
-            f.result()
-
-
-def decode_workers(requested: int | None, device: torch.device, world: int = 1) -> int:
-    """DataLoader processes: as requested, else up to 8 per GPU process, 1 on the CPU.
-
-    Decoding and resizing take about 10 ms an image on one core, so two workers would hold a GPU
-    to some 200 images/s; on the CPU the engine needs the cores and takes a second an image.
-    """
-    if requested is not None:
-        return requested
-    if device.type != "cuda":
-        return 1
-    return max(1, min(8, (os.cpu_count() or 1) // world - 1))
 
 
 def _cam(cfg: LabelConfig) -> CamMethod:
@@ -234,18 +123,7 @@ def _refiner(cfg: LabelConfig, class_set) -> Refiner | None:
     return with_crf_backend(refiner, cfg.crf_backend, resolve_device(cfg.device))
 
 
-@contextmanager
-def _crf_pool(refiner: Refiner | None, cfg: LabelConfig, decoders: int) -> Iterator[ProcessPoolExecutor | None]:
-    """Processes for a host refiner such as the dense CRF (CPU-bound, one image each), else None."""
-    workers = cfg.crf_workers or (os.cpu_count() or 1) - decoders - 1
-    if not isinstance(refiner, HostRefiner) or workers < (1 if cfg.crf_workers else 2):
-        yield None  # none, on the device, or too few spare cores for a pool to pay off: the engine runs it
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
-
-
-def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[_Item], class_set, dtype_name: str,
+def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[Item], class_set, dtype_name: str,
                 device: torch.device, dist_info: DistInfo, out: RunOutput, manifest: dict,
                 summary: RunSummary) -> None:
     """Run the batched engine over ``todo``, a host refiner (the CRF) in a process pool if it pays."""
@@ -257,7 +135,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
                                  cfg.exif_transpose, keep_image=cfg.overlays or refiner is not None)
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                         num_workers=decoders, pin_memory=device.type == "cuda")
-    with _crf_pool(refiner, cfg, decoders) as pool, _progress(console, dist_info.is_main) as progress:
+    with crf_pool(refiner, cfg.crf_workers, decoders) as pool, progress_bar(console, dist_info.is_main) as progress:
         labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                           attn_blocks=caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks)),
                           zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
@@ -266,7 +144,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
         def crf(rgb, result: LabelResult) -> Future:
             return pool.submit(refiner.refine_image, rgb, result.cam_refined, result.labels, cfg.bg_power)
 
-        _run_batches(loader, {it.stem: it for it in todo}, _batch_sizer(labeler, batch_size), out, class_set.classes,
+        run_batches(loader, {it.stem: it for it in todo}, batch_sizer(labeler, batch_size), out, class_set.classes,
                      summary, progress, lambda: out.flush(manifest), None if pool is None else crf)
 
 
@@ -372,7 +250,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
     out = RunOutput(cfg.out, _settings(cfg, class_set, given, dtype_name), save_cams=cfg.save_cams,
                     overlays=cfg.overlays, overwrite=cfg.overwrite, rank=dist_info.rank, world=dist_info.world)
     summary = RunSummary()
-    todo: list[_Item] = []
+    todo: list[Item] = []
     for stem, path in items:
         labels = None if given is None else _lookup(given, stem)
         if given is not None and labels is None:
@@ -387,7 +265,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
         if out.is_done(stem, stamp, names):
             summary.skipped += 1
         else:
-            todo.append(_Item(stem, path, stamp, labels, names))
+            todo.append(Item(stem, path, stamp, labels, names))
     work = bool(todo)  # the job's, not this rank's share: every rank takes the same path below
     todo = todo[dist_info.rank::dist_info.world]
     if not dist_info.is_main:

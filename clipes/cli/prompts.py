@@ -174,6 +174,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
     from ..evaluate import open_ground_truth
     from ..model import load_clip, resolve_device
     from ..output import check_not_inputs, named_file
+    from ..pipeline import decode_workers
     from ..prompt_selection import (
         candidate_templates,
         class_set_yaml,
@@ -185,7 +186,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
         validate_templates,
         with_template,
     )
-    from ..run import _lookup, decode_workers
+    from ..run import _lookup
 
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
     candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)
