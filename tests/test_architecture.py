@@ -106,3 +106,22 @@ def test_no_import_circle_inside_clipes():
 def test_no_module_over_400_lines(path):
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(ROOT.parent)}: {lines} lines; split it where a seam shows"
+
+
+SEAMS = ("clipes.cams", "clipes.refiners", "clipes.tagging", "clipes.segment.encoders", "clipes.segment.heads")
+CONDUCTOR = ("clipes.labeler", "clipes.run", "clipes.pipeline", "clipes.output", "clipes.cli")
+
+
+def _under(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_layers_point_down():
+    """docs/architecture.md: a seam never imports the conductor or the CLI, nothing but the CLI imports the CLI."""
+    wrong = []
+    for name, edges in import_graph(_modules()).items():
+        for target in edges:
+            if (_under(name, SEAMS) and _under(target, CONDUCTOR)) or \
+                    (_under(target, ("clipes.cli",)) and not _under(name, ("clipes.cli", "clipes.__main__"))):
+                wrong.append(f"{name} -> {target}")
+    assert wrong == []
