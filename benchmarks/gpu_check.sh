@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 3, 5, 14, 20, 21 and 22 ask for, in one run (about 8 minutes on an H100/H200).
+# The GPU measurements issues 3, 5, 14, 20, 21, 22 and 30 ask for, in one run (about 8 minutes on an H100/H200).
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, in the repo root: wheels and golden data to carry
 #   bash benchmarks/gpu_check.sh run       # on the GPU machine, with carry [".whl", ".golden"]
@@ -18,8 +18,8 @@ prepare() {
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13
     rm -rf .golden && mkdir .golden
-    cp -r ../shared/golden/images ../shared/golden/labels.json ../shared/golden/tiny-clip-vit-b16-random.pt \
-        ../shared/golden/deeplab .golden/
+    cp -r ../shared/golden/images ../shared/golden/gt ../shared/golden/labels.json \
+        ../shared/golden/tiny-clip-vit-b16-random.pt ../shared/golden/deeplab .golden/
     du -sh .whl .golden
 }
 
@@ -63,6 +63,9 @@ run() {
     $py benchmarks/label_folder.py --device $dev --model $big --dtype bfloat16 --images $nf --warmup $warm \
         --workers $workers --crf-backend torch --confidence 0.95 --photos $golden/images \
         --json "$out/label_folder_gpu_bf16_crf_torch.json"
+    # issue 30: clipes segment --crf's torch CRF on the device against the CPU reference (pydensecrf where
+    # installed, else torch on the CPU), 21 classes on the golden photos; bar: >= 99.9% of pixels
+    $py benchmarks/segment_crf.py --device $dev --golden $golden --json "$out/segment_crf_gpu.json"
     # issue 5: ViT-B/16 + linear head, batch 16, crop 448, bf16
     $py benchmarks/train_step.py --model clip-linear --clip-model ViT-B-16 --batch-size $((nb / 2 > 0 ? nb / 2 : 1)) \
         --crop $crop --bf16 --steps $steps --device $dev | tee "$out/train_step_gpu_vitb16_linear_bf16.json"

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
 from .images import ImageError, input_size, preprocess, read_image
 from .labeler import PreparedImage
+from .pixels import ImageTooLargeError, open_image
 
 __all__ = ["ImageFolderDataset", "Sample", "collate_samples", "probe_input_size", "size_batches"]
 
@@ -35,12 +35,12 @@ class Sample:
 def probe_input_size(path: Path, patch: int, max_side: int | None, exif_transpose: bool = True) -> tuple[int, int]:
     """The network input size of an image from its header alone; (0, 0) when it cannot be opened."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             w, h = img.size
             if exif_transpose and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 w, h = h, w
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return (0, 0)
+    except (OSError, ValueError, SyntaxError, ImageTooLargeError):
+        return (0, 0)  # read_image says why
     return input_size(h, w, patch, max_side)
 
 

@@ -20,13 +20,10 @@ from .jsonfile import read_json
 from .labels import image_key, read_labels, read_voc_xml
 from .output import entry_path
 from .prompts import ClassSet, load_class_set
+from .splits import DatasetError, read_split_file, voc_ground_truth, voc_root, voc_split_file
 
 __all__ = ["CocoGroundTruth", "DatasetError", "DatasetSplit", "coco_split", "listed_images", "load_split",
-           "voc_split"]
-
-
-class DatasetError(ClipesError):
-    """A dataset folder does not have the expected layout."""
+           "read_split_file", "voc_split"]
 
 
 @dataclass
@@ -44,20 +41,6 @@ class DatasetSplit:
     repeated: int = 0  # lines of a split file that named an image again (each image is taken once)
 
 
-def read_split_file(path: Path) -> tuple[list[str], int]:
-    """Image names, one per line (first word; folders and an image suffix dropped), as the authors' lists;
-    each once, in order, and how many lines repeated a name."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"--split-file {path}: cannot read it ({e})") from None
-    stems = [image_key(line.split()[0]).rsplit("/", 1)[-1] for line in lines if line.strip()]
-    if not stems:
-        raise DatasetError(f"--split-file {path}: no image names in it")
-    once = list(dict.fromkeys(stems))
-    return once, len(stems) - len(once)
-
-
 def listed_images(items: list[tuple[str, Path]], split_file: Path, where: str) -> tuple[list[tuple[str, Path]], int]:
     """The images (stem, path) that ``split_file`` names (by file stem), and how many lines repeated a name;
     a name of no image (of ``where``) is refused."""
@@ -71,21 +54,10 @@ def listed_images(items: list[tuple[str, Path]], split_file: Path, where: str) -
     return [(stem, p) for stem, p in items if stem.rsplit("/", 1)[-1] in wanted], repeated
 
 
-def _voc_root(root: Path) -> Path:
-    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
-        if (cand / "JPEGImages").is_dir():
-            return cand
-    raise DatasetError(f"{root}: no JPEGImages/ found (expected VOCdevkit/VOC2012 or a folder holding it)")
-
-
 def voc_split(root: str | Path, split: str, split_file: Path | None = None) -> DatasetSplit:
     """PASCAL VOC 2012: ``ImageSets/Segmentation[Aug]/<split>.txt`` or ``split_file``; labels from ``Annotations/``."""
-    voc = _voc_root(Path(root))
-    candidates = [voc / "ImageSets" / "Segmentation" / f"{split}.txt",
-                  voc / "ImageSets" / "SegmentationAug" / f"{split}.txt", voc / "ImageSets" / "Main" / f"{split}.txt"]
-    split_file = split_file or next((c for c in candidates if c.is_file()), None)
-    if split_file is None:
-        raise DatasetError(f"{voc}: no split file for {split!r} (looked for {', '.join(str(c) for c in candidates)})")
+    voc = voc_root(Path(root))
+    split_file = split_file or voc_split_file(voc, split)
     stems, repeated = read_split_file(split_file)
     class_set = load_class_set("voc")
     ann = voc / "Annotations"
@@ -96,7 +68,7 @@ def voc_split(root: str | Path, split: str, split_file: Path | None = None) -> D
         raise DatasetError(f"{split_file}: {len(missing)} image(s) without JPEGImages/*.jpg or Annotations/*.xml, "
                            f"e.g. {missing[0]}")
     labels = read_voc_xml([ann / f"{s}.xml" for s in stems], class_set)
-    gt = next((voc / d for d in ("SegmentationClassAug", "SegmentationClass") if (voc / d).is_dir()), None)
+    gt = voc_ground_truth(voc)
     return DatasetSplit(f"voc/{split}", class_set, voc, [(s, voc / "JPEGImages" / f"{s}.jpg") for s in stems],
                         labels, gt_dir=gt, repeated=repeated)
 
@@ -211,6 +183,10 @@ class CocoGroundTruth:
 
     def stems(self) -> list[str]:
         return list(self.scored)
+
+    def known(self) -> list[str]:
+        """Every image of the JSON, with objects or not (what a split list may name)."""
+        return list(self.by_stem)
 
     def mask(self, stem: str) -> np.ndarray:
         image_id = self.by_stem[stem]

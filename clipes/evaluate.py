@@ -12,6 +12,7 @@ from rich.progress import Progress
 
 from .errors import ClipesError
 from .masks import IGNORE, voc_palette
+from .pixels import open_image
 from .prompts import ClassSet
 
 __all__ = ["Evaluation", "FolderGroundTruth", "Scores", "bar_chart", "check_pair", "confusion", "evaluate",
@@ -109,6 +110,10 @@ class FolderGroundTruth:
     def stems(self) -> list[str]:
         return list(self.paths)
 
+    def known(self) -> list[str]:
+        """Every image with ground truth (what a split list may name)."""
+        return list(self.paths)
+
     def mask(self, stem: str) -> np.ndarray:
         return read_label_png(self.paths[stem])
 
@@ -121,7 +126,7 @@ def read_label_png(path: Path) -> np.ndarray:
     """A label map (uint8) from a palette or single-channel PNG; a clear error for colour images and for
     16-bit or 32-bit values no 8-bit label map holds (casting would read 264 as class 8)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if img.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
                 raise ClipesError(f"{path}: expected a palette or grayscale label PNG, got mode {img.mode}")
             arr = np.asarray(img)

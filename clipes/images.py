@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from .errors import ClipesError
+from .names import IMAGE_SUFFIXES
+from .pixels import ImageTooLargeError, open_image
 
 __all__ = [
     "CLIP_MEAN",
@@ -25,7 +26,6 @@ __all__ = [
     "to_rgb_or_gray",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -67,15 +67,13 @@ def read_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
     """Open and decode an image fully; an ``ImageError`` naming the file if that fails."""
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                if exif_transpose:
-                    img = ImageOps.exif_transpose(img)
-                img = to_rgb_or_gray(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: image too large to decode safely ({e})") from e
+        with open_image(path) as img:
+            img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            img = to_rgb_or_gray(img)
+    except ImageTooLargeError as e:
+        raise ImageError(str(e)) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{path}: cannot read image ({e})") from e
     if min(img.size) < 1:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from .errors import ClipesError
-from .images import IMAGE_SUFFIXES
+from .names import image_key
 from .prompts import ClassSet, ClassSetError
 
 __all__ = ["LabelsError", "image_key", "read_labels", "read_voc_xml"]
@@ -19,12 +19,6 @@ __all__ = ["LabelsError", "image_key", "read_labels", "read_voc_xml"]
 
 class LabelsError(ClipesError):
     """A labels file is malformed or names a class outside the class set."""
-
-
-def image_key(name: str) -> str:
-    """Image key: the relative name without an image suffix (``a/b.jpg`` -> ``a/b``; ``img.v2`` stays)."""
-    p = PurePosixPath(name.replace("\\", "/"))
-    return str(p.with_suffix("")) if p.suffix.lower() in IMAGE_SUFFIXES else str(p)
 
 
 def _indices(names: list[str], class_set: ClassSet, where: str) -> list[int]:

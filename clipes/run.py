@@ -178,9 +178,7 @@ def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary
     if repeated:
         console.print(f"note: --split-file {escape(str(cfg.split_file))} names {repeated} image(s) again; each is "
                       "labelled once", highlight=False)
-    check_not_inputs({"--out": cfg.out}, {"the input folder": cfg.images, "--labels": cfg.labels,
-                                          "--classes": named_file(cfg.classes), "--model": named_file(cfg.model),
-                                          "--split-file": cfg.split_file})
+    check_not_inputs({"--out": cfg.out}, _input_files(cfg))
     check_writable(cfg.out)
     refiner = _refiner(cfg, class_set)
     if refiner is not None:
@@ -213,6 +211,12 @@ def _dtype_choice(cfg: LabelConfig, device: torch.device) -> DtypeChoice:
     if previous in DTYPES:
         return DtypeChoice(previous, f"auto: the dtype {cfg.out} was labelled in")
     return resolve_dtype(name, device)
+
+
+def _input_files(cfg: LabelConfig) -> dict[str, Path | None]:
+    """The files and folders a run reads, by flag: never written, by this run or by an export of it."""
+    return {"the input folder": cfg.images, "--labels": cfg.labels, "--classes": named_file(cfg.classes),
+            "--model": named_file(cfg.model), "--split-file": cfg.split_file}
 
 
 def _input_name(path: Path, root: Path) -> str:
@@ -266,14 +270,17 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
             summary.skipped += 1
         else:
             todo.append(Item(stem, path, stamp, labels, names))
-    work = bool(todo)  # the job's, not this rank's share: every rank takes the same path below
+    work, to_label = bool(todo), len(todo)  # the job's, not this rank's share: every rank takes the same path below
     todo = todo[dist_info.rank::dist_info.world]
     if not dist_info.is_main:
         summary.failed, summary.unlabelled = [], []  # rank 0 reports those for the job
     manifest = {"tool": "clipes label", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "input": str(cfg.images.resolve()), "options": {k: str(v) if isinstance(v, Path) else v
                                                                for k, v in asdict(cfg).items()},
-                "versions": _versions(), "device": str(device), "world_size": dist_info.world}
+                "versions": _versions(), "device": str(device), "world_size": dist_info.world,
+                # what an export checks: the run's inputs (never written over) and whether the run finished
+                "inputs": {flag: os.path.abspath(p) for flag, p in _input_files(cfg).items() if p is not None},
+                "images": summary.skipped + to_label, "finished": False}
     if not work and not out.records and not cfg.overwrite:
         return summary  # nothing to write: the folder is left as it is (or never made)
     # the model is loaded before anything is written: a model that does not load leaves no trace.
@@ -320,6 +327,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
                     total.failed += part.failed
                 manifest["summary"] = {"labelled": total.labelled, "skipped": total.skipped,
                                        "failed": total.failed, "unlabelled": total.unlabelled}
+                manifest["finished"] = ok
                 out.finalize(manifest)
                 summary = total
         except OutputError:

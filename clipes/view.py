@@ -13,6 +13,7 @@ from rich.progress import Progress
 
 from .errors import ClipesError
 from .evaluate import check_pair, confusion, read_label_png, scores
+from .export.target import staged_folder
 from .images import ImageError, read_image
 from .jsonfile import read_json, read_run_labels
 from .masks import overlay, voc_palette
@@ -113,6 +114,23 @@ def _palette_mask(mask: np.ndarray) -> Image.Image:
     return img
 
 
+def read_cams(path: Path) -> list[tuple[int, np.ndarray]]:
+    """(class, refined CAM) pairs of a run's ``cams/<stem>.npz``: integer classes, one 2-D map of numbers each;
+    a one-line error naming the file for anything else (a file edited or not made by clipes)."""
+    try:
+        with np.load(path) as data:
+            labels, cams = data["labels"], data["cam_refined"]
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ClipesError(f"{path}: cannot read saved CAMs ({type(e).__name__}: {e})") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ClipesError(f"{path}: 'labels' must be a list of class numbers, not {labels.dtype} of shape "
+                          f"{labels.shape}")
+    if cams.ndim != 3 or len(cams) != len(labels) or not np.issubdtype(cams.dtype, np.number):
+        raise ClipesError(f"{path}: 'cam_refined' must hold one 2-D map of numbers per label ({len(labels)}), not "
+                          f"{cams.dtype} of shape {cams.shape}")
+    return [(int(c), cam) for c, cam in zip(labels, cams, strict=True)]
+
+
 def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -> Path:
     """Write ``run/view/index.html`` with thumbnails; rows sortable, worst IoU first when ``gt`` is given.
 
@@ -132,96 +150,94 @@ def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -
     classes = settings.get("classes") if isinstance(settings.get("classes"), dict) else {}
     names = [str(n) for n in classes.get("classes", [])] if isinstance(classes.get("classes"), list) else []
     palette = voc_palette()
-    view = run / "view"
-    rows, ious, no_photo, pooled, used = [], [], 0, None, set()
-    stems = sorted(records)[:limit]
-    with Progress(transient=True) as progress:
-        for stem in progress.track(stems, description="building view"):
-            rec = records[stem]
-            mask_path = run / "masks" / f"{stem}.png"
-            if not mask_path.is_file():
-                continue
-            mask = read_label_png(mask_path)
-            image, note = None, ""
-            image_path = source / str(rec["file"]) if "file" in rec else None
-            if image_path is None or not image_path.is_file():
-                note = f"photo not found ({image_path or 'no file recorded'})"
-            else:
-                try:
-                    image = np.asarray(read_image(image_path, settings.get("exif_transpose", True)).convert("RGB"))
-                except ImageError as e:
-                    note = f"photo unreadable ({e})"
-                if image is not None and image.shape[:2] != mask.shape:
-                    image, note = None, f"photo {image_path} is no longer the labelled one (another size)"
-            no_photo += image is None
-            iou, truth = float("nan"), None
-            if gt is not None and stem in gt:
-                n = len(names) + 1
-                truth = gt.mask(stem)
-                check_pair(mask, truth, n, str(mask_path), gt.where(stem))
-                hist = confusion(mask, truth, n)
-                pooled = hist if pooled is None else pooled + hist
-                iou = scores(hist).miou
-                ious.append(iou)
-            src = {kind: html.escape(quote(f"{kind}/{stem}.jpg")) for kind in ("photo", "mask", "gt")}
-            used.update(int(v) for v in np.unique(mask))
-            if image is not None:
-                atomic_write(view / "photo" / f"{stem}.jpg", _thumb(image, thumb))
-                atomic_write(view / "mask" / f"{stem}.jpg", _thumb(overlay(Image.fromarray(image), mask), thumb))
-                photo_html = (f'<td data-v="{mask.size}"><img src="{src["photo"]}" alt="photo">'
-                              f'<span class="note">{mask.shape[1]} × {mask.shape[0]}</span></td>')
-            else:
-                atomic_write(view / "mask" / f"{stem}.jpg", _thumb(_palette_mask(mask), thumb))
-                photo_html = f'<td data-v="NaN"><em>{html.escape(note)}</em></td>'
-            fg, caption = _foreground(mask)
-            mask_html = (f'<td data-v="{fg}"><img src="{src["mask"]}" alt="mask">'
-                         f'<span class="note">{caption}</span></td>')
-            gt_html = ""
-            if gt is not None and truth is None:
-                gt_html = '<td data-v="NaN"><span class="note">no ground truth</span></td>'
-            elif gt is not None:
-                used.update(int(v) for v in np.unique(truth))
-                shown = _palette_mask(truth) if image is None else overlay(Image.fromarray(image), truth)
-                atomic_write(view / "gt" / f"{stem}.jpg", _thumb(shown, thumb))
-                fg, caption = _foreground(truth)
-                gt_html = (f'<td data-v="{fg}"><img src="{src["gt"]}" alt="ground truth">'
-                           f'<span class="note">{caption}</span></td>')
-            cams_html: list[str] = []
-            cam_file = run / "cams" / f"{stem}.npz"
-            if cam_file.is_file() and image is not None:
-                try:
-                    with np.load(cam_file) as data:
-                        cams = list(zip(data["labels"], data["cam_refined"], strict=True))
-                except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-                    raise ClipesError(f"{cam_file}: cannot read saved CAMs ({type(e).__name__}: {e})") from None
-                for j, (c, cam) in enumerate(cams):
-                    cam_src = quote(f"cam/{stem}.{j}.jpg")
-                    atomic_write(view / "cam" / f"{stem}.{j}.jpg", _thumb(heatmap(image, cam), thumb // 2))
-                    label = names[int(c)] if 0 <= int(c) < len(names) else str(c)
-                    cams_html.append(f'<figure><img src="{html.escape(cam_src)}" alt="">'
-                                     f"<figcaption>{html.escape(label)}</figcaption></figure>")
-            swatches = " ".join(
-                f'<span class="swatch" style="background: rgb{tuple(int(x) for x in palette[names.index(lab) + 1])}">'
-                f"</span>{html.escape(lab)}" if lab in names else html.escape(str(lab))
-                for lab in rec.get("labels", []))
-            rows.append(
-                f'<tr><td>{html.escape(stem)}</td><td data-v="{iou}">{"" if np.isnan(iou) else f"{100 * iou:.1f}"}'
-                f"</td><td>{swatches}</td><td>{html.escape(str(rec.get('source', '')))}</td>"
-                f"{photo_html}{mask_html}{gt_html}"
-                f'<td data-v="{len(cams_html) if cam_file.is_file() else "NaN"}"><div class="cams">'
-                f'{"".join(cams_html) or "(run with --save-cams)"}</div></td></tr>')
-    summary = f"{len(rows)} image(s) from {html.escape(str(source))}"
-    if no_photo:
-        summary += f"; {no_photo} shown without their photo (moved, changed, or labelled from another folder)"
-    if pooled is not None:
-        summary += (f". On the {len(ious)} image(s) with ground truth: mIoU {100 * scores(pooled).miou:.2f} (pixels "
-                    f"pooled over all of them, as clipes eval computes it); mean per-image mIoU "
-                    f"{100 * float(np.nanmean(ious)):.2f} (the IoU column: each image's mean over the classes in its "
-                    "ground truth, so small images weigh as much as large ones). Sorted by IoU, worst first")
-    legend = " ".join(f"<span>{_swatch(palette[v])}{html.escape(_value_name(v, names))}</span>"
-                      for v in sorted(used | {0}))
-    page = _PAGE.format(title=html.escape(run.name), summary=summary, rows="\n".join(rows), legend=legend,
-                        gt_header='<th data-type="num">ground truth</th>' if gt is not None else "",
-                        initial_sort='table.querySelectorAll("th")[1].click();' if ious else "")
-    atomic_write(view / "index.html", page.encode())
-    return view / "index.html"
+    # built aside and put in place whole: a refusal half-way (a damaged mask or CAM file) leaves the
+    # earlier page as it was, and no thumbnails of images gone since stay behind
+    with staged_folder(run / "view") as view:
+        rows, ious, no_photo, pooled, used = [], [], 0, None, set()
+        stems = sorted(records)[:limit]
+        with Progress(transient=True) as progress:
+            for stem in progress.track(stems, description="building view"):
+                rec = records[stem]
+                mask_path = run / "masks" / f"{stem}.png"
+                if not mask_path.is_file():
+                    continue
+                mask = read_label_png(mask_path)
+                image, note = None, ""
+                image_path = source / str(rec["file"]) if "file" in rec else None
+                if image_path is None or not image_path.is_file():
+                    note = f"photo not found ({image_path or 'no file recorded'})"
+                else:
+                    try:
+                        image = np.asarray(read_image(image_path, settings.get("exif_transpose", True)).convert("RGB"))
+                    except ImageError as e:
+                        note = f"photo unreadable ({e})"
+                    if image is not None and image.shape[:2] != mask.shape:
+                        image, note = None, f"photo {image_path} is no longer the labelled one (another size)"
+                no_photo += image is None
+                iou, truth = float("nan"), None
+                if gt is not None and stem in gt:
+                    n = len(names) + 1
+                    truth = gt.mask(stem)
+                    check_pair(mask, truth, n, str(mask_path), gt.where(stem))
+                    hist = confusion(mask, truth, n)
+                    pooled = hist if pooled is None else pooled + hist
+                    iou = scores(hist).miou
+                    ious.append(iou)
+                src = {kind: html.escape(quote(f"{kind}/{stem}.jpg")) for kind in ("photo", "mask", "gt")}
+                used.update(int(v) for v in np.unique(mask))
+                if image is not None:
+                    atomic_write(view / "photo" / f"{stem}.jpg", _thumb(image, thumb))
+                    atomic_write(view / "mask" / f"{stem}.jpg", _thumb(overlay(Image.fromarray(image), mask), thumb))
+                    photo_html = (f'<td data-v="{mask.size}"><img src="{src["photo"]}" alt="photo">'
+                                  f'<span class="note">{mask.shape[1]} × {mask.shape[0]}</span></td>')
+                else:
+                    atomic_write(view / "mask" / f"{stem}.jpg", _thumb(_palette_mask(mask), thumb))
+                    photo_html = f'<td data-v="NaN"><em>{html.escape(note)}</em></td>'
+                fg, caption = _foreground(mask)
+                mask_html = (f'<td data-v="{fg}"><img src="{src["mask"]}" alt="mask">'
+                             f'<span class="note">{caption}</span></td>')
+                gt_html = ""
+                if gt is not None and truth is None:
+                    gt_html = '<td data-v="NaN"><span class="note">no ground truth</span></td>'
+                elif gt is not None:
+                    used.update(int(v) for v in np.unique(truth))
+                    shown = _palette_mask(truth) if image is None else overlay(Image.fromarray(image), truth)
+                    atomic_write(view / "gt" / f"{stem}.jpg", _thumb(shown, thumb))
+                    fg, caption = _foreground(truth)
+                    gt_html = (f'<td data-v="{fg}"><img src="{src["gt"]}" alt="ground truth">'
+                               f'<span class="note">{caption}</span></td>')
+                cams_html: list[str] = []
+                cam_file = run / "cams" / f"{stem}.npz"
+                if cam_file.is_file() and image is not None:
+                    cams = read_cams(cam_file)
+                    for j, (c, cam) in enumerate(cams):
+                        cam_src = quote(f"cam/{stem}.{j}.jpg")
+                        atomic_write(view / "cam" / f"{stem}.{j}.jpg", _thumb(heatmap(image, cam), thumb // 2))
+                        label = names[int(c)] if 0 <= int(c) < len(names) else str(c)
+                        cams_html.append(f'<figure><img src="{html.escape(cam_src)}" alt="">'
+                                         f"<figcaption>{html.escape(label)}</figcaption></figure>")
+                swatches = " ".join(
+                    f'<span class="swatch" style="background: rgb{tuple(int(x) for x in palette[names.index(lab) + 1])}'
+                    f'"></span>{html.escape(lab)}' if lab in names else html.escape(str(lab))
+                    for lab in rec.get("labels", []))
+                rows.append(
+                    f'<tr><td>{html.escape(stem)}</td><td data-v="{iou}">{"" if np.isnan(iou) else f"{100 * iou:.1f}"}'
+                    f"</td><td>{swatches}</td><td>{html.escape(str(rec.get('source', '')))}</td>"
+                    f"{photo_html}{mask_html}{gt_html}"
+                    f'<td data-v="{len(cams_html) if cam_file.is_file() else "NaN"}"><div class="cams">'
+                    f'{"".join(cams_html) or "(run with --save-cams)"}</div></td></tr>')
+        summary = f"{len(rows)} image(s) from {html.escape(str(source))}"
+        if no_photo:
+            summary += f"; {no_photo} shown without their photo (moved, changed, or labelled from another folder)"
+        if pooled is not None:
+            summary += (f". On the {len(ious)} image(s) with ground truth: mIoU {100 * scores(pooled).miou:.2f} "
+                        f"(pixels pooled over all of them, as clipes eval computes it); mean per-image mIoU "
+                        f"{100 * float(np.nanmean(ious)):.2f} (the IoU column: each image's mean over the classes in "
+                        "its ground truth, so small images weigh as much as large ones). Sorted by IoU, worst first")
+        legend = " ".join(f"<span>{_swatch(palette[v])}{html.escape(_value_name(v, names))}</span>"
+                          for v in sorted(used | {0}))
+        page = _PAGE.format(title=html.escape(run.name), summary=summary, rows="\n".join(rows), legend=legend,
+                            gt_header='<th data-type="num">ground truth</th>' if gt is not None else "",
+                            initial_sort='table.querySelectorAll("th")[1].click();' if ious else "")
+        atomic_write(view / "index.html", page.encode())
+    return run / "view" / "index.html"

@@ -169,7 +169,12 @@ def test_train_seg_names_the_checkpoint_to_segment_with(tmp_path):
     res = runner.invoke(app, [*base, "--out", str(tmp_path / "val"), "--val-images", str(data / "val_images"),
                               "--val-masks", str(data / "val_masks")])
     assert res.exit_code == 0, res.output
-    assert f" -> {tmp_path / 'val' / 'best.pt'}" in res.output and (tmp_path / "val" / "best.pt").is_file()
+    # the checkpoint to report is the last (deeplab-pytorch's rule); best.pt is selected on val, and said so
+    assert f" -> {tmp_path / 'val' / 'last.pt'}" in res.output and (tmp_path / "val" / "best.pt").is_file()
+    assert "selected on the validation set" in " ".join(res.output.split())
+    reported = json.loads(res.stdout.strip().splitlines()[-1])
+    assert reported["checkpoint"] == str(tmp_path / "val" / "last.pt")
+    assert reported["best_checkpoint"] == str(tmp_path / "val" / "best.pt")
 
 
 def test_eval_counts_predictions_without_ground_truth(tmp_path):

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ClipesError
+from ..splits import eval_split, scoped_stems
 from .common import make_console, positive_floats, reported_errors, run_class_set, write_output
 
 # clipes.evaluate, clipes.masks and clipes.output load torch: imported where used, so that --help and usage
@@ -109,9 +110,28 @@ def _report(console: Console, names: list[str], ev, title: str) -> None:
     console.print(table)
 
 
+def _names(stems: list[str]) -> str:
+    return escape(", ".join(stems[:5])) + (" ..." if len(stems) > 5 else "")
+
+
+def _say_scope(console: Console, scope, listed: int, missing: list[str], unscored: list[str]) -> None:
+    """How many images were scored of which set, which had no prediction, which predictions were not scored."""
+    if scope.stems is not None:
+        console.print(f"scored {listed - len(missing)} of the {listed} image(s) of {escape(str(scope.source))}"
+                      + (f" ({scope.repeated} repeated line(s) taken once)" if scope.repeated else ""),
+                      highlight=False)
+    if missing:
+        console.print(f"[yellow]{len(missing)} {'listed' if scope.stems is not None else 'ground-truth'} image(s) "
+                      f"have no prediction[/] (not scored): {_names(missing)}")
+    if unscored:
+        why = "are outside the split" if scope.stems is not None else "have no ground truth"
+        console.print(f"[yellow]{len(unscored)} prediction(s) {why}[/] (not scored): {_names(unscored)}")
+
+
 def eval_command(
     pred: Annotated[Path, typer.Argument(help="Folder of label PNGs, or a clipes output folder (uses masks/).")],
-    gt: Annotated[Path, typer.Argument(help="Folder of ground-truth PNGs (255 = void) or a COCO instances JSON.")],
+    gt: Annotated[Path, typer.Argument(help="Folder of ground-truth PNGs (255 = void) or a COCO instances JSON; with "
+                                            "--dataset, the dataset root.")],
     classes: Annotated[str | None, typer.Option(
         help="Class set for names and class count \\[default: the run's, else voc; coco for a JSON].")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the scores as JSON here.")] = None,
@@ -122,6 +142,13 @@ def eval_command(
     search_bg_threshold: Annotated[str | None, typer.Option(
         help="Comma-separated constant background scores in (0, 1) to try on the saved CAMs instead (the "
              "reference's other mode searches 0.05,0.1,...,0.6).", callback=_thresholds)] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="voc or coco: GT is the dataset root; score the images of --split against its ground truth "
+             "(VOC: SegmentationClass\\[Aug]; COCO: instances_<split>2014.json).")] = None,
+    split: Annotated[str | None, typer.Option(help="With --dataset: the split to score \\[val].")] = None,
+    split_file: Annotated[Path | None, typer.Option(
+        help="Score only the images this list names, one per line (the authors' list files; first word, folders "
+             "and suffix dropped) \\[default: every ground-truth image].")] = None,
 ) -> None:
     """Score masks against ground truth: per-class IoU, mIoU, pixel accuracy, precision and recall."""
     from PIL import Image
@@ -134,10 +161,12 @@ def eval_command(
     with reported_errors(console):
         if not pred.is_dir():
             raise ClipesError(f"{pred} is not a folder of predictions")
+        scope = eval_split(gt, dataset, split, split_file)
+        gt = scope.ground_truth
         class_set = run_class_set(pred, classes, "coco" if gt.suffix.lower() == ".json" else "voc")
         names = ["background", *class_set.classes]
         truth = open_ground_truth(gt, class_set)
-        if getattr(truth, "left_out", 0):
+        if getattr(truth, "left_out", 0) and scope.stems is None:
             console.print(f"{truth.left_out} image(s) of {escape(str(gt))} have no object and are not scored, as in "
                           "the authors' lists", highlight=False)
         is_run = (pred / "masks").is_dir()
@@ -146,8 +175,9 @@ def eval_command(
         read = pred / ("cams" if search_bg_power or search_bg_threshold else "masks") if is_run else pred
         check_not_inputs({"--json": json_out, "--plot": plot},
                          {"PRED": read, "GT": gt, "--classes": named_file(classes), "PRED's manifest": pred /
-                          "manifest.json" if is_run else None})
-        stems = truth.stems()
+                          "manifest.json" if is_run else None, "--split-file": split_file})
+        stems = truth.stems() if scope.stems is None else scoped_stems(scope.stems, truth.known(), str(gt),
+                                                                        str(scope.source))
         results = {}
         if search_bg_power and search_bg_threshold:
             raise ClipesError("--search-bg-power and --search-bg-threshold are two ways to score background: "
@@ -184,15 +214,13 @@ def eval_command(
         console.print(table)
     title = f"{len(ev.per_image)} image(s), {pred}" + (f", {symbol} = {best:g}" if search else "")
     _report(console, names, ev, title)
-    if ev.missing:
-        console.print(f"[yellow]{len(ev.missing)} ground-truth image(s) have no prediction[/] (not scored): "
-                      + escape(", ".join(ev.missing[:5])) + (" ..." if len(ev.missing) > 5 else ""))
-    if unscored:
-        console.print(f"[yellow]{len(unscored)} prediction(s) have no ground truth[/] (not scored): "
-                      + escape(", ".join(unscored[:5])) + (" ..." if len(unscored) > 5 else ""))
+    _say_scope(console, scope, len(stems), ev.missing, unscored)
     report = {**ev.scores.to_dict(names), "images": len(ev.per_image), "missing": ev.missing,
-              "without_ground_truth": unscored,
+              "without_ground_truth": [] if scope.stems is not None else unscored,
               "per_image_miou": ev.per_image, "prediction": str(pred), "ground_truth": str(gt)}
+    if scope.stems is not None:
+        report["split"] = {"source": scope.source, "listed": len(stems), "scored": len(ev.per_image),
+                           "outside_split": unscored}
     if search:
         report[f"bg_{mode}_search"] = {f"{t:g}": r.scores.miou for t, r in results.items()}
         report[f"bg_{mode}"] = best

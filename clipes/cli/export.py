@@ -32,7 +32,7 @@ def export_command(
         callback=_choice(_FORMATS), show_default=False)],
     out: Annotated[Path, typer.Option(
         "--out", "-o", help="The JSON file (coco), folder or .zip (cvat), or folder (hf) to write; outside the run. "
-                            "An earlier export there is replaced.", show_default=False)],
+                            "An earlier export of this run there is replaced.", show_default=False)],
     images: Annotated[str | None, typer.Option(
         help="The photos: none, link or copy. cvat: into JPEGImages/ \\[default: none]; hf: link keeps their "
              "paths, copy stores them in the dataset \\[default: link].", callback=_choice(_IMAGE_MODES),
@@ -42,6 +42,12 @@ def export_command(
     ignore_category: Annotated[bool, typer.Option(
         "--ignore-category", help="coco: ignored pixels (255) as crowd annotations of an extra 'ignore' category "
                                   "(else left out).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an export of another run or format at --out (an export of this run is "
+                            "replaced anyway); never a folder clipes export did not write.")] = False,
+    partial: Annotated[bool, typer.Option(
+        "--partial", help="Export what is done of a run still being written or interrupted (refused without).")]
+    = False,
 ) -> None:
     """Export a run's pseudo masks for annotation tools (CVAT, Label Studio, FiftyOne) and trainers."""
     from ..export import check_options, check_run_folder, export_run, open_run
@@ -50,13 +56,15 @@ def export_command(
     with reported_errors(console):
         check_options(fmt, images, instances, ignore_category)
         check_run_folder(run)
-        source = open_run(run, run_class_set(run, None, "voc"))
+        source = open_run(run, run_class_set(run, None, "voc"), partial=partial)
+        if source.partial is not None:
+            console.print(f"note: {escape(source.partial)}", highlight=False, soft_wrap=True)
         start = time.perf_counter()
         with Progress(TextColumn(f"[bold]exporting {fmt}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console, transient=True) as progress:
             task = progress.add_task("export", total=len(source.images))
             export_run(source, fmt, out, images=images, instances=instances, ignore_category=ignore_category,
-                       advance=lambda: progress.advance(task))
+                       overwrite=overwrite, advance=lambda: progress.advance(task))
         seconds = time.perf_counter() - start
     console.print(f"exported {len(source.images)} image(s) of {escape(str(run))} as {fmt} in {seconds:.1f}s -> "
                   f"{escape(str(out))}", highlight=False)

@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from ..defaults import DEFAULT_MODEL, MODEL_ENV
+from ..errors import ClipesError
 from .common import make_console, positive_floats, reported_errors
 
 # Help texts are rich markup: a literal "[...]" is written "\\[...]" or rich drops it as a style tag.
@@ -61,6 +62,12 @@ def train_seg_command(
         help="Split each batch into this many parts whose gradients add up (same result, less memory) "
              "\\[preset: 2 DeepLab, 1 ViT].")] = None,
     crop: Annotated[int | None, typer.Option(help="Random crop size \\[preset: 321 DeepLab, 448 ViT].")] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="ce (the authors' cross-entropy) or balanced-ce (AdvCAM's class-balanced cross-entropy: the fix when "
+             "DeepLab-v2 from the ImageNet init diverges to a NaN loss) \\[ce].")] = None,
+    loss_norm: Annotated[str | None, typer.Option(
+        help="Average the loss over the labelled pixels (labelled, CLIP-ES) or over every crop pixel (all, mmseg's "
+             "as SETR trains) \\[preset: all for clip-setr-*, else labelled].")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", metavar="", help="bf16 autocast \\[fp32].")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed \\[0].")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validate and checkpoint every N steps \\[500].")] = None,
@@ -84,7 +91,8 @@ def train_seg_command(
                      classes=classes, model=model, clip_model=clip_model,
                      freeze_backbone=None if finetune is None else not finetune, backbone_weights=backbone_weights,
                      optimizer=optimizer, lr=lr, weight_decay=weight_decay, steps=steps, batch_size=batch_size,
-                     accumulate=accumulate, crop=crop, bf16=bf16, seed=seed, val_every=val_every, workers=workers,
+                     accumulate=accumulate, crop=crop, loss=loss, loss_norm=loss_norm, bf16=bf16, seed=seed,
+                     val_every=val_every, workers=workers,
                      device=device, resume=resume or None, allow_changes=allow_changes or None,
                      overwrite=overwrite or None, stop_at=stop_at)
     with reported_errors(console):
@@ -94,6 +102,9 @@ def train_seg_command(
         console.print(f"step {result['step']}, loss {result['loss']:.4f}"
                       + (f", best val mIoU {100 * best:.2f}" if best is not None else ", no validation set")
                       + f" -> {escape(result['checkpoint'])}", highlight=False)
+        if best is not None:
+            console.print(f"report {escape(result['checkpoint'])}: {escape(result['best_checkpoint'])} was selected "
+                          "on the validation set, so its score there is optimistic", highlight=False)
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
 
 
@@ -104,12 +115,25 @@ def _scales(value: str) -> str:
 
 def segment_command(
     images: Annotated[Path, typer.Argument(help="Folder of images.")],
-    checkpoint: Annotated[Path, typer.Option(help="A train-seg checkpoint (best.pt or last.pt).")],
+    checkpoint: Annotated[Path, typer.Option(
+        help="A train-seg checkpoint: last.pt (the one to report, as deeplab-pytorch does), or best.pt (selected "
+             "on the validation set: optimistic there).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the predicted label PNGs.")],
     scales: Annotated[str, typer.Option(help="Comma-separated test scales, e.g. 0.75,1,1.25.",
                                         callback=_scales)] = "1",
     flip: Annotated[bool, typer.Option("--flip", metavar="", help="Also average horizontally flipped predictions."
                                        )] = False,
+    crf: Annotated[bool, typer.Option(
+        "--crf", metavar="", help="Refine with deeplab-pytorch's test-time dense CRF (10 iterations, Gaussian 1/3, "
+                                  "bilateral 67/3/4), as DeepLab-v2 WSSS results are usually reported.")] = False,
+    crf_backend: Annotated[str | None, typer.Option(
+        help="torch or pydensecrf \\[torch on a GPU; pydensecrf on the CPU when installed].")] = None,
+    split_file: Annotated[Path | None, typer.Option(
+        help="Segment only the images this list names, one per line (e.g. VOC's ImageSets/Segmentation/val.txt) "
+             "\\[every image of IMAGES].")] = None,
+    ignore_exif: Annotated[bool, typer.Option(
+        "--ignore-exif", metavar="", help="Use the stored pixel order instead of the EXIF orientation (as the "
+                                          "datasets' annotations are; clipes label --dataset does so).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", metavar="", help="Redo every image, and remove predictions of images no longer in IMAGES."
@@ -119,14 +143,22 @@ def segment_command(
     from rich.progress import Progress
 
     from ..model import resolve_device
+    from ..refiners.crf import require_pydensecrf
+    from ..segment.crf import resolve_crf_backend
     from ..segment.infer import segment_folder
 
     console = make_console()
     with reported_errors(console):
+        if crf_backend is not None and not crf:
+            raise ClipesError("--crf-backend needs --crf")
         dev = resolve_device(device)
+        backend = resolve_crf_backend(crf_backend, dev) if crf else None
+        if backend == "pydensecrf":
+            require_pydensecrf()
         with Progress(console=console) as progress:
             done, skipped, failed = segment_folder(checkpoint, images, out, dev, tuple(positive_floats(scales)), flip,
-                                                   overwrite, progress)
+                                                   overwrite, progress, crf=backend, exif=not ignore_exif,
+                                                   split_file=split_file)
     console.print(f"segmented {done} image(s), {skipped} already done -> {escape(str(out))}", highlight=False)
     for why in failed:
         console.print(f"[yellow]unreadable[/] {escape(why)}", highlight=False)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from ..errors import ClipesError
 from .coco import coco_json
-from .cvat import LABELMAP, SEGMENTATION, write_cvat
+from .cvat import write_cvat
 from .hf import write_hf
 from .runfolder import ExportRun, RunImage, check_run_folder, open_run
-from .target import FolderSink, ZipSink, check_target, staged_file, staged_folder
+from .target import MARKER, FolderSink, ZipSink, check_target, export_identity, staged_file, staged_folder
 
 __all__ = ["FORMATS", "IMAGE_MODES", "ExportRun", "RunImage", "check_options", "check_run_folder", "export_run",
            "open_run"]
@@ -26,14 +26,6 @@ IMAGE_MODES = ("none", "link", "copy")
 # what each format does with the photos unless --images says: CVAT's task holds them already; a
 # dataset row names its photo
 _DEFAULT_IMAGES = {"cvat": "none", "hf": "link"}
-
-
-def _is_cvat(folder: Path) -> bool:
-    return (folder / LABELMAP).is_file() and (folder / SEGMENTATION).is_dir()
-
-
-def _is_hf(folder: Path) -> bool:
-    return (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
 
 
 def check_options(fmt: str, images: str | None, instances: bool, ignore_category: bool) -> None:
@@ -50,29 +42,35 @@ def check_options(fmt: str, images: str | None, instances: bool, ignore_category
 
 
 def export_run(run: ExportRun, fmt: str, out: Path, *, images: str | None = None, instances: bool = False,
-               ignore_category: bool = False, advance: Callable[[], None] = lambda: None) -> None:
+               ignore_category: bool = False, overwrite: bool = False,
+               advance: Callable[[], None] = lambda: None) -> None:
     """Write ``run`` as ``fmt`` to ``out``: a COCO JSON file, a CVAT folder (or ``.zip``), an HF dataset folder.
 
-    ``out`` is checked first (not inside the run or its photos, writable, no other files replaced);
-    ``advance`` is called once an image.
+    ``out`` is checked first (not the run, its photos or the files it read; writable; replacing only an
+    earlier export of this run, or with ``overwrite`` any clipes export: see ``target.check_target``);
+    each export records what it is (``target.export_identity``). ``advance`` is called once an image.
     """
     check_options(fmt, images, instances, ignore_category)
     images = images or _DEFAULT_IMAGES.get(fmt)
     zipped = fmt == "cvat" and out.suffix.lower() == ".zip"
     folder = fmt == "hf" or (fmt == "cvat" and not zipped)
-    check_target(out, [run.root, run.input], folder, {"cvat": _is_cvat, "hf": _is_hf}.get(fmt),
-                 f"{fmt} export")
+    identity = export_identity(fmt, run.root)
+    check_target(out, {"the input folder": run.root, **run.inputs}, folder, identity, overwrite, f"{fmt} export")
+    marker = (json.dumps(identity, indent=1) + "\n").encode()
     if fmt == "coco":
-        data = json.dumps(coco_json(run, instances=instances, ignore_category=ignore_category, advance=advance),
-                          separators=(",", ":")).encode()
+        data = coco_json(run, instances=instances, ignore_category=ignore_category, advance=advance)
+        data["info"] = {"clipes_export": identity, **data["info"]}  # first: target.read_identity looks there
         with staged_file(out) as tmp:
-            tmp.write_bytes(data)
+            tmp.write_bytes(json.dumps(data, separators=(",", ":")).encode())
     elif zipped:
         with staged_file(out) as tmp, zipfile.ZipFile(tmp, "w") as archive:
             write_cvat(run, ZipSink(archive), images, advance)
+            archive.writestr(MARKER, marker)
     elif fmt == "cvat":
         with staged_folder(out) as tmp:
             write_cvat(run, FolderSink(tmp), images, advance)
+            (tmp / MARKER).write_bytes(marker)
     else:
         with staged_folder(out) as tmp:
             write_hf(run, tmp, images, advance)
+            (tmp / MARKER).write_bytes(marker)

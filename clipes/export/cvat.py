@@ -50,11 +50,42 @@ def read_labelmap(path: Path) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def _unprintable(text: str) -> str | None:
+    """The first control character (a newline, a tab, DEL...) of ``text`` as Python writes it, or None."""
+    bad = next((c for c in text if ord(c) < 32 or 127 <= ord(c) < 160), None)
+    return None if bad is None else repr(bad)
+
+
+def _label_problem(name: str) -> str | None:
+    """Why CVAT and Datumaro would misread ``name`` as a ``labelmap.txt`` label, or None."""
+    if name.lower() in (BACKGROUND, IGNORE_LABEL):
+        return f"{BACKGROUND!r} and {IGNORE_LABEL!r} are taken"
+    if ":" in name:
+        return "':' separates the fields of labelmap.txt"
+    if name.startswith("#"):
+        return "a line starting with '#' is a comment in labelmap.txt"
+    if (bad := _unprintable(name)) is not None:
+        return f"it holds the control character {bad}"
+    if name != name.strip() or not name:
+        return "labelmap.txt readers strip spaces at the ends of a name"
+    return None
+
+
 def _check_names(run: ExportRun) -> None:
-    clash = [n for n in run.class_set.classes if n.lower() in (BACKGROUND, IGNORE_LABEL) or ":" in n]
-    if clash:
-        raise ClipesError(f"--format cvat: class {clash[0]!r} of {run.class_set.name!r} cannot be a CVAT label "
-                          f"here ({BACKGROUND!r} and {IGNORE_LABEL!r} are taken, ':' separates labelmap.txt)")
+    """Refuse class names that labelmap.txt cannot carry and image stems that a zip member name, a file name
+    on Windows or the image list (one stem a line) cannot: each refusal says why."""
+    for name in run.class_set.classes:
+        problem = _label_problem(name)
+        if problem is not None:
+            raise ClipesError(f"--format cvat: class {name!r} of {run.class_set.name!r} cannot be a CVAT label "
+                              f"({problem}); rename it in the class set")
+    for image in run.images:
+        problem = "a backslash, which zip readers and Windows take as a folder separator" if "\\" in image.stem \
+            else None if (bad := _unprintable(image.stem)) is None else f"the control character {bad}"
+        if problem is not None:
+            raise ClipesError(f"--format cvat: the image {image.stem!r} ({image.file!r}) has {problem} in its "
+                              f"name, which {IMAGE_LIST} and the export's file names cannot carry; rename the "
+                              "photo and label it again")
 
 
 def write_cvat(run: ExportRun, sink, images: str = "none", advance: Callable[[], None] = lambda: None) -> None:

@@ -7,36 +7,83 @@ file and renamed. An export that fails leaves nothing behind, and a rerun replac
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..output import OutputError, check_outside, check_writable
+from ..output import OutputError, check_not_inputs, check_writable
 
-__all__ = ["FolderSink", "ZipSink", "check_target", "staged_file", "staged_folder"]
+__all__ = ["MARKER", "FolderSink", "ZipSink", "check_target", "export_identity", "read_identity", "staged_file",
+           "staged_folder"]
+
+# the file an export folder (or zip) holds to say that clipes export wrote it, of which run, in which format
+MARKER = ".clipes-export.json"
+# how a COCO JSON of clipes export begins: its identity is the first key of its info
+COCO_HEAD = '{"info":{"clipes_export":'
 
 
-def check_target(out: Path, sources: list[Path], folder: bool, ours: Callable[[Path], bool] | None = None,
+def export_identity(fmt: str, run: Path) -> dict[str, str]:
+    """What an export records of itself: the tool, the format and the run (its folder, resolved)."""
+    return {"tool": "clipes export", "format": fmt, "run": str(run.resolve())}
+
+
+def _identity(data: object) -> dict | None:
+    ok = isinstance(data, dict) and data.get("tool") == "clipes export" and \
+        all(isinstance(data.get(k), str) for k in ("format", "run"))
+    return data if ok else None
+
+
+def read_identity(out: Path) -> dict | None:
+    """The identity an earlier export left at ``out`` (a folder's marker, a zip's marker member, a COCO JSON's
+    info), or None when ``out`` is not something clipes export wrote. Reads only what it needs."""
+    try:
+        if out.is_dir():
+            return _identity(json.loads((out / MARKER).read_text(encoding="utf-8")))
+        if zipfile.is_zipfile(out):
+            with zipfile.ZipFile(out) as archive:
+                return _identity(json.loads(archive.read(MARKER)))
+        with open(out, encoding="utf-8") as f:
+            head = f.read(len(COCO_HEAD) + 4096)
+        if head.startswith(COCO_HEAD):
+            return _identity(json.JSONDecoder().raw_decode(head, len(COCO_HEAD))[0])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError):
+        return None
+    return None
+
+
+def check_target(out: Path, inputs: dict[str, Path], folder: bool, identity: dict[str, str], overwrite: bool = False,
                  what: str = "export") -> None:
-    """Refuse an ``--out`` inside any of ``sources`` (the run, its photos) or that cannot be written.
+    """Refuse an ``--out`` that is or lies inside any of ``inputs`` (the run, its photos, the files it read), or
+    that cannot be written; links are not followed out of them (``check_not_inputs``).
 
-    A ``folder`` target may exist only empty or as an earlier ``what`` (``ours`` says if it is one),
-    which the export replaces; a file target may exist as a file, which it replaces.
+    ``out`` may be new, an empty folder, or an earlier export of the same run and format (``identity``), which
+    the export replaces; with ``overwrite``, any earlier clipes export and, for a file target, any file. A
+    folder that clipes export did not write is never replaced.
     """
-    for src in sources:
-        if src.is_dir():
-            check_outside(src, out)
+    check_not_inputs({"--out": out}, inputs)
     if not folder and out.is_dir():
         raise OutputError(f"--out {out} is a folder; give a file name")
-    if folder and out.exists():
-        if not out.is_dir():
-            raise OutputError(f"--out {out} is a file; give a folder for the {what}")
-        if any(out.iterdir()) and (ours is None or not ours(out)):
-            raise OutputError(f"--out {out} holds other files (not an earlier {what}); choose an empty or new folder")
+    if folder and out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file; give a folder for the {what}")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        found = read_identity(out)
+        if found is None and (folder or not overwrite):
+            if folder:
+                names = sorted(p.name for p in out.iterdir())
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                raise OutputError(f"--out {out} holds other files ({shown}; not an earlier clipes export); clipes "
+                                  "replaces only folders it wrote, even with --overwrite: choose an empty or new "
+                                  "folder")
+            raise OutputError(f"--out {out} is a file clipes export did not write; --overwrite replaces it, or "
+                              "choose a new name")
+        if found is not None and found != identity and not overwrite:
+            raise OutputError(f"--out {out} holds the {found['format']} export of the run {found['run']}; "
+                              "--overwrite replaces it, or choose another --out")
     check_writable(out.parent if out.exists() else out)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..weights import check_finite
 from . import named
 from .base import DEFAULT_MODEL, MODEL_ENV, TRANSFORMERS_ARCH, ClipModel, ModelLoadError, how_to
 from .device import cast_vision_weights, fp32_layer_norms
@@ -60,6 +61,7 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         raise ModelLoadError(f"cannot load CLIP model {spec!r}: {e}. " + how_to(flag, spec)) from e
     if not hasattr(model, "visual") or not hasattr(model.visual, "transformer"):
         raise ModelLoadError(f"{spec!r} is not a CLIP ViT (clipes needs a vision transformer)")
+    check_finite(model.state_dict().items(), f"{flag} {spec}", ModelLoadError)  # every tower, by any path above
     model = fp32_layer_norms(model.to(device=device, dtype=torch.float32).eval().requires_grad_(False))
     cast_vision_weights(model, dtype)
     return ClipModel(model=model, tokenizer=tokenizer or named.tokenizer_for(arch), spec=spec, arch=arch)

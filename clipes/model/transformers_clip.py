@@ -128,6 +128,40 @@ def _check_normalisation(folder: Path) -> None:
                                      f"{list(ours)}, so this model would see other inputs than it was trained on")
 
 
+def _check_shard_names(index: Path, shards: list) -> None:
+    """Every shard an index names is a file name of its folder: never a path out of it (``../x``, ``/x``)."""
+    for shard in shards:
+        if not isinstance(shard, str) or not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise ModelLoadError(f"{index}: shard {shard!r} is not a file name inside {index.parent}; clipes reads "
+                                 "weights only from the model's folder")
+
+
+def _counted(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many layers ``prefix.<i>.`` the tensors hold (one more than the highest index)."""
+    found = {int(k[len(prefix):].split(".", 1)[0]) for k in state
+             if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()}
+    return max(found) + 1 if found else 0
+
+
+def check_config_against_weights(config, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """The config's depths and widths against the tensors, before anything of its size is built: a config
+    claiming 20000 blocks over weights of 3 is refused at once instead of building a model of 20000."""
+    for tower, cfg in (("vision", config.vision_config), ("text", config.text_config)):
+        model = f"{tower}_model"
+        layers = _counted(state, f"{model}.encoder.layers.")
+        if cfg.num_hidden_layers != layers:
+            raise ModelLoadError(f"{folder}: its config gives the {tower} tower {cfg.num_hidden_layers} layers, its "
+                                 f"weights hold {layers}")
+        norm = state.get(f"{model}.encoder.layers.0.layer_norm1.weight")
+        fc1 = state.get(f"{model}.encoder.layers.0.mlp.fc1.weight")
+        shapes = {"hidden_size": (cfg.hidden_size, None if norm is None else norm.shape[0]),
+                  "intermediate_size": (cfg.intermediate_size, None if fc1 is None else fc1.shape[0])}
+        for name, (said, held) in shapes.items():
+            if held is not None and said != held:
+                raise ModelLoadError(f"{folder}: its config gives the {tower} tower {name} {said}, its weights "
+                                     f"{held}")
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The files holding the folder's weights: one file, or the shards its index names."""
     for name in WEIGHT_FILES:
@@ -140,6 +174,7 @@ def weight_files(folder: Path) -> list[Path]:
             shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelLoadError(f"{path}: unreadable shard index ({brief(e)})") from None
+        _check_shard_names(path, shards)
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ModelLoadError(f"{path}: shard {missing[0]} is missing from {folder}")
@@ -277,10 +312,11 @@ def load_folder(folder: Path) -> tuple[nn.Module, Callable[[list[str]], torch.Te
         config = CLIPConfig.from_pretrained(str(folder))
     except Exception as e:
         raise ModelLoadError(f"{folder / CONFIG}: not a valid CLIP config ({brief(e)})") from None
-    model = build_open_clip(config, folder)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
         state.update(read_state_dict(path))
+    check_config_against_weights(config, state, folder)
+    model = build_open_clip(config, folder)
     try:
         mapped = state_from_transformers(state, config.vision_config.num_hidden_layers,
                                          config.text_config.num_hidden_layers)

@@ -11,8 +11,8 @@ from .files import (
     entry_path,
     named_file,
 )
-from .lock import folder_lock
+from .lock import folder_lock, lock_state
 from .run_output import RunOutput
 
 __all__ = ["OutputError", "RunOutput", "atomic_write", "check_not_inputs", "check_outside", "check_writable",
-           "encode_image", "entry_path", "folder_lock", "named_file"]
+           "encode_image", "entry_path", "folder_lock", "lock_state", "named_file"]

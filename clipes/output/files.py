@@ -55,23 +55,38 @@ def _same(a: Path, b: Path) -> bool:
     return a == b or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
+def _places(path: Path) -> list[Path]:
+    """Where ``path`` is: as given (made absolute, links not followed) and once every link is followed.
+
+    Both count: ``IMGS/linked.png``, a link to a photo elsewhere, is a file of the input folder all the
+    same, and writing to it replaces the link the folder holds."""
+    given, target = Path(os.path.abspath(path)), Path(os.path.realpath(path))
+    return [given] if given == target else [given, target]
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    return folder in path.parents and not folder.is_file()  # under a file: check_writable says so
+
+
 def check_not_inputs(outputs: Mapping[str, Path | None], inputs: Mapping[str, Path | None]) -> None:
     """The rule of what clipes writes, for every command: no output (a file, or a folder and all under it)
     is one of the command's inputs (files or folders, keyed by the flag that names them), lies inside an
-    input folder or holds an input, and no two outputs are one file. Checked before anything is written;
-    the refusal names both flags."""
-    outs = [(flag, p, Path(os.path.realpath(p))) for flag, p in outputs.items() if p is not None]
-    ins = [(flag, p, Path(os.path.realpath(p))) for flag, p in inputs.items() if p is not None]
-    for k, (oflag, out, ro) in enumerate(outs):
-        for flag, other, rp in outs[:k]:
-            if _same(ro, rp) or rp in ro.parents or ro in rp.parents:
+    input folder or holds an input, and no two outputs are one file. Each path is compared both as given
+    and with its links followed (see ``_places``). Checked before anything is written; the refusal names
+    both flags."""
+    outs = [(flag, p, _places(p)) for flag, p in outputs.items() if p is not None]
+    ins = [(flag, p, _places(p)) for flag, p in inputs.items() if p is not None]
+    for k, (oflag, out, o_places) in enumerate(outs):
+        for flag, other, p_places in outs[:k]:
+            if any(_same(ro, rp) or rp in ro.parents or ro in rp.parents for ro in o_places for rp in p_places):
                 raise OutputError(f"{oflag} {out} and {flag} {other} are one place; give each its own")
-        for flag, given, rp in ins:
-            if _same(ro, rp):
+        for flag, given, i_places in ins:
+            pairs = [(ro, rp) for ro in o_places for rp in i_places]
+            if any(_same(ro, rp) for ro, rp in pairs):
                 raise OutputError(f"{oflag} {out} is {flag} {given}, an input; clipes never writes over its input")
-            if rp in ro.parents and not rp.is_file():  # under a file: check_writable says so
+            if any(_contains(rp, ro) for ro, rp in pairs):
                 raise OutputError(f"{oflag} {out} is inside {flag} {given}; clipes never writes there")
-            if ro in rp.parents and not ro.is_file():
+            if any(_contains(ro, rp) for ro, rp in pairs):
                 raise OutputError(f"{flag} {given} is inside {oflag} {out}, which clipes writes; move it or choose "
                                   f"another {oflag}")
 

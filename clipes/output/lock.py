@@ -14,7 +14,7 @@ from rich.console import Console
 from .files import OutputError
 from .layout import STATE
 
-__all__ = ["folder_lock", "release_lock", "take_lock"]
+__all__ = ["folder_lock", "lock_state", "release_lock", "take_lock"]
 
 try:
     import fcntl
@@ -60,6 +60,26 @@ def take_lock(folder: Path) -> IO[str] | None:
     f.write(f"pid {os.getpid()}\n")
     f.flush()
     return f
+
+
+def lock_state(folder: Path) -> str | None:
+    """How ``folder``'s writer left it, reading only: "held (pid N)" while a run writes it, "stopped (pid N)"
+    when the run that held it was killed, None when it ended in order (or no run ever locked it)."""
+    path = folder / STATE / "lock"
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError:
+        return None
+    with f:
+        holder = " ".join(f.read().split())
+        if fcntl is not None:
+            try:  # a shared lock, taken and let go at once: refused while a writer holds the folder
+                fcntl.lockf(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.lockf(f.fileno(), fcntl.LOCK_UN)
+            except OSError as e:
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    return f"held ({holder or 'another process'})"
+    return f"stopped ({holder})" if holder else None
 
 
 def release_lock(held: IO[str] | None) -> None:

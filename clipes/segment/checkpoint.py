@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ClipesError
 from ..output import atomic_write
 from ..vit import mlp_ratio
+from ..weights import check_finite
 
 __all__ = ["FORMAT", "VERSION", "CheckpointError", "read_checkpoint", "rebuild_vision", "vision_spec",
            "write_checkpoint"]
@@ -91,4 +92,69 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                               f"up to {VERSION}); upgrade clipes")
     if not isinstance(ckpt["model"], dict) or not isinstance(ckpt["config"], dict):
         raise CheckpointError(f"{path}: not a clipes train-seg checkpoint (no model weights or config)")
+    check_metadata(ckpt, path)
+    check_finite(ckpt["model"].items(), str(path), CheckpointError)
     return {**ckpt, "version": version}
+
+
+# what a recorded CLIP vision layout holds: positive whole numbers, and two flags
+_SPEC_INTS = ("width", "layers", "head_width", "patch_size", "image_size", "output_dim")
+_SPEC_FLAGS = ("quick_gelu", "layer_scale")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_metadata(ckpt: dict[str, Any], path: Path) -> None:
+    """The types of what a checkpoint says besides its weights, and its CLIP layout against its tensors, before
+    anything is built from them (a layout of 20000 blocks would be allocated before failing to load)."""
+    classes = ckpt["classes"]
+    if not isinstance(classes, list | tuple) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path}: 'classes' must be a list of class names, not {classes!r:.60}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise CheckpointError(f"{path}: 'model' must map names to tensors")
+    arch = ckpt.get("arch")
+    if arch is not None and not isinstance(arch, dict):
+        raise CheckpointError(f"{path}: 'arch' must be a mapping, not {type(arch).__name__}")
+    spec = (arch or {}).get("clip_vision")
+    if spec is not None:
+        _check_vision_spec(spec, ckpt["model"], path)
+
+
+def _check_vision_spec(spec, state: dict[str, torch.Tensor], path: Path) -> None:
+    where = f"{path}: arch.clip_vision"
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where} must be a mapping, not {type(spec).__name__}")
+    for key in _SPEC_INTS:
+        if not _whole(spec.get(key)):
+            raise CheckpointError(f"{where}: {key} must be a whole number above 0, not {spec.get(key)!r:.40}")
+    for key in _SPEC_FLAGS:
+        if not isinstance(spec.get(key), bool):
+            raise CheckpointError(f"{where}: {key} must be true or false, not {spec.get(key)!r:.40}")
+    mlp = spec.get("mlp_width")
+    if mlp is None and (not isinstance(spec.get("mlp_ratio"), int | float) or not 0 < spec["mlp_ratio"] < 1e3):
+        raise CheckpointError(f"{where}: needs mlp_width (a whole number) or mlp_ratio (a number above 0)")
+    if mlp is not None and not _whole(mlp):
+        raise CheckpointError(f"{where}: mlp_width must be a whole number above 0, not {mlp!r:.40}")
+    conv = next((k for k in state if k.endswith("visual.conv1.weight")), None)
+    if conv is None:
+        raise CheckpointError(f"{where} is recorded but the weights hold no CLIP vision tower (visual.conv1)")
+    prefix = conv[: -len("conv1.weight")]
+    blocks = {k[len(prefix) + len("transformer.resblocks."):].split(".", 1)[0] for k in state
+              if k.startswith(prefix + "transformer.resblocks.")}
+    held = {"width": state[conv].shape[0], "patch_size": state[conv].shape[-1],
+            "layers": max((int(b) + 1 for b in blocks if b.isdigit()), default=0)}
+    fc = state.get(prefix + "transformer.resblocks.0.mlp.c_fc.weight")
+    if mlp is not None and fc is not None:
+        held["mlp_width"] = fc.shape[0]
+    grid = spec["image_size"] // spec["patch_size"]
+    tokens = state.get(prefix + "positional_embedding")
+    if tokens is not None and tokens.shape[0] != grid * grid + 1:
+        raise CheckpointError(f"{where}: image_size {spec['image_size']} / patch_size {spec['patch_size']} makes "
+                              f"{grid * grid + 1} tokens, its weights {tokens.shape[0]}")
+    for key, value in held.items():
+        if spec[key] != value:
+            raise CheckpointError(f"{where}: {key} {spec[key]}, but its weights have {value}")
+    if spec["width"] % spec["head_width"]:
+        raise CheckpointError(f"{where}: head_width {spec['head_width']} does not divide width {spec['width']}")

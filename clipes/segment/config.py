@@ -16,6 +16,7 @@ import yaml
 
 from ..errors import ClipesError
 from .heads.setr import SETR_PRESETS
+from .losses import LOSS_NORMS, LOSSES
 from .registry import SEGMENTERS
 
 __all__ = ["PRESETS", "ConfigError", "TrainConfig", "check_settings", "load_config"]
@@ -31,14 +32,17 @@ class ConfigError(ClipesError):
 # {0.5, 0.75, 1, 1.25, 1.5}, backbone BatchNorm frozen. "deeplabv2" is the same recipe as deeplab-pytorch's
 # main.py runs it (the poly rate stepped every 10 iterations, `libs/utils/lr_scheduler.py`); the torchvision
 # DeepLabs step it every iteration. AdamW for the ViT heads (Segmenter's recipe).
+# clipes' own data recipe and loss averaging (the SETR presets take mmseg's, segment/setr.py)
+_CLIPES_DATA: dict[str, Any] = {"loss_norm": "labelled", "augment": "clipes", "scale_min": 0.5, "scale_max": 1.5,
+                                "photometric": False}
 PRESETS: dict[str, dict[str, Any]] = {
     "deeplab": {"optimizer": "sgd", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, "crop": 321,
                 "batch_size": 10, "accumulate": 2, "steps": 20000, "head_lr_mult": 10.0, "head_bias_lr_mult": 20.0,
                 "head_bias_decay": False, "freeze_bn": True, "freeze_backbone": False,
-                "scales": [0.5, 0.75, 1.0, 1.25, 1.5], "poly_step": 1},
+                "scales": [0.5, 0.75, 1.0, 1.25, 1.5], "poly_step": 1, **_CLIPES_DATA},
     "vit": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "momentum": 0.9, "crop": 448,
             "batch_size": 16, "accumulate": 1, "steps": 20000, "head_lr_mult": 1.0, "head_bias_lr_mult": 1.0,
-            "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True, "poly_step": 1},
+            "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True, "poly_step": 1, **_CLIPES_DATA},
 }
 PRESETS.update(SETR_PRESETS)  # clip-setr-*: SETR's SGD recipe (segment/heads/setr.py)
 PRESETS["deeplabv2"] = {**PRESETS["deeplab"], "poly_step": 10}
@@ -78,9 +82,18 @@ class TrainConfig:
     batch_size: int | None = None
     accumulate: int | None = None
     crop: int | None = None
-    scale_min: float = 0.5
-    scale_max: float = 1.5
+    scale_min: float | None = None  # random scale range (mmseg augmentation: ratio range of base_size)
+    scale_max: float | None = None
     scales: list[float] | None = None
+    augment: str | None = None  # "clipes" (scale of the image) or "mmseg" (SETR's pipeline, segment/augment.py)
+    base_size: int | None = None  # mmseg: the Resize img_scale the ratio multiplies
+    cat_max_ratio: float | None = None  # mmseg RandomCrop: retry crops where one class covers more than this
+    photometric: bool | None = None  # mmseg PhotoMetricDistortion
+    test_size: int | None = None  # segment: resize the image's short side to this first (SETR's test Resize)
+    test_crop: int | None = None  # segment: sliding-window crop (None: the whole image at once)
+    test_stride: int | None = None
+    loss: str = "ce"  # losses.LOSSES: the authors' plain CE, or AdvCAM's class-balanced CE
+    loss_norm: str | None = None  # losses.LOSS_NORMS: what the loss is averaged over; None: the preset's
     bf16: bool = False
     seed: int = 0
     val_every: int = 500
@@ -126,6 +139,11 @@ _NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "momentum": (float, lambda v: math.isfinite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "poly_power": (float, _non_negative, "a number >= 0"),
     "min_lr": (float, _non_negative, "a number >= 0"),
+    "cat_max_ratio": (float, lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "base_size": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "test_size": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "test_crop": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "test_stride": (int, lambda v: v >= 1, "a whole number >= 1"),
     "scale_min": (float, _positive, "a positive number"),
     "scale_max": (float, _positive, "a positive number"),
     "steps": (int, lambda v: v >= 1, "a whole number >= 1"),
@@ -139,8 +157,10 @@ _NUMBERS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "workers": (int, lambda v: v >= 0, "a whole number >= 0"),
     "stop_at": (int, lambda v: v >= 1, "a whole number >= 1"),
 }
-_FLAGS = ("freeze_backbone", "freeze_bn", "head_bias_decay", "bf16", "resume", "allow_changes", "overwrite")
-_CHOICES = {"optimizer": ("sgd", "adamw")}
+_FLAGS = ("freeze_backbone", "freeze_bn", "head_bias_decay", "bf16", "resume", "allow_changes", "overwrite",
+          "photometric")
+_CHOICES = {"optimizer": ("sgd", "adamw"), "loss": LOSSES, "loss_norm": LOSS_NORMS,
+            "augment": ("clipes", "mmseg")}
 
 
 def _check_value(key: str, value: Any, name: str) -> None:
@@ -175,10 +195,17 @@ def check_settings(data: dict[str, Any], name: Callable[[str], str]) -> None:
 
 def _check_together(cfg: TrainConfig) -> None:
     """Settings that are valid alone but not together."""
+    if (cfg.test_crop is None) != (cfg.test_stride is None):
+        raise ConfigError("test_crop and test_stride make the sliding window together; give both or neither")
+    if cfg.augment == "mmseg" and cfg.base_size is None:
+        raise ConfigError("augment: mmseg needs base_size (the size the ratio range multiplies)")
     if cfg.scale_min > cfg.scale_max:
         raise ConfigError(f"scale_min {cfg.scale_min} is larger than scale_max {cfg.scale_max}")
     if cfg.batch_size % cfg.accumulate:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --accumulate {cfg.accumulate}")
+    if SEGMENTERS[cfg.model].recipe == "deeplab-pytorch" and (cfg.loss_norm, cfg.augment) != ("labelled", "clipes"):
+        raise ConfigError(f"{cfg.model} trains as deeplab-pytorch: each output's loss averaged over its labelled "
+                          "pixels and its own augmentation; loss_norm all and augment mmseg do not apply")
     stride = SEGMENTERS[cfg.model].stride
     if cfg.crop < stride:
         raise ConfigError(f"--crop {cfg.crop} is smaller than the model's stride {stride}")

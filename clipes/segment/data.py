@@ -21,9 +21,11 @@ from torch.utils.data import Dataset, Sampler
 from ..errors import ClipesError
 from ..evaluate import read_label_png
 from ..images import find_images, read_image
+from .augment import MmsegAugment, mmseg_augment
 from .deeplabv2 import CAFFE_MEAN_BGR, caffe_input
 
-__all__ = ["PositionSampler", "SegDataset", "SegItem", "deeplab_augment", "pair_folders"]
+__all__ = ["PositionSampler", "SegDataset", "SegItem", "check_mask_values", "check_training_data", "deeplab_augment",
+           "pair_folders"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,53 @@ def pair_folders(images: Path, masks: Path | None, confidence: Path | None = Non
     return items
 
 
+def _confidence(path: Path) -> np.ndarray:
+    """The ``confidence`` array a clipes label run saved (``cams/<stem>.npz``), or a one-line error."""
+    try:
+        with np.load(path) as data:
+            if "confidence" not in data:
+                raise ClipesError(f"{path}: holds no CRF confidence; --confidence needs a clipes label run made "
+                                  "with --crf --save-cams (PAR and plain runs save none)")
+            weight = data["confidence"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ClipesError(f"{path}: cannot read its confidence array ({e})") from None
+    if not np.issubdtype(weight.dtype, np.number) or weight.ndim != 2:
+        raise ClipesError(f"{path}: confidence must be a 2-D array of numbers, not {weight.dtype} of shape "
+                          f"{weight.shape}")
+    weight = weight.astype(np.float32)
+    bad = ~np.isfinite(weight) | (weight < 0) | (weight > 1)
+    if bad.any():
+        raise ClipesError(f"{path}: confidence {float(weight[bad].flat[0])!r} at {int(bad.sum())} pixel(s); "
+                          "confidences are pixel weights in [0, 1]")
+    return weight
+
+
+def check_training_data(items: Sequence[SegItem], num_classes: int) -> None:
+    """Every mask and confidence of ``items`` read once before training: mask values within the class set or
+    255, at least one labelled pixel over all masks, confidences finite in [0, 1]. Each refusal names the file
+    (a bad value found only when a step loads that image, or weights of -5, would train on nonsense)."""
+    labelled = False
+    for item in items:
+        if item.mask is not None:
+            values = read_label_png(item.mask)
+            check_mask_values(item.mask, values, num_classes)
+            labelled = labelled or bool((values != 255).any())
+        if item.confidence is not None:
+            _confidence(item.confidence)
+    if items and not labelled and any(item.mask is not None for item in items):
+        raise ClipesError(f"every pixel of the {len(items)} training mask(s) is 255 (ignored), e.g. "
+                          f"{items[0].mask}; there is nothing to train on")
+
+
+def check_mask_values(path: Path, values: np.ndarray, num_classes: int) -> None:
+    """A mask's values are classes of a ``num_classes`` set (background included) or 255, else an error."""
+    bad = np.unique(values[(values >= num_classes) & (values != 255)])
+    if bad.size:
+        raise ClipesError(f"{path}: mask value(s) {', '.join(map(str, bad[:5]))} are not classes of the "
+                          f"{num_classes - 1}-class set (0 background, 1-{num_classes - 1}, "
+                          "255 ignored); was it made with other --classes?")
+
+
 class SegDataset(Dataset):
     """Samples keyed by (index, position): training crops with random scale and flip, or whole images.
 
@@ -62,7 +111,7 @@ class SegDataset(Dataset):
     def __init__(self, items: Sequence[SegItem], mean: Sequence[float], std: Sequence[float], *,
                  train: bool, crop: int = 321, scale: tuple[float, float] = (0.5, 1.5), flip: bool = True,
                  seed: int = 0, scales: Sequence[float] | None = None, num_classes: int | None = None,
-                 recipe: str = "clipes", exif: bool = True) -> None:
+                 recipe: str = "clipes", exif: bool = True, mmseg: MmsegAugment | None = None) -> None:
         self.items = list(items)
         self.mean = np.asarray(mean, dtype=np.float32) * 255
         self.std = np.asarray(std, dtype=np.float32) * 255
@@ -70,6 +119,7 @@ class SegDataset(Dataset):
         self.scales = list(scales) if scales else None
         self.num_classes = num_classes
         self.recipe, self.exif = recipe, exif
+        self.mmseg = mmseg  # SETR's pipeline (segment/augment.py) instead of clipes' scale-crop-flip
 
     def __len__(self) -> int:
         return len(self.items)
@@ -85,28 +135,15 @@ class SegDataset(Dataset):
                 raise ClipesError(f"{item.mask}: mask size {mask.size} differs from its image {img.size}")
         weight = np.ones((img.height, img.width), dtype=np.float32)
         if item.confidence:
-            try:
-                with np.load(item.confidence) as data:
-                    if "confidence" not in data:
-                        raise ClipesError(f"{item.confidence}: holds no CRF confidence; --confidence needs a "
-                                          "clipes label run made with --crf --save-cams (PAR and plain runs "
-                                          "save none)")
-                    weight = data["confidence"].astype(np.float32)
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                raise ClipesError(f"{item.confidence}: cannot read its confidence array ({e})") from None
+            weight = _confidence(item.confidence)
             if weight.shape != (img.height, img.width):
                 raise ClipesError(f"{item.confidence}: confidence of size {weight.shape[::-1]} for an image of "
                                   f"{img.size}")
         return img, mask, weight
 
     def _check_values(self, path: Path, values: np.ndarray) -> None:
-        if self.num_classes is None:
-            return
-        bad = np.unique(values[(values >= self.num_classes) & (values != 255)])
-        if bad.size:
-            raise ClipesError(f"{path}: mask value(s) {', '.join(map(str, bad[:5]))} are not classes of the "
-                              f"{self.num_classes - 1}-class set (0 background, 1-{self.num_classes - 1}, "
-                              "255 ignored); was it made with other --classes?")
+        if self.num_classes is not None:
+            check_mask_values(path, values, self.num_classes)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
         index, position = key if isinstance(key, tuple) else (key, key)
@@ -117,6 +154,8 @@ class SegDataset(Dataset):
             if self.train:
                 return deeplab_augment(np.asarray(img), labels, weight, rng, self.scales or [1.0], self.crop, self.flip)
             x = caffe_input(np.asarray(img))
+        elif self.train and self.mmseg is not None:
+            return mmseg_augment(np.asarray(img), labels, weight, rng, self.mmseg, self.mean, self.std)
         elif self.train:
             return self._augment(img, labels, weight, rng)
         else:

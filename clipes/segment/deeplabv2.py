@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ClipesError
 from ..masks import IGNORE
+from ..weights import check_finite
 
 __all__ = ["CAFFE_MEAN_BGR", "DeepLabV2MSC", "InitReport", "caffe_input", "load_deeplab_weights", "msc_loss",
            "resize_labels"]
@@ -166,15 +167,23 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(np.stack(out)).to(labels.dtype)
 
 
-def msc_loss(outputs: Sequence[Tensor], labels: Tensor, weights: Tensor, world: int = 1
+def msc_loss(outputs: Sequence[Tensor], labels: Tensor, weights: Tensor, world: int = 1, loss: str = "ce"
              ) -> tuple[Tensor, list[Tensor]]:
     """deeplab-pytorch's loss of one forward: for each output, the cross-entropy (255 ignored) against the
     labels resized to that output by PIL NEAREST, averaged over its labelled pixels (weighted by the CRF
     confidence when given; 1 otherwise), summed over the outputs. ``labels``/``weights`` are the (B, H, W)
     crops on the CPU. With ``world`` > 1 (DDP, which averages gradients over processes) each average is
     over the labelled pixels of every process, as one process with the whole batch would take it.
-    Returns (sum, per-output losses)."""
+    ``loss`` "balanced-ce": each output's class-balanced cross-entropy (``losses.balanced_ce``, per process)
+    instead. Returns (sum, per-output losses)."""
     device = outputs[0].device
+    if loss == "balanced-ce":
+        from .losses import balanced_ce
+
+        parts = [balanced_ce(o, resize_labels(labels, tuple(o.shape[-2:])).to(device, non_blocking=True),
+                             resize_labels(weights, tuple(o.shape[-2:])).to(device, non_blocking=True))
+                 for o in outputs]
+        return sum(parts), parts
     terms, counts = [], []
     for logits in outputs:
         size = tuple(logits.shape[-2:])
@@ -227,6 +236,7 @@ def load_deeplab_weights(model: DeepLabV2MSC, path: str) -> InitReport:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ClipesError(f"--backbone-weights {path}: not a state dict")
+    check_finite(state.items(), f"--backbone-weights {path}")
     own = model.state_dict()
     report = InitReport(path)
     chosen = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,13 @@ from ..images import ImageError, find_images, read_image
 from ..masks import class_argmax, mask_to_png
 from ..output import atomic_write, check_not_inputs, check_writable, encode_image, folder_lock
 from ..provenance import file_digest, input_stamp
+from ..splits import read_split_file
+from .augment import short_side_size
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
+from .crf import DEEPLAB_CRF, crf_probabilities
 from .registry import SEGMENTERS, build_segmenter
+from .slide import slide_logits
 from .train import predict_logits
 
 __all__ = ["RECORD", "load_segmenter", "segment_folder", "segment_image"]
@@ -90,25 +95,60 @@ def _rescaled(x: Tensor, s: float) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def _test_input(x: Tensor, s: float, cfg: TrainConfig) -> Tensor:
+    """The input at test scale ``s``: with the run's ``test_size`` (SETR's test pipeline) the image resized so
+    that its short side is ``test_size * s`` (mmcv's rounding), else ``x`` scaled by ``s``."""
+    size = getattr(cfg, "test_size", None)
+    if not size:
+        return x if s == 1.0 else _rescaled(x, s)
+    h, w = short_side_size(*x.shape[-2:], int(size * s))
+    return x if (h, w) == tuple(x.shape[-2:]) else F.interpolate(x, size=(h, w), mode="bilinear",
+                                                                 align_corners=False)
+
+
+def _logits(model: nn.Module, cfg: TrainConfig, x: Tensor, stride: int) -> Tensor:
+    """Whole-image logits, or mmseg's sliding window where the run's preset tests so (SETR: 480 / 320)."""
+    crop, step = getattr(cfg, "test_crop", None), getattr(cfg, "test_stride", None)
+    if crop and step:
+        return slide_logits(lambda window: predict_logits(model, window, stride), x, crop, step)
+    return predict_logits(model, x, stride)
+
+
 @torch.no_grad()
 def segment_image(model: nn.Module, cfg: TrainConfig, rgb: np.ndarray, device: torch.device,
-                  scales: tuple[float, ...] = (1.0,), flip: bool = False) -> np.ndarray:
-    """Label map (H, W) uint8: softmax averaged over scales (and horizontal flips), then argmax."""
+                  scales: tuple[float, ...] = (1.0,), flip: bool = False, crf: str | None = None) -> np.ndarray:
+    """Label map (H, W) uint8: softmax averaged over scales (and horizontal flips), refined by deeplab-pytorch's
+    dense CRF on backend ``crf`` (pydensecrf or torch) when given, then argmax."""
     spec = SEGMENTERS[cfg.model]
     x = torch.from_numpy(spec.normalize(rgb)).permute(2, 0, 1)[None].to(device)
     h, w = x.shape[-2:]
-    total = None
+    total, count = None, 0
     for s in scales:
-        xs = x if s == 1.0 else _rescaled(x, s)
+        xs = _test_input(x, s, cfg)
         variants = [xs, xs.flip(-1)] if flip else [xs]
         for k, v in enumerate(variants):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits = predict_logits(model, v, spec.stride).float()
+                logits = _logits(model, cfg, v, spec.stride).float()
             if k:
                 logits = logits.flip(-1)
             probs = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1)
             total = probs if total is None else total + probs
+            count += 1
+    if crf is not None:
+        return class_argmax(crf_probabilities(rgb, total[0] / count, crf)).to(torch.uint8).cpu().numpy()
     return class_argmax(total[0]).to(torch.uint8).cpu().numpy()
+
+
+def listed_items(items: list[tuple[str, Path]], split_file: Path, images: Path) -> list[tuple[str, Path]]:
+    """The images of ``items`` that ``split_file`` names (by file stem, as the authors' lists); a listed name
+    without an image is refused."""
+    listed, _ = read_split_file(split_file)
+    by_name = {stem.rsplit("/", 1)[-1]: (stem, path) for stem, path in items}
+    unknown = [name for name in listed if name not in by_name]
+    if unknown:
+        raise ClipesError(f"--split-file {split_file}: {len(unknown)} of {len(listed)} listed image(s) are not in "
+                          f"{images}, e.g. {unknown[0]}")
+    return [by_name[name] for name in listed]
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -129,21 +169,30 @@ def _write_record(path: Path, settings: dict[str, Any], images: dict[str, Any]) 
 
 
 def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],
-                   flip: bool, overwrite: bool, progress, save_every: float = 2.0) -> tuple[int, int, list[str]]:
+                   flip: bool, overwrite: bool, progress, save_every: float = 2.0, crf: str | None = None,
+                   exif: bool = True, split_file: Path | None = None) -> tuple[int, int, list[str]]:
     """Predict every image under ``images`` into ``out/<stem>.png``; returns done, skipped, failures.
 
-    ``out/segment.json`` records what made the predictions (the checkpoint's content hash, scales,
-    flip) and each input's file, size and modification time. A rerun skips only images whose input
-    and settings are unchanged; a folder made with other settings is refused unless ``overwrite``,
-    which also removes the predictions of images no longer in the input.
+    ``crf``: the dense CRF's backend (None: no CRF); ``exif``: turn photos by their EXIF orientation (False:
+    the pixels as stored, as dataset annotations are); ``split_file``: only the images it lists (by stem).
+    ``out/segment.json`` records what made the predictions (the checkpoint's content hash, scales, flip, CRF,
+    EXIF) and each input's file, size and modification time.
+    A rerun skips only images whose input and settings are unchanged; a folder made with other settings is
+    refused unless ``overwrite``, which also removes the predictions of images no longer in the input.
     """
     if not images.is_dir():
         raise ClipesError(f"{images}: not a folder of images")
     check_not_inputs({"--out": out}, {"the input folder": images, "--checkpoint": checkpoint})
     check_writable(out)  # a file, a file above it or a read-only place, before the model loads
     items = find_images(images)
+    if split_file is not None:
+        items = listed_items(items, split_file, images)
     settings = {"checkpoint": file_digest(checkpoint) if checkpoint.is_file() else str(checkpoint),
                 "scales": list(scales), "flip": flip}
+    if crf is not None:  # recorded only when on: folders made before these options compare equal without them
+        settings["crf"] = {"backend": crf, **asdict(DEEPLAB_CRF)}
+    if not exif:
+        settings["ignore_exif"] = True
     record_path = out / RECORD
     previous = _read_record(record_path)
     if previous is None and not overwrite and any(out.glob("*.png")):
@@ -156,12 +205,13 @@ def segment_folder(checkpoint: Path, images: Path, out: Path, device: torch.devi
     model, cfg, _ = load_segmenter(checkpoint, device)
     with folder_lock(out):
         return _segment_all(model, cfg, items, images, out, device, scales, flip, overwrite, progress, save_every,
-                            settings, previous)
+                            settings, previous, crf, exif)
 
 
 def _segment_all(model, cfg, items, images: Path, out: Path, device: torch.device, scales: tuple[float, ...],
                  flip: bool, overwrite: bool, progress, save_every: float, settings: dict[str, Any],
-                 previous: dict[str, Any] | None) -> tuple[int, int, list[str]]:
+                 previous: dict[str, Any] | None, crf: str | None = None, exif: bool = True
+                 ) -> tuple[int, int, list[str]]:
     record_path = out / RECORD
     done_before: dict[str, Any] = {} if overwrite or previous is None else dict(previous["images"])
     if overwrite and previous is not None:  # predictions of images that are gone from the input go too
@@ -180,12 +230,12 @@ def _segment_all(model, cfg, items, images: Path, out: Path, device: torch.devic
             continue
         record.pop(stem, None)
         try:
-            rgb = np.asarray(read_image(path).convert("RGB"))
+            rgb = np.asarray(read_image(path, exif_transpose=exif).convert("RGB"))
         except ImageError as e:
             failed.append(str(e))
             continue
         try:
-            labels = segment_image(model, cfg, rgb, device, scales, flip)
+            labels = segment_image(model, cfg, rgb, device, scales, flip, crf)
         except (RuntimeError, MemoryError) as e:
             if not is_out_of_memory(e):
                 raise

@@ -32,20 +32,30 @@ from ..batching import is_out_of_memory
 from ..distributed import DistInfo, process_group
 from ..errors import ClipesError
 from ..evaluate import confusion, scores
-from ..masks import IGNORE, class_argmax
+from ..masks import class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
 from ..output import atomic_write
 from ..prompts import load_class_set
+from .augment import MmsegAugment
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
-from .data import PositionSampler, SegDataset, SegItem, pair_folders
+from .data import PositionSampler, SegDataset, SegItem, check_training_data, pair_folders
 from .deeplabv2 import msc_loss
-from .losses import cgl_loss, segmentation_loss
+from .losses import cgl_loss, loss_norm, segmentation_loss
 from .optim import build_optimizer, poly_schedule
 from .registry import SEGMENTERS, build_segmenter
 from .run_folder import check_resumable, check_run_folder, claim_run_folder, resumed_log, settings_changed
 
 __all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "segmentation_loss", "train"]
+
+
+def mmseg_settings(cfg: TrainConfig) -> MmsegAugment | None:
+    """SETR's training pipeline from the run's settings (``augment: mmseg``), else None (clipes' own)."""
+    if cfg.augment != "mmseg":
+        return None
+    return MmsegAugment(base=cfg.base_size, ratio_range=(cfg.scale_min, cfg.scale_max), crop=cfg.crop,
+                        cat_max_ratio=cfg.cat_max_ratio or 1.0, photometric=bool(cfg.photometric))
+
 
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -162,6 +172,15 @@ def train(cfg: TrainConfig, console: Console | None = None, config_file: Path | 
             raise ClipesError(_out_of_memory(cfg, device)) from None
 
 
+def _not_finite(value: float, step: int, cfg: TrainConfig) -> str:
+    """What to do when the loss diverges: a lower --lr, or the class-balanced loss (AdvCAM's), which a
+    reproduction of CLIP-ES's DeepLab-v2 from the ImageNet init needed at lr 2e-4."""
+    fix = "lower --lr" if cfg.loss == "balanced-ce" else (
+        "lower --lr, or train with --loss balanced-ce (AdvCAM's class-balanced cross-entropy: a reproduction of "
+        "DeepLab-v2 from the ImageNet init needed it at lr 2e-4)")
+    return f"loss became {value} at step {step} (--lr {cfg.lr:g}, --loss {cfg.loss}); {fix}"
+
+
 def _out_of_memory(cfg: TrainConfig, device: torch.device) -> str:
     """What to do when a step does not fit: the batch in more parts (same result), else a smaller crop."""
     where = "GPU" if device.type == "cuda" else "host"
@@ -171,6 +190,23 @@ def _out_of_memory(cfg: TrainConfig, device: torch.device) -> str:
         (f"use --batch-size {cfg.accumulate * (part // 2)}" if part > 1 else f"use a --crop below {cfg.crop}")
     return (f"out of {where} memory training {cfg.model} with --batch-size {cfg.batch_size} (--accumulate "
             f"{cfg.accumulate}: {part} image(s) a pass) at --crop {cfg.crop}; {fix}")
+
+
+def _check_batch_norm(model: nn.Module, cfg: TrainConfig, per_step: int, synced: bool) -> None:
+    """Refuse batches of one image where a training BatchNorm normalises a pooled 1x1 map (the image-pooling
+    branch of DeepLabv3's ASPP): one value per channel has no batch statistics, and torch stops at the first
+    step with "Expected more than 1 value per channel". SyncBatchNorm over several GPUs sees them all."""
+    if per_step > 1 or synced:
+        return
+    model.train()
+    for name, module in model.named_modules():
+        children = list(module.children())
+        pooled = any(isinstance(c, nn.AdaptiveAvgPool2d) and c.output_size in (1, (1, 1)) for c in children)
+        if pooled and any(isinstance(c, nn.modules.batchnorm._BatchNorm) and c.training for c in children):
+            raise ClipesError(f"--batch-size {cfg.batch_size}"
+                              + (f" (--accumulate {cfg.accumulate})" if cfg.accumulate > 1 else "")
+                              + f": {cfg.model} trains a BatchNorm on a pooled 1x1 map ({name}), which needs at "
+                              "least 2 images a step; use --batch-size 2 or more")
 
 
 def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistInfo, held: ExitStack,
@@ -192,6 +228,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                           f"no saved confidence (cams/<stem>.npz), e.g. {unweighted[0]}; give the clipes label run "
                           "of these images made with --crf --save-cams")
     val_items = _items(cfg, val=True)
+    check_training_data(items, num_classes)
     check_run_folder(out, cfg, config_file)
     last = out / "last.pt"
     ckpt = load_checkpoint(last) if cfg.resume else None
@@ -201,6 +238,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     _seed_everything(cfg.seed)
     model = build_segmenter(cfg.model, num_classes, clip_model=cfg.clip_model, freeze_backbone=cfg.freeze_backbone,
                             backbone_weights=cfg.backbone_weights, freeze_bn=cfg.freeze_bn).to(device)
+    _check_batch_norm(model, cfg, cfg.batch_size // info.world // cfg.accumulate, info.world > 1 and
+                      device.type == "cuda")
     report = getattr(model, "init_report", None)
     if report is not None and info.is_main:  # which keys of a deeplab-pytorch init file were used, which not
         console.print(escape(report.summary()), highlight=False)
@@ -228,7 +267,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     msc = spec.recipe == "deeplab-pytorch"
     exif = not cfg.dataset  # a dataset's annotations are of the pixels as stored
     train_set = SegDataset(items, spec.mean, spec.std, train=True, crop=cfg.crop, scale=(cfg.scale_min, cfg.scale_max),
-                           scales=cfg.scales, seed=cfg.seed, num_classes=num_classes, recipe=spec.recipe, exif=exif)
+                           scales=cfg.scales, seed=cfg.seed, num_classes=num_classes, recipe=spec.recipe, exif=exif,
+                           mmseg=mmseg_settings(cfg))
     stop = min(cfg.steps, cfg.stop_at or cfg.steps)
     sampler = PositionSampler(len(train_set), cfg.batch_size, stop, start, cfg.seed, info.rank, info.world)
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
@@ -259,10 +299,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             x = x.to(device, non_blocking=True)
             if not msc:  # deeplab-pytorch's loss resizes the labels on the CPU, per output
                 labels, weights = labels.to(device, non_blocking=True), weights.to(device, non_blocking=True)
-                valid = ((labels != IGNORE) * weights).sum()
-                if info.world > 1:
-                    dist.all_reduce(valid)
-                norm = valid.clamp_min(1e-6) / info.world  # DDP averages gradients over ranks
+                norm = loss_norm(labels, weights, cfg.loss_norm, info.world)  # DDP averages gradients over ranks
             opt.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
             parts = list(zip(x.chunk(cfg.accumulate), labels.chunk(cfg.accumulate), weights.chunk(cfg.accumulate),
@@ -273,7 +310,9 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         output = model(xk)
                     if msc:  # each part's mean over its own pixels, divided by the parts (main.py's iter_size)
-                        loss = msc_loss(output, lk, wk, info.world)[0] / len(parts)
+                        loss = msc_loss(output, lk, wk, info.world, cfg.loss)[0] / len(parts)
+                    elif cfg.loss == "balanced-ce":  # each part's balanced mean, averaged over the parts
+                        loss = segmentation_loss(output, lk, wk, norm, cfg.loss) / len(parts)
                     else:
                         loss = segmentation_loss(output, lk, wk, norm)
                     loss.backward()
@@ -292,7 +331,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step in (stop, cfg.steps):
                 for r, value in zip(records, torch.stack(unread).tolist(), strict=True):
                     if not math.isfinite(value):
-                        raise ClipesError(f"loss became {value} at step {r['step']}; lower --lr")
+                        raise ClipesError(_not_finite(value, r["step"], cfg))
                     r["loss"] = loss_value = value
                 unread.clear()
                 records.clear()
@@ -315,7 +354,8 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             progress.update(task, advance=1)
     if info.world > 1:
         dist.barrier()
-    # the checkpoint to segment with: the best by validation mIoU, else (no validation set) the last
-    checkpoint = out / "best.pt" if best > float("-inf") else last
-    return {"step": step, "loss": loss_value, "best_miou": best if best > float("-inf") else None,
-            "checkpoint": str(checkpoint), "history": history}
+    # the checkpoint to report: the last, as deeplab-pytorch reports its final weights; best.pt is chosen by the
+    # validation mIoU, so its score on that same set is optimistic
+    validated = best > float("-inf")
+    return {"step": step, "loss": loss_value, "best_miou": best if validated else None, "checkpoint": str(last),
+            "best_checkpoint": str(out / "best.pt") if validated else None, "history": history}

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from ...errors import ClipesError
+from ...weights import check_finite
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "dilated_resnet101", "freeze_batchnorm", "load_resnet_weights"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "check_backbone_state", "dilated_resnet101", "freeze_batchnorm",
+           "load_resnet_weights"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's backbones
 
@@ -19,6 +21,19 @@ def freeze_batchnorm(module: nn.Module) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
             m.requires_grad_(False)
+
+
+def check_backbone_state(backbone: nn.Module, state: dict, source: str, depth: int) -> None:
+    """Backbone weights fit ``backbone`` tensor by tensor (a ResNet-18 file for a ResNet-50 is refused naming the
+    first tensor of another shape, not a size-mismatch traceback) and are finite."""
+    own = backbone.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ClipesError(f"{source}: {key} is not a tensor; not a torchvision ResNet-{depth} state dict")
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise ClipesError(f"{source}: not a torchvision ResNet-{depth} state dict ({key} is "
+                              f"{tuple(value.shape)}, ResNet-{depth}'s is {tuple(own[key].shape)})")
+    check_finite(state.items(), source)
 
 
 def load_resnet_weights(backbone: nn.Module, weights: str | None, depth: int, imagenet) -> None:
@@ -44,6 +59,7 @@ def load_resnet_weights(backbone: nn.Module, weights: str | None, depth: int, im
     if not isinstance(state, dict):
         raise ClipesError(f"--backbone-weights {weights}: not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("fc.", "module.fc."))}
+    check_backbone_state(backbone, state, source, depth)
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if unexpected or missing:
