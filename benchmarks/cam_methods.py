@@ -35,11 +35,11 @@ def _cpu_seconds() -> float:
 def run_mode(args: argparse.Namespace) -> dict:
     from clipes import Labeler, load_class_set, load_clip
     from clipes.cams import make_cam
-    from clipes.precision import DTYPES
+    from clipes.precision import torch_dtype
 
     name, _, start = args.mode.partition(":")
     device = torch.device(args.device)
-    clip = load_clip(args.model, device=device, dtype=DTYPES[args.dtype])  # vision weights cast once
+    clip = load_clip(args.model, device=device, dtype=torch_dtype(args.dtype))  # vision weights cast once
     cam = make_cam(name, start=int(start) if start else None)
     labeler = Labeler(clip, load_class_set("voc"), cam=cam)
     images, labels = _images(args.images + args.warmup, args.size)

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from clipes import Labeler, load_class_set, load_clip
 from clipes.cams import make_cam
-from clipes.precision import DTYPES
+from clipes.precision import torch_dtype
 
 from _common import GOLDEN, hardware, parser
 
@@ -40,7 +40,7 @@ def main() -> None:
     voc = load_class_set("voc")
     cam = make_cam(args.cam, start=args.getam_start)
     models = []
-    for dtype in (torch.float32, DTYPES[args.dtype]):
+    for dtype in (torch.float32, torch_dtype(args.dtype)):
         torch.manual_seed(0)  # the same weights for an architecture name (random weights)
         models.append(load_clip(args.model, device=device, dtype=dtype))
     exact, low = (Labeler(m, voc, cam=cam) for m in models)

@@ -24,7 +24,7 @@ _EXPORTS = {
     "mask_to_png": "masks", "overlay": "masks", "pseudo_mask": "masks",
     "ClipModel": "model", "ModelLoadError": "model", "load_clip": "model",
     "ClassSet": "prompts", "load_class_set": "prompts",
-    "LabelConfig": "run", "label_folder": "run",
+    "LabelConfig": "label_plan", "label_folder": "run",
     "TextFeatures": "text", "encode_class_set": "text",
 }
 
@@ -52,10 +52,11 @@ if TYPE_CHECKING:
     from .caa import box_mask, refine_cams, sinkhorn_affinity
     from .cam import softmax_gradcam
     from .errors import ClipesError
+    from .label_plan import LabelConfig
     from .labeler import Labeler, LabelResult
     from .labels import read_labels
     from .masks import mask_to_png, overlay, pseudo_mask
     from .model import ClipModel, ModelLoadError, load_clip
     from .prompts import ClassSet, load_class_set
-    from .run import LabelConfig, label_folder
+    from .run import label_folder
     from .text import TextFeatures, encode_class_set

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torch import Tensor
 
 from .errors import ClipesError
 from .names import IMAGE_SUFFIXES
 from .pixels import ImageTooLargeError, open_image
+
+if TYPE_CHECKING:  # torch loads where a tensor is made: finding and reading images need none
+    from torch import Tensor
 
 __all__ = [
     "CLIP_MEAN",
@@ -94,6 +96,8 @@ def preprocess(img: Image.Image, patch: int = 16, max_side: int | None = None) -
 
     As the reference: bicubic resize of the PIL image, then RGB conversion, then CLIP's mean/std.
     """
+    import torch
+
     h, w = input_size(img.height, img.width, patch, max_side)
     img = img.resize((w, h), Image.Resampling.BICUBIC).convert("RGB")
     # channels first while still uint8: the float maths then runs on contiguous memory (2.3 -> 1.4 ms)

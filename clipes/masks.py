@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from torch import Tensor
 
-__all__ = ["IGNORE", "class_argmax", "mask_to_png", "overlay", "pseudo_mask", "pseudo_masks", "threshold_mask",
-           "voc_palette"]
+if TYPE_CHECKING:  # the mask makers take tensors; the palette, PNGs and overlays (eval, view, export) need no torch
+    from torch import Tensor
+
+__all__ = ["IGNORE", "class_argmax", "label_map_np", "mask_to_png", "overlay", "pseudo_mask", "pseudo_mask_np",
+           "pseudo_masks", "threshold_mask", "threshold_mask_np", "voc_palette"]
 
 IGNORE = 255
 
@@ -26,6 +28,8 @@ def class_argmax(scores: Tensor) -> Tensor:
 
 def pseudo_mask(cams: Tensor, labels: Tensor, bg_power: float = 1.0) -> Tensor:
     """argmax over [(1 - max_k cam_k) ** t, cams]: 0 = background, ``labels[k] + 1`` for class map k."""
+    import torch
+
     if cams.shape[0] == 0:
         return torch.zeros(cams.shape[1:], dtype=torch.uint8, device=cams.device)
     bg = (1 - cams.max(dim=0, keepdim=True).values).pow(bg_power)
@@ -39,6 +43,8 @@ def pseudo_masks(cams: Tensor, labels: Tensor, counts: list[int], bg_power: floa
     The maps are laid out (B, k_max, H, W), padding at -inf, which neither the maximum nor the argmax
     takes: each image's mask is its ``pseudo_mask``, bit for bit.
     """
+    import torch
+
     b, k_max = len(counts), max(counts, default=0)
     if k_max == 0:
         return torch.zeros((b, *cams.shape[1:]), dtype=torch.uint8, device=cams.device)
@@ -61,15 +67,44 @@ def threshold_mask(cams: Tensor, labels: Tensor, threshold: float) -> Tensor:
     The reference's other evaluation mode (``eval_cam.py`` with ``cam_eval_thres < 1``): a constant
     background score, searched over 0.05 to 0.6. Ties go to the background, as ``np.argmax`` does.
     """
+    import torch
+
     if cams.shape[0] == 0:
         return torch.zeros(cams.shape[1:], dtype=torch.uint8, device=cams.device)
     return _label_map(torch.full_like(cams[:1], threshold), cams, labels)
 
 
 def _label_map(bg: Tensor, cams: Tensor, labels: Tensor) -> Tensor:
+    import torch
+
     index = class_argmax(torch.cat([bg, cams], dim=0))
     keys = torch.cat([labels.new_zeros(1), labels + 1]).to(cams.device)
     return keys[index].to(torch.uint8)
+
+
+def label_map_np(bg: np.ndarray, cams: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``_label_map`` in numpy, for saved CAMs (``clipes eval``): argmax over [bg, cams] (first on ties),
+    0 = background, ``labels[k] + 1`` for class map k, (H, W) uint8."""
+    index = np.concatenate([bg, cams], axis=0).argmax(axis=0)
+    keys = np.concatenate([[0], np.asarray(labels, dtype=np.int64) + 1])
+    return keys[index].astype(np.uint8)
+
+
+def pseudo_mask_np(cams: np.ndarray, labels: np.ndarray, bg_power: float = 1.0) -> np.ndarray:
+    """``pseudo_mask`` of float32 numpy CAMs: the same float32 background score (1 - max cam)^t."""
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.shape[0] == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    bg = np.power(1 - cams.max(axis=0, keepdims=True), np.float32(bg_power), dtype=np.float32)
+    return label_map_np(bg, cams, labels)
+
+
+def threshold_mask_np(cams: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """``threshold_mask`` of float32 numpy CAMs: a constant background score ``threshold``."""
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.shape[0] == 0:
+        return np.zeros(cams.shape[1:], dtype=np.uint8)
+    return label_map_np(np.full_like(cams[:1], threshold), cams, labels)
 
 
 @functools.cache

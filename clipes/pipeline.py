@@ -9,9 +9,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch
 from PIL import Image
@@ -22,49 +21,29 @@ from torch.utils.data import DataLoader
 
 from .batching import HalvingBatches
 from .data import Sample
+from .distributed import DistInfo
+from .label_plan import Item, RunSummary
 from .labeler import Labeler, LabelResult, PreparedImage
 from .output import RunOutput
 from .refiners import HostRefiner, Refiner
 
-__all__ = ["Item", "RunSummary", "batch_sizer", "crf_pool", "decode_workers", "progress_bar", "run_batches"]
+__all__ = ["batch_sizer", "crf_pool", "decode_workers", "progress_bar", "progress_label", "run_batches"]
 
 
-@dataclass
-class RunSummary:
-    """What a run did: counts, the files it could not use (with why) and the time taken."""
-
-    labelled: int = 0
-    skipped: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    unlabelled: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.labelled / self.seconds if self.seconds > 0 else 0.0
+def progress_label(dist_info: DistInfo) -> str:
+    """The name of a rank's progress bar: under torchrun each rank counts its own share, and says so."""
+    return "labelling" if dist_info.world == 1 else f"labelling, rank {dist_info.rank} of {dist_info.world}"
 
 
-def progress_bar(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]labelling"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console,
-                    disable=not enabled)
+def progress_bar(console: Console, dist_info: DistInfo) -> Progress:
+    return Progress(TextColumn(f"[bold]{progress_label(dist_info)}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console)
 
 
 def batch_sizer(labeler: Labeler, batch_size: int) -> HalvingBatches[PreparedImage, LabelResult]:
     """The engine over a batch, halved for good on out-of-memory; an image too large alone is skipped."""
     return HalvingBatches(partial(labeler.label_prepared, skip_unusable=True), batch_size,
                           lambda p: tuple(p.tensor.shape[-2:]))
-
-
-@dataclass(frozen=True)
-class Item:
-    """An image to label: where it comes from, what it is now (``stamp``) and its given labels."""
-
-    stem: str
-    path: Path
-    stamp: dict
-    labels: list[int] | None
-    given: list[str] | None
 
 
 def _write_one(out: RunOutput, item: Item, result: LabelResult | Future, class_names: tuple[str, ...],

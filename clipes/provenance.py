@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .model import DEFAULT_MODEL, MODEL_ENV
+from .defaults import DEFAULT_MODEL, MODEL_ENV
 
 __all__ = ["file_digest", "input_stamp", "model_identity", "settings_key"]
 

@@ -2,92 +2,47 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import DataLoader
 
-from .caa import CAA_BLOCKS, block_slice, caa_blocks
+from .caa import caa_blocks
 from .cams import CamMethod, make_cam
 from .data import ImageFolderDataset, collate_samples, probe_input_size, size_batches
-from .datasets import listed_images, load_split
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
 from .errors import ClipesError
-from .images import find_images
+from .label_plan import (  # re-exported: the run as a function takes the options checked there
+    Item,
+    LabelConfig,
+    LabelPlan,
+    RunSummary,
+    base_settings,
+    input_files,
+    options_record,
+    plan_label,
+    sort_items,
+)
 from .labeler import Labeler, LabelResult
-from .labels import read_labels
 from .model import ClipModel, load_clip, resolve_device
-from .output import OutputError, RunOutput, check_not_inputs, check_writable, named_file
-from .pipeline import Item, RunSummary, batch_sizer, crf_pool, decode_workers, progress_bar, run_batches
-from .precision import DTYPE_ENV, DTYPES, DtypeChoice, resolve_dtype, slow_low_precision
-from .prompts import builtin_class_sets, load_class_set
-from .provenance import input_stamp, model_identity
+from .output import OutputError, RunOutput
+from .pipeline import batch_sizer, crf_pool, decode_workers, progress_bar, run_batches
+from .precision import DtypeChoice, resolve_dtype, slow_low_precision
 from .refiners import Refiner, make_refiner
 from .refiners.crf_torch import with_crf_backend
 from .refiners.par import par_iterations
 from .tagging import tagger_class, tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
-
-@dataclass
-class LabelConfig:
-    """Options of a labelling run (the CLI flags of ``clipes label``).
-
-    ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
-    ``workers`` None is automatic: up to 8 DataLoader processes per GPU, 1 on the CPU (see
-    ``decode_workers``). ``refine`` names the pixel refiner (``clipes.refiners``: crf, par; None:
-    none); ``confidence`` is the CRF's option, ``par_bg_high`` / ``par_bg_low`` / ``par_iterations``
-    PAR's (None: the refiner's default; PAR's iterations: 15 for COCO, 10 otherwise). ``crf_workers``
-    0 is automatic: a process pool on the CPU cores that the DataLoader and the main process leave,
-    when at least two are left, for a refiner that runs on the host (the CRF); else it runs in the
-    main process. ``crf_backend`` runs the CRF with torch
-    (on ``device``, batched) or pydensecrf (host CPU); None: torch on a GPU, pydensecrf on the CPU.
-    ``cam`` names the CAM method (``clipes.cams``: gradcam, getam); ``getam_start`` is GETAM's first
-    block (None: its default, 6).
-    """
-
-    images: Path | None
-    out: Path
-    classes: str = "voc"
-    labels: Path | None = None
-    model: str | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    bg_power: float = 1.0
-    box_threshold: float | None = None
-    zero_shot_threshold: float = 0.1
-    max_side: int | None = 1024
-    exif_transpose: bool | None = None
-    save_cams: bool = False
-    overlays: bool = False
-    overwrite: bool = False
-    batch_size: int | None = None
-    workers: int | None = None
-    refine: str | None = None
-    confidence: float | None = None
-    par_bg_high: float | None = None
-    par_bg_low: float | None = None
-    par_iterations: int | None = None
-    caa_blocks: str = CAA_BLOCKS
-    crf_workers: int = 0
-    crf_backend: str | None = None
-    dataset: str | None = None
-    split: str = "train"
-    split_file: Path | None = None
-    per_pair_backward: bool = False
-    tagger: str = "tagclip"
-    cam: str = "gradcam"
-    getam_start: int | None = None
 
 
 def _versions() -> dict[str, str]:
@@ -100,11 +55,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _lookup(labels: dict[str, list[int]], stem: str) -> list[int] | None:
-    """Labels of an image keyed by its relative stem or its bare file stem."""
-    if stem in labels:
-        return labels[stem]
-    return labels.get(stem.rsplit("/", 1)[-1])
+@contextmanager
+def _stage(console: Console, what: str, enabled: bool = True) -> Iterator[None]:
+    """A spinner naming the stage (model load, text encoding) while nothing else moves; rank 0's only."""
+    if not enabled:
+        yield
+        return
+    with console.status(f"{what} ...", spinner="dots"):
+        yield
 
 
 def _cam(cfg: LabelConfig) -> CamMethod:
@@ -123,7 +81,7 @@ def _refiner(cfg: LabelConfig, class_set) -> Refiner | None:
     return with_crf_backend(refiner, cfg.crf_backend, resolve_device(cfg.device))
 
 
-def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[Item], class_set, dtype_name: str,
+def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[Item], class_set,
                 device: torch.device, dist_info: DistInfo, out: RunOutput, manifest: dict,
                 summary: RunSummary) -> None:
     """Run the batched engine over ``todo``, a host refiner (the CRF) in a process pool if it pays."""
@@ -135,151 +93,91 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
                                  cfg.exif_transpose, keep_image=cfg.overlays or refiner is not None)
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                         num_workers=decoders, pin_memory=device.type == "cuda")
-    with crf_pool(refiner, cfg.crf_workers, decoders) as pool, progress_bar(console, dist_info.is_main) as progress:
-        labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
-                          attn_blocks=caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks)),
-                          zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
-                          cam=_cam(cfg), refiner=refiner if pool is None else None)
+    with crf_pool(refiner, cfg.crf_workers, decoders) as pool:
+        with _stage(console, f"encoding the prompts of {len(class_set)} classes", dist_info.is_main):
+            labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
+                              attn_blocks=caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks)),
+                              zero_shot_threshold=cfg.zero_shot_threshold, max_side=cfg.max_side, tagger=cfg.tagger,
+                              cam=_cam(cfg), refiner=refiner if pool is None else None)
+
 
         def crf(rgb, result: LabelResult) -> Future:
             return pool.submit(refiner.refine_image, rgb, result.cam_refined, result.labels, cfg.bg_power)
 
-        run_batches(loader, {it.stem: it for it in todo}, batch_sizer(labeler, batch_size), out, class_set.classes,
-                     summary, progress, lambda: out.flush(manifest), None if pool is None else crf)
+        with progress_bar(console, dist_info) as progress:
+            run_batches(loader, {it.stem: it for it in todo}, batch_sizer(labeler, batch_size), out,
+                         class_set.classes, summary, progress, lambda: out.flush(manifest),
+                         None if pool is None else crf)
 
 
-def label_folder(cfg: LabelConfig, console: Console | None = None) -> RunSummary:
+def label_folder(cfg: LabelConfig, console: Console | None = None, plan: LabelPlan | None = None) -> RunSummary:
     """Label every image of ``cfg.images`` into ``cfg.out``; images already done are skipped.
 
-    Under ``torchrun`` each rank takes every world-th image and rank 0 merges the records, so the
+    ``plan`` is ``plan_label(cfg)``'s, when the caller made it (before importing this module, which loads
+    torch). Under ``torchrun`` each rank takes every world-th image and rank 0 merges the records, so the
     output folder is the same as one process would write.
     """
     console = console or Console(stderr=True)
-    if cfg.images is None:
-        raise ClipesError("give a folder of images, or --dataset voc|coco with its root folder")
-    if cfg.dataset:
-        if cfg.classes not in ("voc", cfg.dataset):
-            raise ClipesError(f"--dataset {cfg.dataset} comes with its own class set; drop --classes {cfg.classes}")
-        split = load_split(cfg.dataset, cfg.images, cfg.split, cfg.split_file)
-        items, class_set, repeated = split.items, split.class_set, split.repeated
-        if split.left_out:
-            console.print(f"{split.left_out} image(s) of {split.name} have no label and are left out, as in the "
-                          "authors' lists (--split-file names the images to take)", highlight=False)
-        given = read_labels(cfg.labels, class_set) if cfg.labels else split.labels
-    else:
-        items, repeated = find_images(cfg.images), 0
-        if cfg.split_file is not None:
-            items, repeated = listed_images(items, cfg.split_file, str(cfg.images))
-        class_set = load_class_set(cfg.classes)
-        given = read_labels(cfg.labels, class_set) if cfg.labels else None
-    if cfg.exif_transpose is None:  # a dataset's annotations are of the pixels as stored (as the authors read them)
-        cfg = replace(cfg, exif_transpose=not cfg.dataset)
-    block_slice(cfg.caa_blocks)
-    if repeated:
-        console.print(f"note: --split-file {escape(str(cfg.split_file))} names {repeated} image(s) again; each is "
-                      "labelled once", highlight=False)
-    check_not_inputs({"--out": cfg.out}, _input_files(cfg))
-    check_writable(cfg.out)
-    refiner = _refiner(cfg, class_set)
+    plan = plan or plan_label(cfg, console)
+    if plan.finished is not None:
+        return plan.finished  # nothing to do: the folder is left as it is, and no model loads
+    cfg = plan.cfg
+    refiner = _refiner(cfg, plan.class_set)
     if refiner is not None:
         refiner.check()
     tagger_class(cfg.tagger)  # checked with given labels too, before anything is written
     _cam(cfg)
     device = resolve_device(cfg.device)
-    try:
-        choice = _dtype_choice(cfg, device)
-    except ValueError as e:
-        raise ClipesError(str(e)) from None
-    console.print(f"dtype: {choice.name} ({choice.reason})", highlight=False)
-    slow = slow_low_precision(choice, device)
-    if slow:
-        console.print(f"[yellow]warning:[/] {escape(slow)}")
+    choice = plan.dtype or resolve_dtype(cfg.dtype, device)
     with process_group(device) as (device, dist_info):
-        return _label_folder(cfg, console, items, class_set, given, choice.name, device, dist_info)
-
-
-def _dtype_choice(cfg: LabelConfig, device: torch.device) -> DtypeChoice:
-    """``--dtype``; ``auto`` on a folder a run already labelled takes that run's dtype (its recorded
-    settings), so that a resume never depends on a fresh speed measurement."""
-    name = cfg.dtype or os.environ.get(DTYPE_ENV) or "auto"
-    if name != "auto" or cfg.overwrite:
-        return resolve_dtype(name, device)
-    try:
-        previous = json.loads((cfg.out / RunOutput.MANIFEST).read_text(encoding="utf-8"))["settings"]["dtype"]
-    except (OSError, ValueError, KeyError, TypeError):
-        previous = None
-    if previous in DTYPES:
-        return DtypeChoice(previous, f"auto: the dtype {cfg.out} was labelled in")
-    return resolve_dtype(name, device)
-
-
-def _input_files(cfg: LabelConfig) -> dict[str, Path | None]:
-    """The files and folders a run reads, by flag: never written, by this run or by an export of it."""
-    return {"the input folder": cfg.images, "--labels": cfg.labels, "--classes": named_file(cfg.classes),
-            "--model": named_file(cfg.model), "--split-file": cfg.split_file}
-
-
-def _input_name(path: Path, root: Path) -> str:
-    """``path`` relative to the input folder as given (a symlink stays a file of the folder)."""
-    try:
-        return Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix()
-    except ValueError:
-        return str(path)
+        return _label_folder(cfg, console, plan.items, plan.class_set, plan.given, choice, device, dist_info)
 
 
 def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
-    """What shapes the masks, by meaning: a model by its content, a class set by its content.
+    """What shapes the masks, by meaning: ``base_settings`` and the methods' (tagger, refiner, CAM).
 
     Given labels are not here: each image's record holds its own, so an edited labels file redoes
     just the images whose labels changed.
     """
-    classes = class_set.to_dict()
-    if class_set.name not in builtin_class_sets():
-        classes["name"] = None  # a user file's name is its file name: a copy elsewhere is the same set
     # a tagger's settings hold its threshold when it has one (--zero-shot-threshold is the global tagger's)
-    return {"model": model_identity(cfg.model), "classes": classes, "dtype": dtype_name, "bg_power": cfg.bg_power,
+    return {**base_settings(cfg, class_set, dtype_name),
             "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold) if given is None else None,
-            "box_threshold": cfg.box_threshold if cfg.box_threshold is not None else class_set.box_threshold,
-            "max_side": cfg.max_side, "exif_transpose": cfg.exif_transpose,
             "refiner": None if (refiner := _refiner(cfg, class_set)) is None else refiner.settings(),
-            # only another choice than CLIP-ES's is recorded: folders of earlier runs stay resumable
-            **({"caa_blocks": cfg.caa_blocks} if cfg.caa_blocks != CAA_BLOCKS else {}),
             # GradCAM made every folder before CAM methods could be chosen: it is the absence of the key,
             # so that those folders resume; the manifest's options name the method either way
             **({} if (cam := _cam(cfg)).name == "gradcam" else {"cam": cam.settings()})}
 
 
-def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, dtype_name: str,
+def _load_model(cfg: LabelConfig, console: Console, device: torch.device, choice: DtypeChoice,
+                dist_info: DistInfo) -> ClipModel:
+    """The CLIP model in ``choice``'s dtype, a spinner meanwhile; the dtype (and why) is said once it loaded,
+    so that weights that are missing are the first thing a user reads."""
+    with _stage(console, f"loading the CLIP model on {device}", dist_info.is_main):
+        clip = load_clip(cfg.model, device=device, dtype=choice.dtype)
+    if dist_info.is_main:
+        console.print(f"dtype: {choice.name} ({choice.reason})", highlight=False)
+        slow = slow_low_precision(choice, device)
+        if slow:
+            console.print(f"[yellow]warning:[/] {escape(slow)}")
+    return clip
+
+
+def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, choice: DtypeChoice,
                   device: torch.device, dist_info: DistInfo) -> RunSummary:
-    out = RunOutput(cfg.out, _settings(cfg, class_set, given, dtype_name), save_cams=cfg.save_cams,
+    out = RunOutput(cfg.out, _settings(cfg, class_set, given, choice.name), save_cams=cfg.save_cams,
                     overlays=cfg.overlays, overwrite=cfg.overwrite, rank=dist_info.rank, world=dist_info.world)
     summary = RunSummary()
-    todo: list[Item] = []
-    for stem, path in items:
-        labels = None if given is None else _lookup(given, stem)
-        if given is not None and labels is None:
-            summary.unlabelled.append(stem)
-            continue
-        try:
-            stamp = input_stamp(path, _input_name(path, cfg.images))
-        except OSError as e:
-            summary.failed.append((str(path), f"{path}: cannot read image ({e.strerror or e})"))
-            continue
-        names = None if labels is None else [class_set.classes[i] for i in labels]
-        if out.is_done(stem, stamp, names):
-            summary.skipped += 1
-        else:
-            todo.append(Item(stem, path, stamp, labels, names))
+    todo = sort_items(cfg, items, class_set, given, out, summary)
     work, to_label = bool(todo), len(todo)  # the job's, not this rank's share: every rank takes the same path below
     todo = todo[dist_info.rank::dist_info.world]
     if not dist_info.is_main:
         summary.failed, summary.unlabelled = [], []  # rank 0 reports those for the job
     manifest = {"tool": "clipes label", "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "input": str(cfg.images.resolve()), "options": {k: str(v) if isinstance(v, Path) else v
-                                                               for k, v in asdict(cfg).items()},
+                "input": str(cfg.images.resolve()), "options": options_record(cfg),
                 "versions": _versions(), "device": str(device), "world_size": dist_info.world,
+                "dtype": {"name": choice.name, "reason": choice.reason},
                 # what an export checks: the run's inputs (never written over) and whether the run finished
-                "inputs": {flag: os.path.abspath(p) for flag, p in _input_files(cfg).items() if p is not None},
+                "inputs": {flag: os.path.abspath(p) for flag, p in input_files(cfg).items() if p is not None},
                 "images": summary.skipped + to_label, "finished": False}
     if not work and not out.records and not cfg.overwrite:
         return summary  # nothing to write: the folder is left as it is (or never made)
@@ -289,7 +187,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
     # them all here instead of leaving them waiting for it at the next collective.
     clip, failure = None, None
     try:
-        clip = load_clip(cfg.model, device=device, dtype=DTYPES[dtype_name]) if work else None
+        clip = _load_model(cfg, console, device, choice, dist_info) if work else None
         if clip is not None:
             caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks))  # selects some of its blocks
             _cam(cfg).first_block(len(clip.visual.transformer.resblocks))  # --getam-start within the model
@@ -312,7 +210,7 @@ def _label_folder(cfg: LabelConfig, console: Console, items, class_set, given, d
             out.open()
         out.flush(manifest)
         if todo:
-            _label_todo(cfg, console, clip, todo, class_set, dtype_name, device, dist_info, out, manifest, summary)
+            _label_todo(cfg, console, clip, todo, class_set, device, dist_info, out, manifest, summary)
         ok = True
     finally:
         summary.seconds = time.perf_counter() - start

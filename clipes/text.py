@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .model import ClipModel
 from .prompts import ClassSet
+from .templates import prompt_strings
 
 __all__ = ["TextFeatures", "encode_class_set", "encode_prompts", "encode_text", "prompt_strings"]
 
@@ -21,11 +22,6 @@ class TextFeatures:
 
     fg: Tensor
     bg: Tensor
-
-
-def prompt_strings(names: list[str] | tuple[str, ...], templates: tuple[str, ...]) -> list[str]:
-    """The strings the text encoder sees, name-major: every template filled with each name in turn."""
-    return [t.format(n) for n in names for t in templates]
 
 
 def _pooled_positions(model: open_clip.CLIP, tokens: Tensor) -> Tensor | None:

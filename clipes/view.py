@@ -230,9 +230,9 @@ def build_view(run: Path, gt=None, limit: int | None = None, thumb: int = 320) -
         if no_photo:
             summary += f"; {no_photo} shown without their photo (moved, changed, or labelled from another folder)"
         if pooled is not None:
-            summary += (f". On the {len(ious)} image(s) with ground truth: mIoU {100 * scores(pooled).miou:.2f} "
+            summary += (f". On the {len(ious)} image(s) with ground truth: mIoU {100 * scores(pooled).miou:.2f}% "
                         f"(pixels pooled over all of them, as clipes eval computes it); mean per-image mIoU "
-                        f"{100 * float(np.nanmean(ious)):.2f} (the IoU column: each image's mean over the classes in "
+                        f"{100 * float(np.nanmean(ious)):.2f}% (the IoU column: each image's mean over the classes in "
                         "its ground truth, so small images weigh as much as large ones). Sorted by IoU, worst first")
         legend = " ".join(f"<span>{_swatch(palette[v])}{html.escape(_value_name(v, names))}</span>"
                           for v in sorted(used | {0}))

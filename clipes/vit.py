@@ -112,12 +112,23 @@ def add_patch_attention(q: Tensor, k: Tensor, total: Tensor) -> Tensor:
 def attention(attn: nn.MultiheadAttention, x: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
     """Multi-head self-attention on (B, L, D); with ``need_weights`` also the head-averaged weights.
 
-    The output is always fused attention (SDPA); the weights, when asked for, are computed apart
-    (``head_mean_attention``): the output never waits on a materialised (B, H, L, L) tensor.
+    Without weights this is fused attention (SDPA). With them, each chunk of query rows' softmax gives
+    both its output rows (probabilities @ v, as nn.MultiheadAttention computes them) and its rows of
+    the head average: the weights cost no second softmax, no (B, H, L, L) tensor is ever whole, and
+    the residual stream keeps the reference's rounding, which the knife-edge attention votes of
+    TagCLIP need (the fused kernel's sums move them on some CPUs).
     """
     q, k, v = project_heads(attn, x)
-    out = merge_heads(attn, F.scaled_dot_product_attention(q, k, v))
-    return out, head_mean_attention(q, k) if need_weights else None
+    if not need_weights:
+        return merge_heads(attn, F.scaled_dot_product_attention(q, k, v)), None
+    k, v = k.contiguous(), v.contiguous()  # once, not per chunk
+    step = row_chunk(q, k.shape[-2])
+    outs, weights = [], []
+    for s in range(0, q.shape[-2], step):
+        probs = _attention_probs(q[:, :, s:s + step], k)
+        outs.append(probs.to(v.dtype) @ v)
+        weights.append(probs.mean(dim=1))
+    return merge_heads(attn, torch.cat(outs, dim=2)), torch.cat(weights, dim=1)
 
 
 def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False,
@@ -127,11 +138,15 @@ def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False,
     With ``need_weights`` it also returns the head-averaged attention weights (B, L, L); with
     ``patch_attention`` (B, L - 1, L - 1) it adds the patch-to-patch part of them into that tensor.
     """
-    q, k, v = project_heads(block.attn, block.ln_1(x))
-    out = merge_heads(block.attn, F.scaled_dot_product_attention(q, k, v))
-    weights = head_mean_attention(q, k) if need_weights else None
-    if patch_attention is not None:
-        add_patch_attention(q, k, patch_attention)
+    if need_weights:  # the outputs from the same probabilities (see ``attention``)
+        out, weights = attention(block.attn, block.ln_1(x), True)
+        if patch_attention is not None:
+            patch_attention += weights[:, 1:, 1:].float()
+    else:
+        q, k, v = project_heads(block.attn, block.ln_1(x))
+        out, weights = merge_heads(block.attn, F.scaled_dot_product_attention(q, k, v)), None
+        if patch_attention is not None:
+            add_patch_attention(q, k, patch_attention)
     x = x + block.ls_1(out)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, weights

@@ -25,9 +25,20 @@ GOLDEN = Path(os.environ.get("CLIPES_GOLDEN", REPO.parent / "shared" / "golden")
 TINY_CKPT = GOLDEN / "tiny-clip-vit-b16-random.pt"
 
 
+def golden_header() -> str:
+    """Where the golden data was looked for, whether it is there, and how to point at it elsewhere."""
+    source = "$CLIPES_GOLDEN" if os.environ.get("CLIPES_GOLDEN") else "default ../shared/golden beside the checkout"
+    state = "found" if TINY_CKPT.is_file() else "NOT found: the parity and model tests skip"
+    return f"clipes golden data: {GOLDEN} ({source}): {state}; set CLIPES_GOLDEN=/path/to/golden to use another copy"
+
+
+def pytest_report_header(config) -> str:
+    return golden_header()
+
+
 def golden_or_skip() -> Path:
     if not TINY_CKPT.is_file():
-        pytest.skip(f"golden data not found at {GOLDEN}")
+        pytest.skip(f"golden data not found at {GOLDEN} (set CLIPES_GOLDEN to its folder)")
     return GOLDEN
 
 

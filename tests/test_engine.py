@@ -271,3 +271,12 @@ def test_caa_blocks_choose_the_attention_caa_averages(tiny_clip, voc, golden):
     assert np.abs(eight.attention - res.attention).max() > 1e-3
     with pytest.raises(ValueError, match="range of block indices"):
         Labeler(tiny_clip, voc, attn_blocks=range(4, 13))
+
+
+def test_tagclip_refuses_a_vit_too_shallow_for_its_block_average(tiny, voc):
+    """TagCLIP averages blocks 8..10: a 4-block ViT once failed deep inside with "stack expects a
+    non-empty TensorList"; it is refused when the tagger is made, naming the way out."""
+    from clipes.tagging import TagCLIP, TaggerError
+
+    with pytest.raises(TaggerError, match="has 4 vision blocks .*--tagger global"):
+        TagCLIP(tiny, voc)

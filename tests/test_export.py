@@ -153,7 +153,7 @@ def test_coco_instances_are_connected_regions(runs, tmp_path, monkeypatch):
     monkeypatch.setattr("clipes.export.coco._STACK_BYTES", 1)  # RLE-encode one region at a time
     run = runs["voc_crf"]
     out = tmp_path / "inst.json"
-    res = _invoke("export", run, "-f", "coco", "-o", out, "--instances", "--ignore-category")
+    res = _invoke("export", run, "-f", "coco", "-o", out, "--instances", "--ignore-category", "--min-area", "0")
     assert res.exit_code == 0, res.output
     coco, painted = _paint(out, run)
     for stem, mask in _masks(run).items():

@@ -82,18 +82,19 @@ def test_trunk_maps_of_chosen_blocks(labeler):
 
 # --dtype auto
 
-def test_auto_takes_bf16_on_gpus_and_on_cpus_where_it_measures_faster(monkeypatch):
+def test_auto_takes_bf16_on_gpus_and_on_cpus_with_bf16_units(monkeypatch):
     from clipes import precision
 
     monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
     assert precision.resolve_dtype(None, torch.device("cuda")).name == "bfloat16"
-    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 3.0)
+    monkeypatch.setattr(precision, "_this_cpu", lambda: ("amx_bf16",))
     fast = precision.resolve_dtype("auto", torch.device("cpu"))
-    assert fast.name == "bfloat16" and "3.0x" in fast.reason
-    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 0.65)
+    assert fast.name == "bfloat16" and "amx_bf16" in fast.reason
+    monkeypatch.setattr(precision, "_this_cpu", lambda: ())
     slow = precision.resolve_dtype(None, torch.device("cpu"))
-    assert slow.name == "float32" and "0.65x" in slow.reason
+    assert slow.name == "float32" and "no bf16 matrix unit" in slow.reason
     # an asked-for low precision is kept, with a warning that says what was measured
+    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 0.65)
     asked = precision.resolve_dtype("bfloat16", torch.device("cpu"))
     assert asked.name == "bfloat16" and "0.65x" in precision.slow_low_precision(asked, torch.device("cpu"))
     assert precision.slow_low_precision(slow, torch.device("cpu")) is None
@@ -124,20 +125,23 @@ def test_label_auto_says_which_dtype_and_a_resume_keeps_the_recorded_one(golden,
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"chelsea": ["cat"]}))
     monkeypatch.delenv(precision.DTYPE_ENV, raising=False)
-    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 0.5)
+    monkeypatch.setattr(precision, "_this_cpu", lambda: ())
     cfg = LabelConfig(images=images, out=tmp_path / "out", labels=labels,
                       model=str(golden / "tiny-clip-vit-b16-random.pt"), device="cpu")
     console = Console(record=True, width=200)
     label_folder(cfg, console)
-    assert "dtype: float32 (auto: this CPU's bf16 matrix products measured 0.50x" in console.export_text()
+    assert "dtype: float32 (auto: this CPU has no bf16 matrix unit" in console.export_text()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["settings"]["dtype"] == "float32"
-    # the machine now measures bf16 faster: auto on this folder keeps float32, and redoes nothing
-    monkeypatch.setattr(precision, "cpu_matmul_speedup", lambda dtype: 4.0)
-    console = Console(record=True, width=200)
-    summary = label_folder(cfg, console)
+    assert manifest["dtype"] == {"name": "float32", "reason": "auto: this CPU has no bf16 matrix unit (amx_bf16 nor "
+                                                              "avx512_bf16), where bf16 is emulated and slower"}
+    # the same folder on a CPU with bf16 units: auto keeps float32, and redoes nothing
+    monkeypatch.setattr(precision, "_this_cpu", lambda: ("amx_bf16",))
+    from clipes.label_plan import plan_label
+
+    assert plan_label(cfg, Console(quiet=True)).dtype.reason.startswith("auto: the dtype")
+    summary = label_folder(cfg, Console(quiet=True))
     assert summary.skipped == 1 and summary.labelled == 0
-    assert "dtype: float32 (auto: the dtype" in console.export_text()
 
 
 # batched post-processing

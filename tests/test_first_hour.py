@@ -86,7 +86,7 @@ def test_output_that_is_not_a_terminal_is_not_wrapped(tmp_path, monkeypatch):
     res = runner.invoke(app, ["eval", str(pred), str(gt), "--json", str(target)])
     assert res.exit_code == 0, res.output
     last = res.output.strip().splitlines()[-1]
-    assert len(str(target)) > 120 and last == f"mIoU 100.00 -> {target}", res.output
+    assert len(str(target)) > 120 and last == f"mIoU 100.00% -> {target}", res.output
     assert f"1 image(s), {pred}" in [line.strip() for line in res.output.splitlines()], res.output
     assert json.loads(target.read_text())["miou"] == 1.0
 

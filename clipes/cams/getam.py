@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cam import CamPairs, first_pair_of_each_image, one_pair_at_a_time, pair_probabilities
+from ..method_options import CAM_FLAGS
 from ..vit import _attention_probs, head_mean_attention, merge_heads, project_heads
 from .base import CamError, CamMaps, CamMethod
 
@@ -79,7 +80,7 @@ class Getam(CamMethod):
     ViT-B's 12; 0: every block), each map divided by its maximum."""
 
     name = "getam"
-    flags: ClassVar[dict[str, str]] = {"start": "--getam-start"}
+    flags: ClassVar[dict[str, str]] = CAM_FLAGS["getam"]
 
     def __init__(self, start: int = 6, per_pair: bool = False) -> None:
         super().__init__(per_pair)

@@ -48,17 +48,17 @@ def _version(value: bool) -> None:
 def _refine(value: str | None) -> str | None:
     if value is None:
         return value
-    from ..refiners import REFINERS
+    from ..method_options import REFINER_FLAGS  # the names, without torch
 
-    if value not in (*REFINERS, "none"):
-        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINERS)} or none")
+    if value not in (*REFINER_FLAGS, "none"):
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(REFINER_FLAGS)} or none")
     return value
 
 
 def _crf_backend(value: str | None) -> str | None:
     if value is None:
         return value
-    from ..refiners.crf_torch import CRF_BACKENDS
+    from ..method_options import CRF_BACKENDS
 
     if value not in CRF_BACKENDS:
         raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CRF_BACKENDS)}")
@@ -182,7 +182,7 @@ def label(
              "ignored by train-seg; in (0, 1].", callback=finite(0, 1, low_open=True))] = None,
 ) -> None:
     """Write CLIP-ES pseudo masks (VOC palette PNGs) for a folder of images."""
-    from ..run import LabelConfig, label_folder
+    from ..label_plan import LabelConfig, plan_label  # no torch: mistakes and nothing-to-do are answered at once
 
     console = make_console()
     if crf and refine not in (None, "crf"):
@@ -199,7 +199,13 @@ def label(
                       dataset=dataset,
                       split=split, split_file=split_file, tagger=tagger, cam=cam, getam_start=getam_start)
     with reported_errors(console):
-        summary = label_folder(cfg, console)
+        plan = plan_label(cfg, console)
+        if plan.finished is not None:
+            summary = plan.finished
+        else:
+            from ..run import label_folder  # torch, the model's modules
+
+            summary = label_folder(cfg, console, plan)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 reports for the whole job
     console.print(f"labelled {summary.labelled} image(s) in {summary.seconds:.1f}s "
@@ -234,4 +240,13 @@ def main() -> None:
         import typer.rich_utils
 
         typer.rich_utils.MAX_WIDTH = PLAIN_HELP_WIDTH  # read by Typer when it renders help
-    app()
+    try:
+        app()
+    except Exception as e:  # an installation that cannot import torchvision: one line naming the fix
+        from ..install_check import torch_pair_mismatch
+
+        message = torch_pair_mismatch(e)
+        if message is None:
+            raise
+        make_console().print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None

@@ -166,10 +166,10 @@ def run_class_set(run: Path, classes: str | None, default: str) -> ClassSet:
 
 
 def _cam_name(value: str) -> str:
-    from ..cams import CAMS  # loads torch: only when the option is given
+    from ..method_options import CAM_FLAGS  # the names, without torch
 
-    if value not in CAMS:
-        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CAMS)}")
+    if value not in CAM_FLAGS:
+        raise typer.BadParameter(f"{value!r}: choose one of {', '.join(CAM_FLAGS)}")
     return value
 
 

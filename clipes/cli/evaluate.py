@@ -17,8 +17,8 @@ from ..errors import ClipesError
 from ..splits import eval_split, scoped_stems
 from .common import make_console, positive_floats, reported_errors, run_class_set, write_output
 
-# clipes.evaluate, clipes.masks and clipes.output load torch: imported where used, so that --help and usage
-# errors come back at once
+# clipes.evaluate, clipes.masks and clipes.output are imported where used, so that --help and usage errors come
+# back at once; none of them loads torch (numpy does eval's work)
 
 
 class _Masks:
@@ -38,8 +38,9 @@ class _Masks:
 
 
 # the two ways the reference scores background from saved CAMs (eval_cam.py): a power of 1 - max, or a constant;
-# each a function of clipes.masks
-_BACKGROUND = {"power": ("background power", "pseudo_mask"), "threshold": ("background threshold", "threshold_mask")}
+# each a numpy function of clipes.masks
+_BACKGROUND = {"power": ("background power", "pseudo_mask_np"),
+               "threshold": ("background threshold", "threshold_mask_np")}
 
 
 class _Cams(_Masks):
@@ -57,8 +58,6 @@ class _Cams(_Masks):
         return f"{self.folder / f'{stem}.npz'} ({self.name} {self.value:g})"
 
     def __call__(self, stem: str) -> np.ndarray | None:
-        import torch
-
         path = self.folder / f"{stem}.npz"
         if not path.is_file():
             return None
@@ -72,7 +71,7 @@ class _Cams(_Masks):
         if cams.ndim != 3 or labels.ndim != 1 or len(cams) != len(labels) or not np.isfinite(cams).all():
             raise ClipesError(f"{path}: 'cam_refined' {cams.shape} and 'labels' {labels.shape} are not one finite "
                               "map per label; delete it and rerun clipes label --save-cams")
-        return self.make(torch.from_numpy(cams), torch.from_numpy(labels.astype(np.int64)), self.value).numpy()
+        return self.make(cams, labels.astype(np.int64), self.value)
 
 
 def _no_nan(value):
@@ -99,14 +98,14 @@ def _thresholds(value: str | None) -> str | None:
 def _report(console: Console, names: list[str], ev, title: str) -> None:
     sc = ev.scores
     table = Table(title=title)
-    for col in ("class", "IoU", "precision", "recall"):
+    for col in ("class", "IoU %", "precision %", "recall %"):  # scores are fractions; shown as percentages
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, i, p, r, g in zip(names, sc.iou, sc.precision, sc.recall, sc.present, strict=True):
         fmt = lambda v: "-" if np.isnan(v) else f"{100 * v:.1f}"  # noqa: E731
         table.add_row(name if g else f"[dim]{name} (not in GT)[/]", fmt(i), fmt(p), fmt(r))
     table.add_section()
-    table.add_row("[bold]mIoU", f"[bold]{100 * sc.miou:.2f}", "", "")
-    table.add_row("pixel accuracy", f"{100 * sc.pixel_accuracy:.2f}", "", "")
+    table.add_row("[bold]mIoU", f"[bold]{100 * sc.miou:.2f}%", "", "")
+    table.add_row("pixel accuracy", f"{100 * sc.pixel_accuracy:.2f}%", "", "")
     console.print(table)
 
 
@@ -210,7 +209,7 @@ def eval_command(
         table.add_column(symbol, justify="right")
         table.add_column("mIoU", justify="right")
         for t, r in results.items():
-            table.add_row(f"{t:g}", f"{100 * r.scores.miou:.2f}" + (" (best)" if t == best else ""))
+            table.add_row(f"{t:g}", f"{100 * r.scores.miou:.2f}%" + (" (best)" if t == best else ""))
         console.print(table)
     title = f"{len(ev.per_image)} image(s), {pred}" + (f", {symbol} = {best:g}" if search else "")
     _report(console, names, ev, title)
@@ -228,9 +227,9 @@ def eval_command(
         if json_out:
             write_output(json_out, (json.dumps(_no_nan(report), indent=1, allow_nan=False) + "\n").encode(), "--json")
         if plot:
-            chart = bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}",
+            chart = bar_chart(names, ev.scores.iou, f"per-class IoU, mIoU {100 * ev.scores.miou:.2f}%",
                               ev.scores.present)
             fmt = Image.registered_extensions().get(plot.suffix.lower(), "PNG")
             write_output(plot, encode_image(chart.convert("RGB") if fmt == "JPEG" else chart, fmt), "--plot")
     target = f" -> {escape(str(json_out))}" if json_out else ""
-    console.print(f"mIoU {100 * ev.scores.miou:.2f}{target}", highlight=False)
+    console.print(f"mIoU {100 * ev.scores.miou:.2f}%{target}", highlight=False)

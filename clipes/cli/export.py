@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..defaults import MIN_AREA
 from .common import make_console, reported_errors, run_class_set
 
 _FORMATS = ("coco", "cvat", "hf")  # clipes.export.FORMATS, spelt here so that --help imports nothing heavy
@@ -39,6 +40,9 @@ def export_command(
         show_default=False)] = None,
     instances: Annotated[bool, typer.Option(
         "--instances", help="coco: one annotation per connected region (8-connected) instead of per class.")] = False,
+    min_area: Annotated[int | None, typer.Option(
+        help=f"coco --instances: leave out regions under this many pixels (0 keeps every region) \\[default: "
+             f"{MIN_AREA}].", show_default=False, min=0)] = None,
     ignore_category: Annotated[bool, typer.Option(
         "--ignore-category", help="coco: ignored pixels (255) as crowd annotations of an extra 'ignore' category "
                                   "(else left out).")] = False,
@@ -50,11 +54,12 @@ def export_command(
     = False,
 ) -> None:
     """Export a run's pseudo masks for annotation tools (CVAT, Label Studio, FiftyOne) and trainers."""
-    from ..export import check_options, check_run_folder, export_run, open_run
+    from ..export import check_min_area, check_options, check_run_folder, export_run, open_run
 
     console = make_console()
     with reported_errors(console):
         check_options(fmt, images, instances, ignore_category)
+        check_min_area(fmt, instances, min_area)
         check_run_folder(run)
         source = open_run(run, run_class_set(run, None, "voc"), partial=partial)
         if source.partial is not None:
@@ -64,7 +69,7 @@ def export_command(
                       console=console, transient=True) as progress:
             task = progress.add_task("export", total=len(source.images))
             export_run(source, fmt, out, images=images, instances=instances, ignore_category=ignore_category,
-                       overwrite=overwrite, advance=lambda: progress.advance(task))
+                       overwrite=overwrite, min_area=min_area, advance=lambda: progress.advance(task))
         seconds = time.perf_counter() - start
     console.print(f"exported {len(source.images)} image(s) of {escape(str(run))} as {fmt} in {seconds:.1f}s -> "
                   f"{escape(str(out))}", highlight=False)

@@ -91,7 +91,7 @@ def _progress(console: Console) -> Progress:
 
 def _table(ranked: list[TemplateScore], current: tuple[str, ...], show: int, validated: bool) -> Table:
     table = Table(title=f"{len(ranked)} templates, lower sharpness first")
-    for col in ("rank", "template", "sharpness", "images", *(("mIoU",) if validated else ())):
+    for col in ("rank", "template", "sharpness", "images", *(("mIoU %",) if validated else ())):
         table.add_column(col, justify="left" if col == "template" else "right")
     shown = [i for i, r in enumerate(ranked) if not show or i < show or r.template in current]
     for before, i in zip([-1, *shown], shown, strict=False):
@@ -172,6 +172,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
           getam_start) -> list[TemplateScore]:
     from ..cams import make_cam
     from ..evaluate import open_ground_truth
+    from ..label_plan import lookup_labels
     from ..model import load_clip, resolve_device
     from ..output import check_not_inputs, named_file
     from ..pipeline import decode_workers
@@ -186,7 +187,6 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
         validate_templates,
         with_template,
     )
-    from ..run import _lookup
 
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
     candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)
@@ -202,7 +202,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
     truth = open_ground_truth(inp.gt, inp.class_set) if n_validate else None
     cam_method = make_cam(cam, start=getam_start)  # the CAM of the validation's pseudo masks
 
-    labelled = [(stem, path, lab) for stem, path in inp.items if (lab := _lookup(inp.labels, stem)) is not None]
+    labelled = [(stem, path, lab) for stem, path in inp.items if (lab := lookup_labels(inp.labels, stem)) is not None]
     multi = [item for item in labelled if len(item[2]) >= 2]
     source = f"--labels {labels}" if labels else f"--dataset {dataset} --split {split}"
     if not multi:
@@ -276,9 +276,8 @@ def show_command(
         help="Show the prompts with these templates (one per line) instead of the class set's.")] = None,
 ) -> None:
     """Print the exact prompt strings the text encoder sees, one per line: 'class<TAB>prompt'."""
-    from ..prompt_selection import read_templates
     from ..prompts import load_class_set
-    from ..text import prompt_strings
+    from ..templates import prompt_strings, read_templates  # no torch: the prompts are text
 
     console = make_console()
     with reported_errors(console):

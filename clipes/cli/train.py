@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from ..defaults import DEFAULT_MODEL, MODEL_ENV
 from ..errors import ClipesError
+from ..segment.presets import preset_help  # the presets as data, no torch: help says what a run takes
 from .common import make_console, positive_floats, reported_errors
 
 # Help texts are rich markup: a literal "[...]" is written "\\[...]" or rich drops it as a style tag.
@@ -45,29 +46,31 @@ def train_seg_command(
              f"{DEFAULT_MODEL}].")] = None,
     finetune: Annotated[bool | None, typer.Option(
         "--finetune/--freeze", metavar="",
-        help="Train the backbone too, or freeze it \\[preset: DeepLab trains it, the CLIP encoder is frozen].")
+        help=f"Train the backbone too, or freeze it \\[preset, frozen: {preset_help('freeze_backbone')}].")
     ] = None,
     backbone_weights: Annotated[str | None, typer.Option(
         help="deeplabv2-resnet101: a deeplab-pytorch state dict (convert.py's Caffe init) or 'random'; the "
              "torchvision DeepLabs: a torchvision ResNet state dict, 'imagenet' (torchvision's download or cache) or "
              "'random' \\[imagenet].")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd or adamw \\[preset].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate of the backbone \\[preset: 2e-4 DeepLab, 1e-4 ViT]."
+    optimizer: Annotated[str | None, typer.Option(help=f"sgd or adamw \\[preset: {preset_help('optimizer')}].")
+                         ] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Learning rate of the backbone \\[preset: {preset_help('lr')}]."
                                              )] = None,
     weight_decay: Annotated[float | None, typer.Option(
-        help="Weight decay \\[preset: 5e-4 DeepLab (none on the head's biases), 0.01 ViT].")] = None,
-    steps: Annotated[int | None, typer.Option(help="Training steps \\[preset: 20000].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Global batch size \\[preset: 10 DeepLab, 16 ViT].")] = None,
+        help=f"Weight decay \\[preset: {preset_help('weight_decay')}].")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"Training steps \\[preset: {preset_help('steps')}].")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help=f"Global batch size \\[preset: {preset_help('batch_size')}].")] = None,
     accumulate: Annotated[int | None, typer.Option(
         help="Split each batch into this many parts whose gradients add up (same result, less memory) "
-             "\\[preset: 2 DeepLab, 1 ViT].")] = None,
-    crop: Annotated[int | None, typer.Option(help="Random crop size \\[preset: 321 DeepLab, 448 ViT].")] = None,
+             f"\\[preset: {preset_help('accumulate')}].")] = None,
+    crop: Annotated[int | None, typer.Option(help=f"Random crop size \\[preset: {preset_help('crop')}].")] = None,
     loss: Annotated[str | None, typer.Option(
         help="ce (the authors' cross-entropy) or balanced-ce (AdvCAM's class-balanced cross-entropy: the fix when "
              "DeepLab-v2 from the ImageNet init diverges to a NaN loss) \\[ce].")] = None,
     loss_norm: Annotated[str | None, typer.Option(
         help="Average the loss over the labelled pixels (labelled, CLIP-ES) or over every crop pixel (all, mmseg's "
-             "as SETR trains) \\[preset: all for clip-setr-*, else labelled].")] = None,
+             f"as SETR trains) \\[preset: {preset_help('loss_norm')}].")] = None,
     bf16: Annotated[bool | None, typer.Option("--bf16/--fp32", metavar="", help="bf16 autocast \\[fp32].")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed \\[0].")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validate and checkpoint every N steps \\[500].")] = None,
@@ -100,7 +103,7 @@ def train_seg_command(
     if int(os.environ.get("RANK", "0")) == 0:
         best = result["best_miou"]
         console.print(f"step {result['step']}, loss {result['loss']:.4f}"
-                      + (f", best val mIoU {100 * best:.2f}" if best is not None else ", no validation set")
+                      + (f", best val mIoU {100 * best:.2f}%" if best is not None else ", no validation set")
                       + f" -> {escape(result['checkpoint'])}", highlight=False)
         if best is not None:
             console.print(f"report {escape(result['checkpoint'])}: {escape(result['best_checkpoint'])} was selected "

@@ -12,14 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ClipesError
-from .coco import coco_json
+from .coco import check_min_area, coco_json
 from .cvat import write_cvat
 from .hf import write_hf
 from .runfolder import ExportRun, RunImage, check_run_folder, open_run
 from .target import MARKER, FolderSink, ZipSink, check_target, export_identity, staged_file, staged_folder
 
-__all__ = ["FORMATS", "IMAGE_MODES", "ExportRun", "RunImage", "check_options", "check_run_folder", "export_run",
-           "open_run"]
+__all__ = ["FORMATS", "IMAGE_MODES", "ExportRun", "RunImage", "check_min_area", "check_options", "check_run_folder",
+           "export_run", "open_run"]
 
 FORMATS = ("coco", "cvat", "hf")
 IMAGE_MODES = ("none", "link", "copy")
@@ -42,7 +42,7 @@ def check_options(fmt: str, images: str | None, instances: bool, ignore_category
 
 
 def export_run(run: ExportRun, fmt: str, out: Path, *, images: str | None = None, instances: bool = False,
-               ignore_category: bool = False, overwrite: bool = False,
+               ignore_category: bool = False, overwrite: bool = False, min_area: int | None = None,
                advance: Callable[[], None] = lambda: None) -> None:
     """Write ``run`` as ``fmt`` to ``out``: a COCO JSON file, a CVAT folder (or ``.zip``), an HF dataset folder.
 
@@ -51,6 +51,7 @@ def export_run(run: ExportRun, fmt: str, out: Path, *, images: str | None = None
     each export records what it is (``target.export_identity``). ``advance`` is called once an image.
     """
     check_options(fmt, images, instances, ignore_category)
+    check_min_area(fmt, instances, min_area)
     images = images or _DEFAULT_IMAGES.get(fmt)
     zipped = fmt == "cvat" and out.suffix.lower() == ".zip"
     folder = fmt == "hf" or (fmt == "cvat" and not zipped)
@@ -58,7 +59,8 @@ def export_run(run: ExportRun, fmt: str, out: Path, *, images: str | None = None
     check_target(out, {"the input folder": run.root, **run.inputs}, folder, identity, overwrite, f"{fmt} export")
     marker = (json.dumps(identity, indent=1) + "\n").encode()
     if fmt == "coco":
-        data = coco_json(run, instances=instances, ignore_category=ignore_category, advance=advance)
+        data = coco_json(run, instances=instances, ignore_category=ignore_category, min_area=min_area,
+                         advance=advance)
         data["info"] = {"clipes_export": identity, **data["info"]}  # first: target.read_identity looks there
         with staged_file(out) as tmp:
             tmp.write_bytes(json.dumps(data, separators=(",", ":")).encode())

@@ -12,12 +12,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 
+from ..defaults import MIN_AREA
 from ..errors import ClipesError
 from ..masks import IGNORE
 from ..prompts import load_class_set
 from .runfolder import ExportRun
 
-__all__ = ["COCO_CATEGORY_IDS", "IGNORE_CATEGORY", "category_ids", "coco_json"]
+__all__ = ["COCO_CATEGORY_IDS", "IGNORE_CATEGORY", "MIN_AREA", "category_ids", "check_min_area", "coco_json"]
 
 # COCO's own category ids of its 80 classes, in the class set's (standard) order: 1-90 with gaps
 COCO_CATEGORY_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
@@ -53,8 +54,26 @@ def _regions(binary: np.ndarray) -> tuple[np.ndarray, list[tuple[slice, slice]]]
     return regions, ndimage.find_objects(regions)
 
 
-def _annotations(mask: np.ndarray, ids: list[int], ignore_id: int | None, instances: bool, mask_api):
-    """(category id, iscrowd, RLE, area, bbox) of every class region of one mask (and its ignored region)."""
+def check_min_area(fmt: str, instances: bool, min_area: int | None) -> None:
+    """``--min-area`` is a count of pixels, and only ``--format coco --instances`` has regions to drop."""
+    if min_area is None:
+        return
+    if min_area < 0:
+        raise ClipesError(f"--min-area {min_area}: a number of pixels, 0 or more")
+    if fmt != "coco" or not instances:
+        raise ClipesError("--min-area goes with --format coco --instances (it drops the smallest regions)")
+
+
+def _large_regions(regions: np.ndarray, boxes: list, min_area: int) -> list[tuple[int, tuple[slice, slice]]]:
+    """(region key, box) of the regions of at least ``min_area`` pixels."""
+    sizes = np.bincount(regions.ravel(), minlength=len(boxes) + 1)
+    return [(k + 1, box) for k, box in enumerate(boxes) if sizes[k + 1] >= min_area]
+
+
+def _annotations(mask: np.ndarray, ids: list[int], ignore_id: int | None, instances: bool, mask_api,
+                 min_area: int = 0):
+    """(category id, iscrowd, RLE, area, bbox) of every class region of one mask (and its ignored region);
+    with ``instances``, regions under ``min_area`` pixels are left out."""
     # each part: category, iscrowd, and where it is: pixels of ``where`` equal to ``key`` inside ``box``
     parts: list[tuple[int, int, np.ndarray, int, tuple[slice, slice]]] = []
     whole = (slice(None), slice(None))
@@ -65,7 +84,7 @@ def _annotations(mask: np.ndarray, ids: list[int], ignore_id: int | None, instan
             parts.append((ignore_id, 1, mask, value, whole))
         elif instances:
             regions, boxes = _regions(mask == value)
-            parts += [(ids[value - 1], 0, regions, k + 1, box) for k, box in enumerate(boxes)]
+            parts += [(ids[value - 1], 0, regions, key, box) for key, box in _large_regions(regions, boxes, min_area)]
         else:
             parts.append((ids[value - 1], 0, mask, value, whole))
     if not parts:
@@ -86,11 +105,12 @@ def _annotations(mask: np.ndarray, ids: list[int], ignore_id: int | None, instan
             for (cat, crowd, *_), rle, area, box in zip(parts, rles, areas, boxes, strict=True)]
 
 
-def coco_json(run: ExportRun, *, instances: bool = False, ignore_category: bool = False,
+def coco_json(run: ExportRun, *, instances: bool = False, ignore_category: bool = False, min_area: int | None = None,
               advance: Callable[[], None] = lambda: None) -> dict:
     """The COCO dataset dict of ``run``: ``images`` (ids 1..N by stem), ``categories``, ``annotations``.
 
-    ``instances`` splits each class into its 8-connected regions, one annotation each;
+    ``instances`` splits each class into its 8-connected regions, one annotation each, of at least
+    ``min_area`` pixels (None: ``MIN_AREA``);
     ``ignore_category`` adds the ignored pixels (255) as crowd annotations of an ``ignore`` category.
     """
     mask_api = _mask_api()
@@ -107,7 +127,8 @@ def coco_json(run: ExportRun, *, instances: bool = False, ignore_category: bool 
     for image_id, (image, mask) in enumerate(run.masks(), 1):
         height, width = mask.shape
         images.append({"id": image_id, "file_name": image.file, "height": height, "width": width})
-        for cat, crowd, rle, area, box in _annotations(mask, ids, ignore_id, instances, mask_api):
+        for cat, crowd, rle, area, box in _annotations(mask, ids, ignore_id, instances, mask_api,
+                                                       MIN_AREA if min_area is None else min_area):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat,
                                 "segmentation": rle, "area": area, "bbox": box, "iscrowd": crowd})
         advance()

@@ -2,8 +2,10 @@
 
 One row an image: ``stem``, ``file`` (relative to the run's input folder), ``image`` (the photo's
 path, or the photo itself with ``--images copy``), ``mask`` (the run's PNG: 0 background, c + 1
-class c, 255 ignored), ``labels`` (class labels), ``label_source``, and, when a tagger found the
-labels, ``scores`` (its best classes and their scores) and ``threshold``.
+class c, 255 ignored), ``mask_classes`` (the mask's values but 255, as a ``ClassLabel`` whose names map
+each mask value to its class: the id-to-name map of the masks, in the features), ``labels`` (class
+labels, 0-based: class c), ``label_source``, and, when a tagger found the labels, ``scores`` (its best
+classes and their scores) and ``threshold``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ClipesError
+from ..masks import IGNORE
 from .runfolder import ExportRun
 
-__all__ = ["hf_dataset", "write_hf"]
+__all__ = ["hf_dataset", "mask_value_names", "write_hf"]
 
 
 def _datasets():
@@ -38,6 +43,12 @@ def _quiet(datasets) -> Iterator[None]:
             datasets.utils.enable_progress_bars()
 
 
+def mask_value_names(names: list[str]) -> list[str]:
+    """The name of each mask value 0..K: background, then the classes (mask value c + 1 is class c)."""
+    background = "background" if "background" not in names else "(background)"
+    return [background, *names]
+
+
 def hf_dataset(run: ExportRun, images: str = "link", advance: Callable[[], None] = lambda: None):
     """The ``datasets.Dataset`` of ``run`` (masks in memory as PNG bytes; photos by path until saved).
 
@@ -54,14 +65,15 @@ def hf_dataset(run: ExportRun, images: str = "link", advance: Callable[[], None]
         if missing:
             raise ClipesError(f"--images {images}: {len(missing)} photo(s) are not where the run read them "
                               f"(e.g. {missing[0]}); export with --images none, or move them back")
-    columns: dict[str, list] = {"stem": [], "file": [], "image": [], "mask": [], "labels": [], "label_source": [],
-                                "scores": [], "threshold": []}
-    for image, _mask in run.masks():  # each mask checked before its bytes are taken as they are
+    columns: dict[str, list] = {"stem": [], "file": [], "image": [], "mask": [], "mask_classes": [], "labels": [],
+                                "label_source": [], "scores": [], "threshold": []}
+    for image, mask in run.masks():  # each mask checked before its bytes are taken as they are
         columns["stem"].append(image.stem)
         columns["file"].append(image.file)
         path = str(run.image_path(image).resolve())
         columns["image"].append({"path": path, "bytes": None} if images == "copy" else path)
         columns["mask"].append({"path": None, "bytes": run.mask_path(image.stem).read_bytes()})
+        columns["mask_classes"].append([int(v) for v in np.unique(mask) if v != IGNORE])
         columns["labels"].append([run.class_set.index(n) for n in image.labels])
         columns["label_source"].append(image.source)
         columns["scores"].append([{"class": run.class_set.index(c), "score": s} for c, s in image.scores.items()])
@@ -69,6 +81,8 @@ def hf_dataset(run: ExportRun, images: str = "link", advance: Callable[[], None]
         advance()
     features = {"stem": Value("string"), "file": Value("string"),
                 "image": Image() if images == "copy" else Value("string"), "mask": Image(),
+                # the mask's values (255, ignored, aside) with their names: ClassLabel index v is mask value v
+                "mask_classes": List(ClassLabel(names=mask_value_names(names))),
                 "labels": List(ClassLabel(names=names)), "label_source": Value("string"),
                 "scores": List({"class": ClassLabel(names=names), "score": Value("float32")}),
                 "threshold": Value("float32")}

@@ -10,20 +10,26 @@ from torch import nn
 
 from ..defaults import DEFAULT_MODEL, MODEL_ENV
 from ..errors import ClipesError
+from ..model_spec import LOCAL_HINT
 
-__all__ = ["DEFAULT_MODEL", "MODEL_ENV", "TRANSFORMERS_ARCH", "ClipModel", "ModelLoadError", "how_to"]
+__all__ = ["DEFAULT_MODEL", "MODEL_ENV", "TRANSFORMERS_ARCH", "ClipModel", "ModelLoadError", "how_to", "how_to_path"]
 
 TRANSFORMERS_ARCH = "transformers-clip"  # ClipModel.arch of a transformers CLIPModel folder or hub id
-_HOW_TO = (f"Pass {{flag}} with a local checkpoint (e.g. {{flag}} ~/weights/ViT-B-16.pt, an OpenAI or "
-           f"open_clip state dict, ARCH:PATH such as ViT-B-16:/path/open_clip_model.safetensors, or a "
-           f"transformers CLIP folder), "
-           f"or set {MODEL_ENV} to one; or pre-download '{{name}}' into the Hugging Face cache "
-           f"(HF_HOME) on a machine with internet access.")
+# for named weights (ARCH/TAG, hub ids): the cache is where a download would have put them
+_HOW_TO = LOCAL_HINT + ("; or pre-download '{name}' into the Hugging Face cache (HF_HOME) on a machine with "
+                        "internet access.")
+# for a checkpoint path that does not exist: the cache has nothing to do with it
+_HOW_TO_PATH = LOCAL_HINT + "."
 
 
 def how_to(flag: str, name: str) -> str:
-    """The advice closing every error about weights that cannot be had: the ways to give them."""
+    """The advice closing every error about named weights that cannot be had: the ways to give them."""
     return _HOW_TO.format(flag=flag, name=name)
+
+
+def how_to_path(flag: str) -> str:
+    """The advice after a checkpoint path that does not exist: a local file, not the cache."""
+    return _HOW_TO_PATH.format(flag=flag)
 
 
 class ModelLoadError(ClipesError):

@@ -10,7 +10,7 @@ import torch
 
 from ..weights import check_finite
 from . import named
-from .base import DEFAULT_MODEL, MODEL_ENV, TRANSFORMERS_ARCH, ClipModel, ModelLoadError, how_to
+from .base import DEFAULT_MODEL, MODEL_ENV, TRANSFORMERS_ARCH, ClipModel, ModelLoadError, how_to, how_to_path
 from .device import cast_vision_weights, fp32_layer_norms
 from .openai import ARCH as OPENAI_ARCH
 from .openai import load_openai_file
@@ -46,7 +46,7 @@ def load_clip(spec: str | None = None, device: str | torch.device = "cpu",
         elif spec.startswith("hf-hub:"):
             model, arch = named.create_hf_hub(spec, flag), spec
         elif spec.startswith(("/", "./", "~", "..")) or spec.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            raise ModelLoadError(f"checkpoint file not found: {path}. " + how_to(flag, DEFAULT_MODEL))
+            raise ModelLoadError(f"checkpoint file not found: {path}. " + how_to_path(flag))
         else:
             from .transformers_clip import is_hub_id, load_hub_id
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import hub
-from .base import ModelLoadError, how_to
+from .base import ModelLoadError, how_to, how_to_path
 
 __all__ = ["cached_pretrained", "create_hf_hub", "create_named", "create_with_file", "is_arch", "tokenizer_for"]
 
@@ -62,7 +62,7 @@ def create_with_file(arch: str, path: str, flag: str = "--model") -> nn.Module:
     """``ARCH:PATH``: an open_clip architecture with the weights of a local checkpoint file."""
     ckpt = Path(path).expanduser()
     if not ckpt.is_file():
-        raise ModelLoadError(f"checkpoint file not found: {ckpt}. " + how_to(flag, arch))
+        raise ModelLoadError(f"checkpoint file not found: {ckpt}. " + how_to_path(flag))
     return open_clip.create_model(arch, pretrained=str(ckpt))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import ClipesError
 from ..masks import IGNORE
+from ..method_options import REFINER_FLAGS
 from .base import HostRefiner, RefinerError
 
 __all__ = ["CrfParams", "CrfRefiner", "CrfUnavailableError", "bilateral_image", "crf_labels", "crf_unary",
@@ -105,7 +106,7 @@ class CrfRefiner(HostRefiner):
     """
 
     name = "crf"
-    flags: ClassVar[dict[str, str]] = {"confidence": "--confidence"}
+    flags: ClassVar[dict[str, str]] = REFINER_FLAGS["crf"]
 
     def __init__(self, confidence: float | None = None, params: CrfParams | None = None) -> None:
         if confidence is not None and not 0 < confidence <= 1:

@@ -24,13 +24,13 @@ from torch import Tensor
 
 from ..lattice import Lattice, build_lattice, lattice_filter, padding_points
 from ..masks import IGNORE
+from ..method_options import CRF_BACKENDS, REFINER_FLAGS
 from .base import DeviceRefiner, Refined, Refiner, RefinerError
 from .crf import _BGR_MEAN, CrfParams, CrfRefiner, CrfUnavailableError, require_pydensecrf
 
 __all__ = ["CRF_BACKENDS", "CrfTorchRefiner", "bilateral_image_torch", "crf_unary_torch", "default_crf_backend",
            "dense_crf_torch", "kernel_features", "mean_field", "with_crf_backend"]
 
-CRF_BACKENDS = ("torch", "pydensecrf")
 
 # pixels per lattice: bounds the working memory (about 1 KB a pixel) of one batch
 MAX_PIXELS = 2**22
@@ -166,7 +166,7 @@ class CrfTorchRefiner(DeviceRefiner):
     """
 
     name = "crf"
-    flags: ClassVar[dict[str, str]] = {"confidence": "--confidence"}
+    flags: ClassVar[dict[str, str]] = REFINER_FLAGS["crf"]
 
     def __init__(self, confidence: float | None = None, params: CrfParams | None = None,
                  max_pixels: int = MAX_PIXELS) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..masks import IGNORE
+from ..method_options import REFINER_FLAGS
 from .base import DeviceRefiner, Refined, RefinerError
 
 __all__ = ["BG_HIGH", "BG_LOW", "COCO_ITERATIONS", "DILATIONS", "ITERATIONS", "ParRefiner", "afa_image",
@@ -213,8 +214,7 @@ class ParRefiner(DeviceRefiner):
     """
 
     name = "par"
-    flags: ClassVar[dict[str, str]] = {"bg_high": "--par-bg-high", "bg_low": "--par-bg-low",
-                                       "iterations": "--par-iterations"}
+    flags: ClassVar[dict[str, str]] = REFINER_FLAGS["par"]
 
     def __init__(self, bg_high: float = BG_HIGH, bg_low: float = BG_LOW, dilations: Sequence[int] = DILATIONS,
                  iterations: int = ITERATIONS, max_pixels: int = MAX_PIXELS) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from ..errors import ClipesError
-from .heads.setr import SETR_PRESETS
 from .losses import LOSS_NORMS, LOSSES
+from .presets import PRESETS
 from .registry import SEGMENTERS
 
 __all__ = ["PRESETS", "ConfigError", "TrainConfig", "check_settings", "load_config"]
@@ -26,26 +26,6 @@ class ConfigError(ClipesError):
     """A training setting has the wrong type or a value that cannot mean anything."""
 
 
-# DeepLab (deeplab-pytorch's VOC config as CLIP-ES used it, ../shared/clipes-reference.md section 6): SGD
-# momentum 0.9, poly 0.9, lr 2e-4 (ImageNet initialisation), 10x lr on the head's weights and 20x on its
-# biases (no weight decay on those), wd 5e-4, batch 10 (5 x 2 accumulated), crop 321, 20k steps, scales
-# {0.5, 0.75, 1, 1.25, 1.5}, backbone BatchNorm frozen. "deeplabv2" is the same recipe as deeplab-pytorch's
-# main.py runs it (the poly rate stepped every 10 iterations, `libs/utils/lr_scheduler.py`); the torchvision
-# DeepLabs step it every iteration. AdamW for the ViT heads (Segmenter's recipe).
-# clipes' own data recipe and loss averaging (the SETR presets take mmseg's, segment/setr.py)
-_CLIPES_DATA: dict[str, Any] = {"loss_norm": "labelled", "augment": "clipes", "scale_min": 0.5, "scale_max": 1.5,
-                                "photometric": False}
-PRESETS: dict[str, dict[str, Any]] = {
-    "deeplab": {"optimizer": "sgd", "lr": 2e-4, "weight_decay": 5e-4, "momentum": 0.9, "crop": 321,
-                "batch_size": 10, "accumulate": 2, "steps": 20000, "head_lr_mult": 10.0, "head_bias_lr_mult": 20.0,
-                "head_bias_decay": False, "freeze_bn": True, "freeze_backbone": False,
-                "scales": [0.5, 0.75, 1.0, 1.25, 1.5], "poly_step": 1, **_CLIPES_DATA},
-    "vit": {"optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01, "momentum": 0.9, "crop": 448,
-            "batch_size": 16, "accumulate": 1, "steps": 20000, "head_lr_mult": 1.0, "head_bias_lr_mult": 1.0,
-            "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True, "poly_step": 1, **_CLIPES_DATA},
-}
-PRESETS.update(SETR_PRESETS)  # clip-setr-*: SETR's SGD recipe (segment/heads/setr.py)
-PRESETS["deeplabv2"] = {**PRESETS["deeplab"], "poly_step": 10}
 
 
 @dataclass

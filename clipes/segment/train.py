@@ -291,7 +291,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not info.is_main) as progress:
         task = progress.add_task("train", total=cfg.steps, completed=start, loss="-",
-                                 miou="-" if best == float("-inf") else f"{100 * best:.1f}")
+                                 miou="-" if best == float("-inf") else f"{100 * best:.1f}%")
         step = start
         unread: list[Tensor] = []
         records: list[dict[str, Any]] = []
@@ -339,7 +339,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
             if val_set is not None and (step % cfg.val_every == 0 or step == cfg.steps) and info.is_main:
                 miou = validate(_unwrap(model), val_set, num_classes, device, spec.stride, cfg.bf16)
                 record["val_miou"] = miou
-                progress.update(task, miou=f"{100 * miou:.1f}")
+                progress.update(task, miou=f"{100 * miou:.1f}%")
                 if miou > best:
                     best = miou
                     _save(out / "best.pt", model, opt, sched, step, best, cfg, class_set.classes, arch)

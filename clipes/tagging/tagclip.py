@@ -195,6 +195,10 @@ class TagCLIP(Tagger):
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, crop_batch: int = 64) -> None:
         super().__init__(clip, class_set)
+        blocks = len(clip.visual.transformer.resblocks)
+        if not range(blocks)[AVG_BLOCKS]:
+            raise TaggerError(f"TagCLIP averages the attention of blocks 8-10 of a 12-block ViT; {clip.spec} has "
+                              f"{blocks} vision blocks (give --labels, or --tagger global)")
         names, background = tagclip_names(class_set)
         self.num_fg = len(names)
         self.names = names + background

@@ -35,39 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "AUX_WEIGHT",
-    "SETR_DECODERS",
-    "SETR_PRESETS",
-    "ConvMla",
-    "MlaAuxHead",
-    "MlaHead",
-    "MlaNeck",
-    "SetrDecoder",
-    "SetrUpHead",
-    "setr_blocks",
-    "setr_heads",
-]
+__all__ = ["AUX_WEIGHT", "SETR_DECODERS", "ConvMla", "MlaAuxHead", "MlaHead", "MlaNeck", "SetrDecoder", "SetrUpHead",
+           "setr_blocks", "setr_heads"]
 
 SETR_DECODERS = ("naive", "pup", "mla")
 
-# configs/SETR/*_DeiT_480x480_80k_pascal_context_bs_16.py (Pascal Context, the nearest to VOC; the naive
-# decoder has no ViT-B config there, its ViT-L one is used: lr 0.01 as in every naive config) over mmseg's
-# schedule_80k: SGD momentum 0.9, weight decay 0, lr x10 on every parameter named "head" (the decode and
-# auxiliary heads; the MLA neck is part of their backbone and trains at 1x), poly 0.9 per iteration down to
-# min_lr 1e-4, 80k iterations of 16 crops of 480. Whether the CLIP encoder trains stays --finetune's.
-# The loss is mmseg's CrossEntropyLoss (avg_non_ignore off): averaged over every pixel of the crops. The data
-# pipeline is configs/_base_/datasets/pascal_context.py's (segment/augment.py): Resize of the 520 base by a
-# ratio in [0.5, 2.0] (keep_ratio), RandomCrop 480 with cat_max_ratio 0.75, RandomFlip 0.5,
-# PhotoMetricDistortion, Pad with 0 / 255; test: the short side resized to 520 (their Resize with
-# dataset='pascal_context'), then mmseg's sliding window, 480 every 320.
-_SETR_SGD: dict[str, Any] = {
-    "optimizer": "sgd", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "min_lr": 1e-4, "crop": 480,
-    "batch_size": 16, "accumulate": 1, "steps": 80000, "head_lr_mult": 10.0, "head_bias_lr_mult": 10.0,
-    "head_bias_decay": True, "freeze_bn": False, "freeze_backbone": True, "loss_norm": "all",
-    "augment": "mmseg", "base_size": 520, "scale_min": 0.5, "scale_max": 2.0, "cat_max_ratio": 0.75,
-    "photometric": True, "test_size": 520, "test_crop": 480, "test_stride": 320}
-SETR_PRESETS: dict[str, dict[str, Any]] = {"setr": _SETR_SGD, "setr-naive": {**_SETR_SGD, "lr": 1e-2}}
+# SETR's training recipe (SGD, loss averaging, mmseg pipeline) is SETR_PRESETS in segment/presets.py, beside the
+# other presets: read without torch for --help
 
 AUX_WEIGHT = 0.4  # loss_weight of every auxiliary head in the configs (the decode head's: 1.0)
 CHANNELS = 256  # VisionTransformerUpHead's conv width; VIT_MLA's mla_channels
