@@ -1,4 +1,5 @@
-"""What a CAM method costs: softmax-GradCAM against GETAM (from block 6 and from block 0), side by side.
+"""What a CAM method costs: softmax-GradCAM against GETAM (from block 6 and from block 0) and the
+forward-only dense methods (MaskCLIP, SCLIP, ClearCLIP, NACLIP), side by side.
 
     python benchmarks/cam_methods.py                                # CPU, fp32, random ViT-B/16, 513x513
     python benchmarks/cam_methods.py --device cuda --dtype bfloat16 --images 256 --batch-size 32
@@ -8,7 +9,11 @@ as ``label_throughput.py`` (1.37 classes an image), once per method, each in its
 peak memory is its own: images/s, peak memory (the GPU's allocator on CUDA, the process's resident
 set on the CPU, model included) and CPU seconds per image (user + system, all threads), with the
 ratio to GradCAM beside each. GradCAM runs the last block with gradients; GETAM runs every block
-from ``start`` on with gradients, once per (image, class) pair. Prints a table and writes JSON (--json).
+from ``start`` on with gradients, once per (image, class) pair. A dense method runs its authors'
+protocol on the same images and labels (the label-restricted masks; NACLIP with its PAMR), no
+gradient; its query features are random unit vectors (``--real-queries`` embeds the 56 or 21 words
+with 80 templates, minutes on a CPU): their values do not change the cost. Prints a table and writes
+JSON (--json).
 """
 
 from __future__ import annotations
@@ -33,15 +38,27 @@ def _cpu_seconds() -> float:
 
 
 def run_mode(args: argparse.Namespace) -> dict:
+    import clipes.labeler
     from clipes import Labeler, load_class_set, load_clip
-    from clipes.cams import make_cam
+    from clipes.cams import DenseCam, make_cam
+    from clipes.cams.dense_queries import Queries
     from clipes.precision import torch_dtype
+    from clipes.refiners import PamrRefiner
 
     name, _, start = args.mode.partition(":")
     device = torch.device(args.device)
     clip = load_clip(args.model, device=device, dtype=torch_dtype(args.dtype))  # vision weights cast once
     cam = make_cam(name, start=int(start) if start else None)
-    labeler = Labeler(clip, load_class_set("voc"), cam=cam)
+    if isinstance(cam, DenseCam) and not args.real_queries:
+        def random_queries(clip, lines) -> Queries:
+            g = torch.Generator().manual_seed(0)
+            line = torch.tensor([i for i, ws in enumerate(lines) for _ in ws])
+            feats = torch.nn.functional.normalize(torch.randn(len(line), clip.visual.proj.shape[1], generator=g),
+                                                  dim=-1)  # as many queries as the real lines hold
+            return Queries(feats.to(clip.device), line.to(clip.device))
+        clipes.labeler.encode_queries = random_queries
+    refiner = PamrRefiner() if isinstance(cam, DenseCam) and cam.protocol.pamr_steps else None
+    labeler = Labeler(clip, load_class_set("voc"), cam=cam, refiner=refiner)
     images, labels = _images(args.images + args.warmup, args.size)
     prepared = [labeler.prepare(img, lab) for img, lab in zip(images, labels, strict=True)]
 
@@ -68,7 +85,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--size", type=int, default=513)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--modes", default="gradcam,getam:6,getam:0", help="methods, getam:START for GETAM's start")
+    ap.add_argument("--modes", default="gradcam,getam:6,getam:0,maskclip,sclip,clearclip,naclip",
+                    help="methods, getam:START for GETAM's start")
+    ap.add_argument("--real-queries", action="store_true", help="dense methods: embed their words (slow on a CPU)")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

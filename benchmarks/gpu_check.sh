@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements issues 3, 5, 14, 20, 21, 22 and 30 ask for, in one run (about 8 minutes on an H100/H200).
+# The GPU measurements issues 3, 5, 14, 20, 21, 22, 29 and 30 ask for, in one run (about 8 minutes on an H100/H200).
 #
 #   bash benchmarks/gpu_check.sh prepare   # here, in the repo root: wheels and golden data to carry
 #   bash benchmarks/gpu_check.sh run       # on the GPU machine, with carry [".whl", ".golden"]
@@ -81,11 +81,12 @@ run() {
     $py benchmarks/train_step.py --model deeplabv2-resnet101 --batch-size $((dry == 1 ? 1 : 5)) \
         --crop $((dry == 1 ? crop : 321)) --steps $((dry == 1 ? 1 : 10)) --device $dev \
         | tee "$out/train_step_gpu_deeplabv2_msc_fp32.json"
-    # issue 21: GETAM against GradCAM (images/s, peak memory), bf16 and fp32; GETAM's bf16 masks against fp32
+    # issues 21 and 29: GradCAM, GETAM and the dense methods (MaskCLIP, SCLIP, ClearCLIP, NACLIP; their words
+    # embedded) side by side (images/s, peak memory), bf16 and fp32; GETAM's bf16 masks against fp32
     $py benchmarks/cam_methods.py --device $dev --model $big --dtype bfloat16 --images $n --batch-size $nb \
-        --size $size --json "$out/cam_methods_gpu_bf16.json"
+        --size $size --real-queries --json "$out/cam_methods_gpu_bf16.json"
     $py benchmarks/cam_methods.py --device $dev --model $big --dtype float32 --images $((n / 2 > 0 ? n / 2 : 1)) \
-        --batch-size $nb --size $size --json "$out/cam_methods_gpu_fp32.json"
+        --batch-size $nb --size $size --real-queries --json "$out/cam_methods_gpu_fp32.json"
     $py benchmarks/dtype_agreement.py --device $dev --images $golden/images --labels $golden/labels.json \
         --model $big --cam getam --json "$out/dtype_agreement_gpu_vitb16_getam.json"
 }

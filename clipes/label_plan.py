@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from .defaults import CAA_BLOCKS, DTYPE_ENV, block_slice
 from .errors import ClipesError
-from .method_options import check_method_options
+from .method_options import check_method_options, run_refiner, run_tagger
 from .model_spec import check_checkpoint_path
 from .output import OutputError, RunOutput, check_not_inputs, check_writable, named_file
 from .precision import DTYPE_NAMES, DtypeChoice, resolve_dtype
@@ -43,8 +43,10 @@ class LabelConfig:
     when at least two are left, for a refiner that runs on the host (the CRF); else it runs in the
     main process. ``crf_backend`` runs the CRF with torch
     (on ``device``, batched) or pydensecrf (host CPU); None: torch on a GPU, pydensecrf on the CPU.
-    ``cam`` names the CAM method (``clipes.cams``: gradcam, getam); ``getam_start`` is GETAM's first
-    block (None: its default, 6).
+    ``cam`` names the CAM method (``clipes.cams``: gradcam, getam, or a dense method: maskclip, sclip,
+    clearclip, naclip); ``getam_start`` is GETAM's first block (None: its default, 6). The ``dense_*``
+    options tune a dense method's protocol (None: its authors'); its refiner is PAMR (NACLIP's default,
+    ``pamr_iterations`` steps) or none.
     """
 
     images: Path | None
@@ -79,6 +81,12 @@ class LabelConfig:
     tagger: str = "tagclip"
     cam: str = "gradcam"
     getam_start: int | None = None
+    dense_scale: int | None = None
+    dense_window: int | None = None
+    dense_stride: int | None = None
+    dense_logit_scale: float | None = None
+    dense_prob: float | None = None
+    pamr_iterations: int | None = None
 
 
 @dataclass
@@ -123,7 +131,8 @@ class LabelPlan:
 
 # the options that shape a run's method entries (tagger, refiner, CAM) in its settings
 METHOD_OPTIONS = ("refine", "confidence", "par_bg_high", "par_bg_low", "par_iterations", "crf_backend", "tagger",
-                  "zero_shot_threshold", "cam", "getam_start")
+                  "zero_shot_threshold", "cam", "getam_start", "dense_scale", "dense_window", "dense_stride",
+                  "dense_logit_scale", "dense_prob", "pamr_iterations")
 _REFUSE = "use --overwrite to redo it or choose another --out"
 
 
@@ -235,8 +244,8 @@ def dtype_before_torch(cfg: LabelConfig, manifest: dict[str, Any] | None) -> Dty
 
 
 def _method_names(cfg: LabelConfig, given) -> dict[str, str | None]:
-    return {"refiner": None if cfg.refine in (None, "none") else cfg.refine,
-            "tagger": cfg.tagger if given is None else None, "cam": cfg.cam}
+    return {"refiner": run_refiner(cfg.refine, cfg.cam), "tagger": run_tagger(cfg.tagger, cfg.cam, given is not None),
+            "cam": cfg.cam}
 
 
 def _recorded_names(settings: dict[str, Any]) -> dict[str, str | None]:
@@ -279,7 +288,7 @@ def recorded_method_settings(cfg: LabelConfig, manifest: dict[str, Any], given) 
     same_device = cfg.device != "auto" and options.get("device") == cfg.device
     if cfg.refine == "crf" and cfg.crf_backend is None and not same_device:
         return None  # the CRF's default backend follows the device (torch on a GPU)
-    if (settings.get("tagger") is None) != (given is not None):
+    if (settings.get("tagger") is None) != (run_tagger(cfg.tagger, cfg.cam, given is not None) is None):
         return None
     return {k: settings[k] for k in ("tagger", "refiner", "cam") if k in settings}
 
@@ -315,7 +324,9 @@ def plan_label(cfg: LabelConfig, console: Console) -> LabelPlan:
     block_slice(cfg.caa_blocks)
     check_method_options(cfg.refine, cfg.cam, cfg.tagger, crf_backend=cfg.crf_backend, confidence=cfg.confidence,
                          bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low, iterations=cfg.par_iterations,
-                         start=cfg.getam_start)
+                         start=cfg.getam_start, scale=cfg.dense_scale, window=cfg.dense_window,
+                         stride=cfg.dense_stride, logit_scale=cfg.dense_logit_scale, prob_threshold=cfg.dense_prob,
+                         pamr_iterations=cfg.pamr_iterations)
     check_checkpoint_path(cfg.model)
     if repeated:
         console.print(f"note: --split-file {escape(str(cfg.split_file))} names {repeated} image(s) again; each is "

@@ -12,12 +12,14 @@ from torch import Tensor
 
 from .caa import box_mask, refine_pairs, sinkhorn_affinity, upsample_batch
 from .cam import CamPairs
-from .cams import CamMethod, make_cam
+from .cams import CamMethod, DenseCam, make_cam
+from .cams.dense_protocol import dense_segment, rescale_size
+from .cams.dense_queries import encode_queries, query_lines
 from .images import preprocess, to_rgb_or_gray
 from .masks import pseudo_masks
 from .model import ClipModel
 from .prompts import ClassSet
-from .refiners import CrfRefiner, DeviceRefiner, HostRefiner, Refined, Refiner
+from .refiners import CrfRefiner, DeviceRefiner, HostRefiner, PamrRefiner, Refined, Refiner
 from .refiners.crf import CrfParams
 from .tagging import GlobalTagger, Tagger, TaggerError, make_tagger, tagger_class
 from .text import TextFeatures, encode_class_set
@@ -90,6 +92,12 @@ class Labeler:
     dtype (under ``torch.autocast``, which then casts no weights, only mixed inputs) while the
     residual stream, layer norms, softmaxes, the CAM's logits and CAA stay fp32. ``keep_attention``
     returns the attention CAA starts from in every result.
+
+    A dense method (``DenseCam``: maskclip, sclip, clearclip, naclip) makes the masks itself under its
+    authors' protocol, from the original pixels: images without labels get the open-vocabulary mask
+    (no tagger), images with labels the mask restricted to background and those classes. Its refiner
+    is PAMR or none: a ``PamrRefiner`` runs on its logits (where NACLIP puts it), replacing the
+    method's own PAMR steps. See ``_label_dense`` for what its results hold.
     """
 
     def __init__(self, clip: ClipModel, class_set: ClassSet, *, bg_power: float = 1.0,
@@ -121,6 +129,12 @@ class Labeler:
         if crf and refiner is not None:
             raise ValueError("give either crf=True or a refiner, not both")
         self.refiner = CrfRefiner(confidence, crf_params) if crf else refiner
+        self.queries = None
+        if isinstance(self.cam, DenseCam):
+            if self.refiner is not None and not isinstance(self.refiner, PamrRefiner):
+                raise ValueError(f"{self.cam.spelling()} makes its own masks: its refiner is pamr or none, "
+                                 f"not {self.refiner.name}")
+            self.queries = encode_queries(clip, query_lines(self.cam.query_style, class_set))
         self.keep_attention = keep_attention
         self.text: TextFeatures = encode_class_set(clip, class_set)
         self.logit_scale = float(clip.model.logit_scale.exp())
@@ -138,7 +152,7 @@ class Labeler:
 
     def unusable(self, p: PreparedImage) -> str | None:
         """Why a prepared image cannot be labelled (too small for the tagger it needs), or None."""
-        if p.labels is not None:
+        if p.labels is not None or self.queries is not None:
             return None
         return self.tagger.unusable(p.tensor.shape[-2], p.tensor.shape[-1])
 
@@ -160,7 +174,8 @@ class Labeler:
         image = to_rgb_or_gray(image)
         tensor = preprocess(image, self.clip.patch_size, self.max_side)
         indices = None if labels is None else self.class_indices(labels)
-        rgb = np.asarray(image.convert("RGB")) if self.refiner is not None else None
+        keep = self.refiner is not None or self.queries is not None
+        rgb = np.asarray(image.convert("RGB")) if keep else None
         return PreparedImage(tensor, (image.height, image.width), indices, rgb)
 
     def label(self, image: Image.Image | np.ndarray, labels: Sequence[int | str] | None = None) -> LabelResult:
@@ -197,6 +212,8 @@ class Labeler:
         return results  # type: ignore[return-value]
 
     def _label_group(self, group: list[PreparedImage]) -> list[LabelResult]:
+        if self.queries is not None:
+            return self._label_dense(group)
         clip, visual = self.clip, self.clip.visual
         # each image on its own: from the DataLoader's pinned memory the copies are asynchronous
         images = torch.stack([p.tensor.to(clip.device, clip.dtype, non_blocking=True) for p in group])
@@ -272,6 +289,41 @@ class Labeler:
                 box_mask=boxes_np[span], attention=None if attn_np is None else attn_np[i],
                 probs=prob, input_size=(images.shape[-2], images.shape[-1]),
                 label_source=sources[i], scores=scores[i], threshold=thresholds[i]))
+        return out
+
+    def _label_dense(self, group: list[PreparedImage]) -> list[LabelResult]:
+        """A dense method's masks, the images of each original size in one batch.
+
+        ``mask`` holds 0 (background) or c + 1; ``labels`` the classes given, or those in the mask;
+        ``cam``, ``cam_refined`` and ``cam_refined_lowres`` each label's class probability (k, H, W)
+        at the original size; ``confidence`` the winning probability; ``probs`` each label's highest
+        probability in the image; no boxes, no attention.
+        """
+        clip = self.clip
+        low = torch.autocast(clip.device.type, dtype=clip.dtype, enabled=clip.dtype != torch.float32)
+        pamr = self.refiner if isinstance(self.refiner, PamrRefiner) else None
+        steps = pamr.iterations if pamr else self.cam.protocol.pamr_steps
+        dilations = pamr.dilations if pamr else PamrRefiner().dilations
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(group):
+            by_size.setdefault(p.size, []).append(i)
+        out: list[LabelResult] = [None] * len(group)  # type: ignore[list-item]
+        for members in by_size.values():
+            rgb = torch.stack([torch.from_numpy(np.array(self._rgb(group[i]))) for i in members])
+            given = [group[i].labels for i in members]
+            with low:
+                segs = dense_segment(self.cam, clip.visual, self.queries, rgb.to(clip.device), given, steps, dilations)
+            for i, lab, (pred, top, probs, classes) in zip(members, given, segs, strict=True):
+                if lab is None:
+                    lab = [int(c) - 1 for c in torch.unique(pred).tolist() if c > 0]
+                rows = [classes.index(c) + 1 for c in lab]
+                mask, maps, conf = to_host([pred.to(torch.uint8), probs[rows].float(), top.float()])
+                out[i] = LabelResult(
+                    labels=np.asarray(lab, dtype=np.int64), mask=mask, cam=maps, cam_refined=maps,
+                    cam_refined_lowres=maps, box_mask=np.zeros((len(lab), 0), dtype=np.float32), attention=None,
+                    probs=maps.max(axis=(1, 2), initial=0.0), confidence=conf,
+                    input_size=rescale_size(*group[i].size, self.cam.protocol.scale),
+                    label_source="given" if group[i].labels is not None else "open-vocabulary")
         return out
 
     def _pseudo_masks(self, group: list[PreparedImage], refined: list[Tensor], class_ids: Tensor,

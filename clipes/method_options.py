@@ -9,15 +9,23 @@ from __future__ import annotations
 
 from .errors import ClipesError
 
-__all__ = ["CAM_FLAGS", "CRF_BACKENDS", "REFINER_FLAGS", "TAGGERS", "MethodOptionError", "cam_spelling",
-           "check_method_options", "refiner_spelling"]
+__all__ = ["CAM_FLAGS", "CRF_BACKENDS", "DENSE_CAMS", "DENSE_FLAGS", "PAMR_BY_DEFAULT", "REFINER_FLAGS", "TAGGERS",
+           "MethodOptionError", "cam_spelling", "check_method_options", "refiner_spelling", "run_refiner",
+           "run_tagger"]
 
 # constructor keyword -> the clipes label flag that sets it
 REFINER_FLAGS: dict[str, dict[str, str]] = {
     "crf": {"confidence": "--confidence"},
     "par": {"bg_high": "--par-bg-high", "bg_low": "--par-bg-low", "iterations": "--par-iterations"},
+    "pamr": {},  # its --pamr-iterations: ``check_method_options``'s own argument (PAR's is "iterations" too)
 }
-CAM_FLAGS: dict[str, dict[str, str]] = {"gradcam": {}, "getam": {"start": "--getam-start"}}
+# a dense method's protocol settings (clipes.cams.dense), the same for the four of them
+DENSE_FLAGS: dict[str, str] = {"scale": "--dense-scale", "window": "--dense-window", "stride": "--dense-stride",
+                               "logit_scale": "--dense-logit-scale", "prob_threshold": "--dense-prob"}
+DENSE_CAMS = ("maskclip", "sclip", "clearclip", "naclip")
+PAMR_BY_DEFAULT = ("naclip",)  # the dense methods whose authors refine with PAMR (its DenseProtocol.pamr_steps)
+CAM_FLAGS: dict[str, dict[str, str]] = {"gradcam": {}, "getam": {"start": "--getam-start"},
+                                        **{name: DENSE_FLAGS for name in DENSE_CAMS}}
 TAGGERS = ("tagclip", "global")
 CRF_BACKENDS = ("torch", "pydensecrf")
 
@@ -39,8 +47,21 @@ def _owner(table: dict[str, dict[str, str]], key: str) -> str:
     return next(name for name, flags in table.items() if key in flags)
 
 
+def run_refiner(refine: str | None, cam: str) -> str | None:
+    """The refiner a run uses: ``refine`` (None or "none": none), except that a dense method whose authors
+    refine with PAMR takes it unless told ``--refine none``."""
+    if refine is None and cam in PAMR_BY_DEFAULT:
+        return "pamr"
+    return None if refine in (None, "none") else refine
+
+
+def run_tagger(tagger: str, cam: str, labels_given: bool) -> str | None:
+    """The tagger a run uses: none with given labels, nor for a dense method (its open-vocabulary mask)."""
+    return None if labels_given or cam in DENSE_CAMS else tagger
+
+
 def check_method_options(refine: str | None, cam: str, tagger: str, *, crf_backend: str | None = None,
-                         **options: object) -> None:
+                         pamr_iterations: int | None = None, **options: object) -> None:
     """Refuse unknown method names and options that belong to another method, before torch loads.
 
     ``options`` are the refiners' and CAM methods' constructor keywords (None: not given), named as in
@@ -67,6 +88,11 @@ def check_method_options(refine: str | None, cam: str, tagger: str, *, crf_backe
                 raise MethodOptionError(f"{CAM_FLAGS[owner][key]} needs {cam_spelling(owner)}, not {cam_spelling(cam)}")
         else:
             raise TypeError(f"no method takes the option {key!r}")
+    if cam in DENSE_CAMS and refine not in (None, "pamr"):
+        raise MethodOptionError(f"{refiner_spelling(refine)}: {cam_spelling(cam)} makes its own masks; its refiner "
+                                "is pamr or none")
+    if pamr_iterations is not None and run_refiner(refine, cam) != "pamr":
+        raise MethodOptionError("--pamr-iterations needs --refine pamr (or --cam naclip, whose default it is)")
     if crf_backend is not None:
         if crf_backend not in CRF_BACKENDS:
             raise MethodOptionError(f"--crf-backend {crf_backend!r}: choose one of {', '.join(CRF_BACKENDS)}")

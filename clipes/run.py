@@ -17,7 +17,7 @@ from rich.markup import escape
 from torch.utils.data import DataLoader
 
 from .caa import caa_blocks
-from .cams import CamMethod, make_cam
+from .cams import CamMethod, DenseCam, cam_class, make_cam
 from .data import ImageFolderDataset, collate_samples, probe_input_size, size_batches
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
 from .errors import ClipesError
@@ -33,6 +33,7 @@ from .label_plan import (  # re-exported: the run as a function takes the option
     sort_items,
 )
 from .labeler import Labeler, LabelResult
+from .method_options import run_refiner, run_tagger
 from .model import ClipModel, load_clip, resolve_device
 from .output import OutputError, RunOutput
 from .pipeline import batch_sizer, crf_pool, decode_workers, progress_bar, run_batches
@@ -67,16 +68,25 @@ def _stage(console: Console, what: str, enabled: bool = True) -> Iterator[None]:
 
 def _cam(cfg: LabelConfig) -> CamMethod:
     """The CAM method ``cfg`` asks for; an option of another method is refused by its flag."""
-    return make_cam(cfg.cam, per_pair=cfg.per_pair_backward, start=cfg.getam_start)
+    dense = issubclass(cam_class(cfg.cam), DenseCam)
+    return make_cam(cfg.cam, per_pair=cfg.per_pair_backward, start=cfg.getam_start, scale=cfg.dense_scale,
+                    window=cfg.dense_window, stride=cfg.dense_stride, logit_scale=cfg.dense_logit_scale,
+                    prob_threshold=cfg.dense_prob, pamr_steps=0 if dense and cfg.refine == "none" else None)
 
 
 def _refiner(cfg: LabelConfig, class_set) -> Refiner | None:
-    """The pixel refiner ``cfg`` asks for; an option of another refiner is refused by its flag. PAR's
-    iterations follow the class set (AFA: 15 for COCO, 10 for VOC) unless ``par_iterations`` is given."""
-    iterations = cfg.par_iterations
-    if iterations is None and cfg.refine == "par":
+    """The pixel refiner ``cfg`` asks for (its flags were checked before torch, ``check_method_options``).
+    PAR's iterations follow the class set (AFA: 15 for COCO, 10 for VOC) unless ``par_iterations`` is
+    given; NACLIP's PAMR is its default (``--refine none`` turns it off), with its authors' steps."""
+    name, iterations = run_refiner(cfg.refine, cfg.cam), cfg.par_iterations
+    if name == "pamr":
+        cam = _cam(cfg)
+        iterations = cfg.pamr_iterations
+        if iterations is None and isinstance(cam, DenseCam) and cam.protocol.pamr_steps:
+            iterations = cam.protocol.pamr_steps
+    elif iterations is None and name == "par":
         iterations = par_iterations(class_set.name)
-    refiner = make_refiner(cfg.refine, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low,
+    refiner = make_refiner(name, confidence=cfg.confidence, bg_high=cfg.par_bg_high, bg_low=cfg.par_bg_low,
                            iterations=iterations)
     return with_crf_backend(refiner, cfg.crf_backend, resolve_device(cfg.device))
 
@@ -89,8 +99,9 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
     batch_size = cfg.batch_size or (32 if device.type == "cuda" else 4)
     decoders = decode_workers(cfg.workers, device, dist_info.world)
     sizes = [probe_input_size(it.path, clip.patch_size, cfg.max_side, cfg.exif_transpose) for it in todo]
+    keep_image = cfg.overlays or refiner is not None or isinstance(_cam(cfg), DenseCam)  # a dense method's input
     dataset = ImageFolderDataset([(it.stem, it.path, it.labels) for it in todo], clip.patch_size, cfg.max_side,
-                                 cfg.exif_transpose, keep_image=cfg.overlays or refiner is not None)
+                                 cfg.exif_transpose, keep_image=keep_image)
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                         num_workers=decoders, pin_memory=device.type == "cuda")
     with crf_pool(refiner, cfg.crf_workers, decoders) as pool:
@@ -141,7 +152,9 @@ def _settings(cfg: LabelConfig, class_set, given, dtype_name: str) -> dict:
     """
     # a tagger's settings hold its threshold when it has one (--zero-shot-threshold is the global tagger's)
     return {**base_settings(cfg, class_set, dtype_name),
-            "tagger": tagger_settings(cfg.tagger, class_set, cfg.zero_shot_threshold) if given is None else None,
+            # a dense method labels without a tagger (its open-vocabulary mask)
+            "tagger": None if (tagger := run_tagger(cfg.tagger, cfg.cam, given is not None)) is None
+            else tagger_settings(tagger, class_set, cfg.zero_shot_threshold),
             "refiner": None if (refiner := _refiner(cfg, class_set)) is None else refiner.settings(),
             # GradCAM made every folder before CAM methods could be chosen: it is the absence of the key,
             # so that those folders resume; the manifest's options name the method either way

@@ -6,12 +6,13 @@ Thin functions over open_clip's ``VisionTransformer`` modules; the weights stay 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["add_patch_attention", "attention", "block_forward", "cls_embedding", "embed", "encode_trunk",
+__all__ = ["PositionFn", "add_patch_attention", "attention", "block_forward", "cls_embedding", "embed", "encode_trunk",
            "head_mean_attention", "interpolate_pos_embed", "merge_heads", "mlp_ratio", "project_heads"]
 
 
@@ -35,8 +36,15 @@ def interpolate_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
     return torch.cat([cls, patches.reshape(patches.shape[1], -1).T], dim=0)
 
 
-def embed(visual: nn.Module, images: Tensor) -> Tensor:
+PositionFn = Callable[[Tensor, tuple[int, int]], Tensor]
+
+
+def embed(visual: nn.Module, images: Tensor, positions: PositionFn | None = None) -> Tensor:
     """Patch embedding, CLS token, resized positional embedding and ``ln_pre``: (B, 1 + n, D).
+
+    ``positions`` resizes the (1 + g*g, D) positional embedding to the patch grid: None is CLIP-ES's
+    bilinear ``interpolate_pos_embed`` (looked up when called); the dense methods
+    (``clipes.cams.dense``) give their authors' bicubic.
 
     Under autocast the tokens are fp32 whatever the weights' dtype: the residual stream (the sums of
     the blocks' outputs) stays fp32 and only the matrix products run low, as autocast over fp32
@@ -48,7 +56,8 @@ def embed(visual: nn.Module, images: Tensor) -> Tensor:
     grid = (x.shape[-2], x.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + interpolate_pos_embed(visual.positional_embedding, grid).to(x.dtype)
+    resize = interpolate_pos_embed if positions is None else positions
+    x = torch.cat([cls, x], dim=1) + resize(visual.positional_embedding, grid).to(x.dtype)
     return visual.ln_pre(x)
 
 
@@ -152,8 +161,8 @@ def block_forward(block: nn.Module, x: Tensor, need_weights: bool = False,
     return x, weights
 
 
-def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8, stop: int | None = None
-                 ) -> tuple[Tensor, Tensor]:
+def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8, stop: int | None = None,
+                 positions: PositionFn | None = None) -> tuple[Tensor, Tensor]:
     """Run the blocks before block ``stop`` (None: the last one); return its input tokens and the
     summed attention for CAA.
 
@@ -161,9 +170,10 @@ def encode_trunk(visual: nn.Module, images: Tensor, attn_blocks: int | range = 8
     blocks among the last ``attn_blocks`` (or the block indices of a range) that precede block
     ``stop``: ``attn_blocks - 1`` maps for the default. A CAM method that needs the later blocks
     with gradients (GETAM) runs them itself from these tokens. Every block runs fused attention;
-    those in the sum also add their head-mean patch map into it, chunk by chunk.
+    those in the sum also add their head-mean patch map into it, chunk by chunk. ``positions`` as in
+    ``embed``.
     """
-    x = embed(visual, images)
+    x = embed(visual, images, positions)
     blocks = visual.transformer.resblocks
     kept = attn_blocks if isinstance(attn_blocks, range) else range(len(blocks) - attn_blocks, len(blocks))
     n = x.shape[1] - 1

@@ -14,7 +14,7 @@ from PIL import Image
 
 import clipes.prompt_selection as ps
 from clipes import Labeler, load_class_set
-from clipes.cams import CAMS, CamError, Getam, GradCam, make_cam
+from clipes.cams import CAMS, CamError, ClearClip, Getam, GradCam, MaskClip, Naclip, Sclip, make_cam
 from clipes.evaluate import confusion, read_label_png, scores
 from clipes.images import read_image
 from clipes.refiners import ParRefiner
@@ -26,7 +26,8 @@ from .test_prompt_selection import FEW, _rank, fast_model, small  # noqa: F401
 
 
 def test_registry_names_and_options():
-    assert dict(CAMS) == {"gradcam": GradCam, "getam": Getam}
+    assert dict(CAMS) == {"gradcam": GradCam, "getam": Getam, "maskclip": MaskClip, "sclip": Sclip,
+                          "clearclip": ClearClip, "naclip": Naclip}
     assert make_cam("getam").settings() == {"name": "getam", "start": 6}
     assert make_cam("getam", start=0, per_pair=True).per_pair
     assert make_cam("gradcam", start=None).settings() == {"name": "gradcam"}

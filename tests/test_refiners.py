@@ -287,7 +287,7 @@ def test_refiner_options_are_checked():
         ParRefiner(bg_high=1.5)
     with pytest.raises(RefinerError, match="--par-bg-high nan"):
         ParRefiner(bg_high=float("nan"))
-    with pytest.raises(RefinerError, match="choose one of crf, par or none"):
+    with pytest.raises(RefinerError, match="choose one of crf, par, pamr or none"):
         make_refiner("densecrf")
     with pytest.raises(RefinerError, match="--confidence needs --crf, not --refine par"):
         make_refiner("par", confidence=0.9)
@@ -295,7 +295,7 @@ def test_refiner_options_are_checked():
         make_refiner(None, bg_low=0.3)
     assert make_refiner("none") is None and make_refiner(None, confidence=None) is None
     assert make_refiner("par", bg_high=0.6).settings()["bg_high"] == 0.6
-    assert set(REFINERS) == {"crf", "par"}
+    assert set(REFINERS) == {"crf", "par", "pamr"}
     with pytest.raises(RefinerError, match="--par-iterations -1"):
         ParRefiner(iterations=-1)
     with pytest.raises(RefinerError, match="--par-iterations needs --refine par"):
@@ -363,7 +363,7 @@ def test_cli_label_refine_par_masks_train(golden, tmp_path):
     res = runner.invoke(app, [*base, "--crf", "--refine", "par"])
     assert res.exit_code == 2 and "--crf is --refine crf" in res.output
     res = runner.invoke(app, [*base, "--refine", "densecrf"])
-    assert res.exit_code == 2 and "'densecrf': choose one of crf, par or none" in res.output
+    assert res.exit_code == 2 and "'densecrf': choose one of crf, par, pamr or none" in res.output
     res = runner.invoke(app, [*base, "--refine", "par", "--confidence", "0.9"])
     assert res.exit_code == 2 and "--confidence needs --crf, not --refine par" in res.output
 

@@ -16,8 +16,14 @@ from ..errors import ClipesError
 from .common import (
     MIN_MAX_SIDE,
     CamOption,
+    DenseLogitScaleOption,
+    DenseProbOption,
+    DenseScaleOption,
+    DenseStrideOption,
+    DenseWindowOption,
     GetamStartOption,
     OneLineErrorGroup,
+    PamrIterationsOption,
     batch_size_option,
     finite,
     make_console,
@@ -128,6 +134,11 @@ def label(
         callback=finite(0, 1))] = 0.1,
     cam: CamOption = "gradcam",
     getam_start: GetamStartOption = None,
+    dense_scale: DenseScaleOption = None,
+    dense_window: DenseWindowOption = None,
+    dense_stride: DenseStrideOption = None,
+    dense_logit_scale: DenseLogitScaleOption = None,
+    dense_prob: DenseProbOption = None,
     max_side: Annotated[int, typer.Option(
         help="Larger images are scaled down to this longer side for the network (masks keep the "
              f"original size); 0 disables, else at least {MIN_MAX_SIDE}.", callback=max_side_option)] = 1024,
@@ -147,7 +158,8 @@ def label(
                                                    "(pip install 'clipes\\[crf]'); the same as --refine crf.")] = False,
     refine: Annotated[str | None, typer.Option(
         help="Pixel refiner of the masks: crf (the reference's dense CRF; see --crf-backend), par (AFA's PAR, on "
-             "--device; 255 between its two background thresholds) or none \\[default: none].",
+             "--device; 255 between its two background thresholds), pamr (PAMR, NACLIP's; on a dense --cam's "
+             "logits) or none \\[default: none; pamr for --cam naclip].",
         show_default=False, callback=_refine)] = None,
     par_bg_high: Annotated[float | None, typer.Option(
         help="With --refine par: the background score of the run that decides foreground, in \\[0, 1] "
@@ -159,6 +171,7 @@ def label(
     par_iterations: Annotated[int | None, typer.Option(
         help="With --refine par: propagation steps \\[default: AFA's, 15 for --classes coco, 10 otherwise].",
         show_default=False, callback=finite(0))] = None,
+    pamr_iterations: PamrIterationsOption = None,
     caa_blocks: Annotated[str, typer.Option(
         help="The ViT blocks whose attention CAA averages, a Python slice START:STOP: -8: the last eight (CLIP-ES), "
              "-8:-1 the seven before the last (TagCLIP's label-free VOC run).", callback=_caa_blocks)
@@ -197,7 +210,9 @@ def label(
                       par_bg_high=par_bg_high, par_bg_low=par_bg_low, par_iterations=par_iterations,
                       caa_blocks=caa_blocks, crf_workers=crf_workers, crf_backend=crf_backend,
                       dataset=dataset,
-                      split=split, split_file=split_file, tagger=tagger, cam=cam, getam_start=getam_start)
+                      split=split, split_file=split_file, tagger=tagger, cam=cam, getam_start=getam_start,
+                      dense_scale=dense_scale, dense_window=dense_window, dense_stride=dense_stride,
+                      dense_logit_scale=dense_logit_scale, dense_prob=dense_prob, pamr_iterations=pamr_iterations)
     with reported_errors(console):
         plan = plan_label(cfg, console)
         if plan.finished is not None:

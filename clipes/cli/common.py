@@ -176,8 +176,29 @@ def _cam_name(value: str) -> str:
 # the CAM method of the pseudo masks (clipes.cams), for every command that makes them
 CamOption = Annotated[str, typer.Option(
     help="How the class maps are made: gradcam (CLIP-ES's softmax-GradCAM on the last block) or getam (GETAM: "
-         "every block's attention times its gradient, from --getam-start on; gradients through those blocks).",
+         "every block's attention times its gradient, from --getam-start on; gradients through those blocks); "
+         "or a forward-only dense method making the masks itself under its authors' protocol: maskclip, sclip, "
+         "clearclip, naclip (without --labels: open-vocabulary masks, no tagger).",
     callback=_cam_name)]
+# a dense method's protocol (clipes.cams.dense): None keeps its authors' setting
+DenseScaleOption = Annotated[int | None, typer.Option(
+    help="With a dense --cam: the short side the image is resized to \\[default: the authors', 336 sclip/naclip, "
+         "448 maskclip/clearclip].", show_default=False, callback=finite(16))]
+DenseWindowOption = Annotated[int | None, typer.Option(
+    help="With a dense --cam: sliding-window side in pixels, 0 for the whole image \\[default: 224 sclip, 448 "
+         "maskclip/clearclip, 0 naclip].", show_default=False, callback=finite(0))]
+DenseStrideOption = Annotated[int | None, typer.Option(
+    help="With a dense --cam: sliding-window stride \\[default: 112 sclip/naclip, 224 maskclip/clearclip].",
+    show_default=False, callback=finite(1))]
+DenseLogitScaleOption = Annotated[float | None, typer.Option(
+    help="With a dense --cam: the softmax's logit scale \\[default: 65 sclip, 40 naclip, 50 maskclip/clearclip].",
+    show_default=False, callback=finite(0, low_open=True))]
+DenseProbOption = Annotated[float | None, typer.Option(
+    help="With a dense --cam: a pixel whose winning probability is below this is background \\[default: 0.1 "
+         "sclip/naclip, 0.5 maskclip/clearclip].", show_default=False, callback=finite(0, 1))]
+PamrIterationsOption = Annotated[int | None, typer.Option(
+    help="With --refine pamr (NACLIP's default): propagation steps \\[default: 10].", show_default=False,
+    callback=finite(1))]
 GetamStartOption = Annotated[int | None, typer.Option(
     help="With --cam getam: the first block summed, 0 (every block) or more \\[default: 6, the authors'].",
     show_default=False, callback=finite(0))]

@@ -170,7 +170,7 @@ def rank_command(
 def _rank(console: Console, *, images, labels, classes, templates, imagenet, model, device, batch_size, workers,
           max_side, exif, dataset, root, split, out, write_class_set, gt, validate, show, cam,
           getam_start) -> list[TemplateScore]:
-    from ..cams import make_cam
+    from ..cams import DenseCam, make_cam
     from ..evaluate import open_ground_truth
     from ..label_plan import lookup_labels
     from ..model import load_clip, resolve_device
@@ -201,6 +201,9 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
         raise ClipesError("--validate needs ground truth: --gt MASKS (label PNGs or a COCO instances JSON)")
     truth = open_ground_truth(inp.gt, inp.class_set) if n_validate else None
     cam_method = make_cam(cam, start=getam_start)  # the CAM of the validation's pseudo masks
+    if isinstance(cam_method, DenseCam):
+        raise ClipesError(f"--cam {cam}: a dense method queries its own words with CLIP's 80 templates; ranking "
+                          "templates needs gradcam or getam")
 
     labelled = [(stem, path, lab) for stem, path in inp.items if (lab := lookup_labels(inp.labels, stem)) is not None]
     multi = [item for item in labelled if len(item[2]) >= 2]

@@ -11,12 +11,13 @@ from typing import Any
 
 from .base import DeviceRefiner, HostRefiner, Refined, Refiner, RefinerError
 from .crf import CrfRefiner
+from .pamr import PamrRefiner
 from .par import ParRefiner
 
-__all__ = ["REFINERS", "CrfRefiner", "DeviceRefiner", "HostRefiner", "ParRefiner", "Refined", "Refiner",
+__all__ = ["REFINERS", "CrfRefiner", "DeviceRefiner", "HostRefiner", "PamrRefiner", "ParRefiner", "Refined", "Refiner",
            "RefinerError", "make_refiner", "refiner_class"]
 
-REFINERS: dict[str, type[Refiner]] = {"crf": CrfRefiner, "par": ParRefiner}
+REFINERS: dict[str, type[Refiner]] = {"crf": CrfRefiner, "par": ParRefiner, "pamr": PamrRefiner}
 
 
 def refiner_class(name: str) -> type[Refiner]:

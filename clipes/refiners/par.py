@@ -24,9 +24,9 @@ from ..masks import IGNORE
 from ..method_options import REFINER_FLAGS
 from .base import DeviceRefiner, Refined, RefinerError
 
-__all__ = ["BG_HIGH", "BG_LOW", "COCO_ITERATIONS", "DILATIONS", "ITERATIONS", "ParRefiner", "afa_image",
+__all__ = ["BG_HIGH", "BG_LOW", "COCO_ITERATIONS", "DILATIONS", "ITERATIONS", "STENCIL", "ParRefiner", "afa_image",
            "afa_masks", "afa_refine", "combine_runs", "denorm_lut", "neighbours", "par", "par_affinity",
-           "par_iterations", "position_softmax", "propagate", "upsampled_keys", "working_size"]
+           "par_iterations", "position_softmax", "propagate", "shifted", "upsampled_keys", "working_size"]
 
 DILATIONS = (1, 2, 4, 8, 12, 24)  # VOC and COCO
 ITERATIONS = 10  # VOC and any other class set (AFA's dist_train_voc.py)
@@ -39,10 +39,10 @@ MAX_PIXELS = 2**20
 NORM_MEAN = (123.675, 116.28, 103.53)  # AFA's RGB normalisation
 NORM_STD = (58.395, 57.12, 57.375)
 # the 8 neighbours of a 3x3 stencil in raster order without the centre, (dy, dx), dy = row
-_STENCIL = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+STENCIL = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-def _shifted(padded: Tensor, d: int, dy: int, dx: int, h: int, w: int) -> Tensor:
+def shifted(padded: Tensor, d: int, dy: int, dx: int, h: int, w: int) -> Tensor:
     """The (h, w) window of a tensor replicate-padded by ``d``, displaced by (dy, dx) * d."""
     y, x = d + dy * d, d + dx * d
     return padded[..., y:y + h, x:x + w]
@@ -58,7 +58,7 @@ def neighbours(x: Tensor, dilations: Sequence[int] = DILATIONS) -> Tensor:
     out = []
     for d in dilations:
         padded = F.pad(x, [d] * 4, mode="replicate")
-        out += [_shifted(padded, d, dy, dx, h, w) for dy, dx in _STENCIL]
+        out += [shifted(padded, d, dy, dx, h, w) for dy, dx in STENCIL]
     return torch.stack(out, dim=2)
 
 
@@ -67,8 +67,8 @@ def position_softmax(dilations: Sequence[int] = DILATIONS, w1: float = W1) -> Te
 
     p_n is d for axial and d * sqrt(2) (float32) for diagonal neighbours; std is unbiased.
     """
-    ring = torch.ones(len(_STENCIL))
-    ring[[i for i, (dy, dx) in enumerate(_STENCIL) if dy and dx]] = math.sqrt(2)
+    ring = torch.ones(len(STENCIL))
+    ring[[i for i, (dy, dx) in enumerate(STENCIL) if dy and dx]] = math.sqrt(2)
     p = torch.cat([ring * d for d in dilations])
     return (-((p / (p.std() + 1e-8) / w1) ** 2)).softmax(dim=0)
 
@@ -103,8 +103,8 @@ def propagate(masks: Tensor, affinity: Tensor, dilations: Sequence[int] = DILATI
         n = 0
         for d in dilations:
             padded = F.pad(masks, [d] * 4, mode="replicate")
-            for dy, dx in _STENCIL:
-                out.addcmul_(affinity[:, :, n], _shifted(padded, d, dy, dx, h, w))
+            for dy, dx in STENCIL:
+                out.addcmul_(affinity[:, :, n], shifted(padded, d, dy, dx, h, w))
                 n += 1
         masks = out
     return masks
