@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from .defaults import CAA_BLOCKS, DTYPE_ENV, block_slice
 from .errors import ClipesError
-from .method_options import check_method_options, run_refiner, run_tagger
+from .method_options import DENSE_CAMS, check_method_options, run_refiner, run_tagger
 from .model_spec import check_checkpoint_path
 from .output import OutputError, RunOutput, check_not_inputs, check_writable, named_file
 from .precision import DTYPE_NAMES, DtypeChoice, resolve_dtype
@@ -257,15 +257,29 @@ def _recorded_names(settings: dict[str, Any]) -> dict[str, str | None]:
             "cam": name(settings.get("cam"), "gradcam")}
 
 
+def _entry_options(cfg: LabelConfig) -> dict[str, tuple[str, ...]]:
+    """The options behind each method entry of the settings (a dense method's PAMR steps follow --refine)."""
+    return {"tagger": ("tagger", "zero_shot_threshold"),
+            "refiner": ("refine", "confidence", "par_bg_high", "par_bg_low", "par_iterations", "crf_backend",
+                        "pamr_iterations"),
+            "cam": ("cam", "getam_start", "dense_scale", "dense_window", "dense_stride", "dense_logit_scale",
+                    "dense_prob", *(("refine",) if cfg.cam in DENSE_CAMS else ()))}
+
+
 def check_resume(cfg: LabelConfig, manifest: dict[str, Any], base: dict[str, Any], given) -> None:
     """Refuse, before torch, a folder whose run was made with other settings, as far as they can be told
-    without the methods' modules: every setting but the methods' parameters (``RunOutput`` checks those)."""
+    without the methods' modules: every setting but the methods' parameters (``RunOutput`` checks those).
+    Once refused, the message also names the method entries whose recorded options differ."""
     previous = manifest["settings"]
     methods = _method_names(cfg, given)
-    changed = sorted({k for k in base.keys() | previous.keys() - methods.keys() if base.get(k) != previous.get(k)} |
-                     {k for k, v in _recorded_names(previous).items() if v != methods[k]})
+    changed = {k for k in base.keys() | previous.keys() - methods.keys() if base.get(k) != previous.get(k)} | \
+              {k for k, v in _recorded_names(previous).items() if v != methods[k]}
+    options = manifest.get("options")
+    if changed and isinstance(options, dict):
+        changed |= {entry for entry, keys in _entry_options(cfg).items()
+                    if methods[entry] is not None and any(options.get(k) != getattr(cfg, k) for k in keys)}
     if changed:
-        raise OutputError(f"{cfg.out} holds a run made with other settings ({', '.join(changed)}); {_REFUSE}")
+        raise OutputError(f"{cfg.out} holds a run made with other settings ({', '.join(sorted(changed))}); {_REFUSE}")
 
 
 def _clipes_version() -> str | None:

@@ -17,11 +17,14 @@ __all__ = ["CAM_FLAGS", "CRF_BACKENDS", "DENSE_CAMS", "DENSE_FLAGS", "PAMR_BY_DE
 REFINER_FLAGS: dict[str, dict[str, str]] = {
     "crf": {"confidence": "--confidence"},
     "par": {"bg_high": "--par-bg-high", "bg_low": "--par-bg-low", "iterations": "--par-iterations"},
-    "pamr": {},  # its --pamr-iterations: ``check_method_options``'s own argument (PAR's is "iterations" too)
+    # PAR's keyword too: ``check_method_options`` takes "iterations" as PAR's (its first owner), PAMR's apart
+    "pamr": {"iterations": "--pamr-iterations"},
 }
-# a dense method's protocol settings (clipes.cams.dense), the same for the four of them
+# a dense method's protocol settings (clipes.cams.dense), the same for the four of them; its PAMR steps
+# (NACLIP's) are turned off by --refine none
 DENSE_FLAGS: dict[str, str] = {"scale": "--dense-scale", "window": "--dense-window", "stride": "--dense-stride",
-                               "logit_scale": "--dense-logit-scale", "prob_threshold": "--dense-prob"}
+                               "logit_scale": "--dense-logit-scale", "prob_threshold": "--dense-prob",
+                               "pamr_steps": "--refine none"}
 DENSE_CAMS = ("maskclip", "sclip", "clearclip", "naclip")
 PAMR_BY_DEFAULT = ("naclip",)  # the dense methods whose authors refine with PAMR (its DenseProtocol.pamr_steps)
 CAM_FLAGS: dict[str, dict[str, str]] = {"gradcam": {}, "getam": {"start": "--getam-start"},
@@ -65,8 +68,9 @@ def check_method_options(refine: str | None, cam: str, tagger: str, *, crf_backe
     """Refuse unknown method names and options that belong to another method, before torch loads.
 
     ``options`` are the refiners' and CAM methods' constructor keywords (None: not given), named as in
-    ``REFINER_FLAGS`` and ``CAM_FLAGS``.
+    ``REFINER_FLAGS`` and ``CAM_FLAGS`` ("iterations" is PAR's); ``pamr_iterations`` is PAMR's.
     """
+    used = run_refiner(refine, cam)
     refine = None if refine in (None, "none") else refine
     if refine is not None and refine not in REFINER_FLAGS:
         raise MethodOptionError(f"--refine {refine!r}: choose one of {', '.join(REFINER_FLAGS)} or none")
@@ -78,20 +82,22 @@ def check_method_options(refine: str | None, cam: str, tagger: str, *, crf_backe
         if value is None:
             continue
         if any(key in flags for flags in REFINER_FLAGS.values()):
-            if refine is None or key not in REFINER_FLAGS[refine]:
-                owner = _owner(REFINER_FLAGS, key)
+            owner = _owner(REFINER_FLAGS, key)
+            if refine is None or REFINER_FLAGS[refine].get(key) != REFINER_FLAGS[owner][key]:
                 why = "" if refine is None else f", not {refiner_spelling(refine)}"
                 raise MethodOptionError(f"{REFINER_FLAGS[owner][key]} needs {refiner_spelling(owner)}{why}")
         elif any(key in flags for flags in CAM_FLAGS.values()):
             if key not in CAM_FLAGS[cam]:
                 owner = _owner(CAM_FLAGS, key)
-                raise MethodOptionError(f"{CAM_FLAGS[owner][key]} needs {cam_spelling(owner)}, not {cam_spelling(cam)}")
+                dense = f"a dense method (--cam {'|'.join(DENSE_CAMS)})"
+                wanted = dense if owner in DENSE_CAMS else cam_spelling(owner)
+                raise MethodOptionError(f"{CAM_FLAGS[owner][key]} needs {wanted}, not {cam_spelling(cam)}")
         else:
             raise TypeError(f"no method takes the option {key!r}")
     if cam in DENSE_CAMS and refine not in (None, "pamr"):
-        raise MethodOptionError(f"{refiner_spelling(refine)}: {cam_spelling(cam)} makes its own masks; its refiner "
+        raise MethodOptionError(f"--refine {refine}: {cam_spelling(cam)} makes its own masks; its refiner "
                                 "is pamr or none")
-    if pamr_iterations is not None and run_refiner(refine, cam) != "pamr":
+    if pamr_iterations is not None and used != "pamr":
         raise MethodOptionError("--pamr-iterations needs --refine pamr (or --cam naclip, whose default it is)")
     if crf_backend is not None:
         if crf_backend not in CRF_BACKENDS:

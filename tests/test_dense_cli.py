@@ -94,3 +94,24 @@ def test_pamr_refines_gradcam_masks(tmp_path, folder, golden):
     assert json.loads((out / "manifest.json").read_text())["settings"]["refiner"] == {
         "name": "pamr", "iterations": 3, "dilations": [8, 16]}
     assert set(np.unique(np.asarray(Image.open(out / "masks" / "coffee.png")))) <= {0, 5, 11}
+
+
+def test_the_method_table_knows_which_dense_methods_default_to_pamr():
+    """``run_refiner`` decides before torch which refiner a run records; it must agree with the protocols."""
+    from clipes.cams import CAMS, DenseCam
+    from clipes.method_options import DENSE_CAMS, PAMR_BY_DEFAULT
+
+    dense = {n: c for n, c in CAMS.items() if issubclass(c, DenseCam)}
+    assert tuple(dense) == DENSE_CAMS
+    assert {n for n, c in dense.items() if c.defaults.pamr_steps} == set(PAMR_BY_DEFAULT)
+
+
+def test_par_iterations_with_pamr_is_refused_before_torch():
+    """PAR's and PAMR's iterations share a constructor keyword; the flag of the other refiner is refused."""
+    from clipes.method_options import MethodOptionError, check_method_options
+
+    with pytest.raises(MethodOptionError, match="--par-iterations needs --refine par, not --refine pamr"):
+        check_method_options("pamr", "gradcam", "tagclip", iterations=5)
+    check_method_options("pamr", "gradcam", "tagclip", pamr_iterations=5)
+    with pytest.raises(MethodOptionError, match="--pamr-iterations needs --refine pamr"):
+        check_method_options("none", "naclip", "tagclip", pamr_iterations=5)

@@ -35,7 +35,7 @@ from .base import CamError, CamMaps, CamMethod
 __all__ = ["DENSE_FLAGS", "ClearClip", "DenseCam", "DenseProtocol", "MaskClip", "Naclip", "Sclip", "bicubic_pos_embed",
            "dense_tokens", "gaussian_addition", "last_block"]
 
-DENSE_FLAGS = {**CAM_FLAGS["naclip"], "pamr_steps": "--refine none"}  # the table's (method_options), one source
+DENSE_FLAGS = CAM_FLAGS["naclip"]  # the torch-free table's (method_options), one source
 
 
 def bicubic_pos_embed(pos: Tensor, grid: tuple[int, int]) -> Tensor:
