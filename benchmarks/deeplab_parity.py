@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipes.model import resolve_device
 from clipes.segment.deeplabv2 import DeepLabV2MSC, caffe_input, msc_loss
-from clipes.segment.train import _optimizer, load_config
+from clipes.segment.optim import build_optimizer
+from clipes.segment.train import load_config
 from tests.deeplab_golden import rebuild_weights
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     names = [k.split(":", 1)[1] for k in ref if k.startswith("grad:")]
     for name in names:
         report[f"grad:{name}"] = rel(params[name].grad[cut.get(name, np.s_[:])], ref[f"grad:{name}"])
-    _optimizer(model, load_config(None, {"model": "deeplabv2-resnet101", "lr": 2.5e-4,
+    build_optimizer(model, load_config(None, {"model": "deeplabv2-resnet101", "lr": 2.5e-4,
                                          "backbone_weights": "random"})).step()
     for name in names:
         report[f"after_step:{name}"] = rel(params[name][cut.get(name, np.s_[:])], ref[f"after_step:{name}"])

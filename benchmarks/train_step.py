@@ -21,8 +21,10 @@ import torch
 
 from clipes.model import resolve_device
 from clipes.segment.deeplabv2 import msc_loss
-from clipes.segment.models import build_segmenter
-from clipes.segment.train import PRESETS, SEGMENTERS, TrainConfig, _optimizer, segmentation_loss
+from clipes.segment.losses import segmentation_loss
+from clipes.segment.optim import build_optimizer
+from clipes.segment.registry import build_segmenter
+from clipes.segment.train import PRESETS, SEGMENTERS, TrainConfig
 
 from _common import hardware
 
@@ -44,7 +46,7 @@ def main() -> None:
                       freeze_backbone=False if args.finetune else None).resolved()
     model = build_segmenter(args.model, 21, clip_model=args.clip_model, freeze_backbone=cfg.freeze_backbone,
                             backbone_weights="random", freeze_bn=cfg.freeze_bn).to(device).train()
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     x = torch.randn(args.batch_size, 3, args.crop, args.crop, device=device)
     y = torch.randint(0, 21, (args.batch_size, args.crop, args.crop), device=device)
     w = torch.ones(y.shape, device=device)

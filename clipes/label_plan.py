@@ -36,7 +36,7 @@ class LabelConfig:
 
     ``batch_size`` None is automatic: 32 on a GPU, 4 on the CPU, halved on out-of-memory.
     ``workers`` None is automatic: up to 8 DataLoader processes per GPU, 1 on the CPU (see
-    ``clipes.run.decode_workers``). ``refine`` names the pixel refiner (``clipes.refiners``: crf, par;
+    ``clipes.pipeline.decode_workers``). ``refine`` names the pixel refiner (``clipes.refiners``: crf, par;
     None: none); ``confidence`` is the CRF's option, ``par_bg_high`` / ``par_bg_low`` / ``par_iterations``
     PAR's (None: the refiner's default; PAR's iterations: 15 for COCO, 10 otherwise). ``crf_workers``
     0 is automatic: a process pool on the CPU cores that the DataLoader and the main process leave,

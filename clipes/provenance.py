@@ -50,7 +50,7 @@ def _folder_digest(folder: Path) -> str | None:
     """``sha256:<hex>`` over the files a transformers CLIP folder is loaded from (names and contents), or
     None where it is no such folder (``load_clip`` then says why)."""
     from .errors import ClipesError
-    from .transformers_clip import model_files
+    from .model.transformers_clip import model_files
 
     try:
         parts = [f"{f.name}:{file_digest(f)}" for f in model_files(folder)]

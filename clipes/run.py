@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import platform
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import datetime, timezone
-from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
-from PIL import Image
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .batching import HalvingBatches
 from .caa import caa_blocks
 from .cams import CamMethod, DenseCam, cam_class, make_cam
-from .data import ImageFolderDataset, Sample, collate_samples, probe_input_size, size_batches
+from .data import ImageFolderDataset, collate_samples, probe_input_size, size_batches
 from .distributed import DistInfo, first_failure, gather_to_rank0, process_group
 from .errors import ClipesError
 from .label_plan import (  # re-exported: the run as a function takes the options checked there
@@ -38,17 +32,19 @@ from .label_plan import (  # re-exported: the run as a function takes the option
     plan_label,
     sort_items,
 )
-from .labeler import Labeler, LabelResult, PreparedImage
+from .labeler import Labeler, LabelResult
 from .method_options import run_refiner, run_tagger
 from .model import ClipModel, load_clip, resolve_device
 from .output import OutputError, RunOutput
+from .pipeline import batch_sizer, crf_pool, decode_workers, progress_bar, run_batches
 from .precision import DtypeChoice, resolve_dtype, slow_low_precision
-from .refiners import HostRefiner, Refiner, make_refiner
+from .refiners import Refiner, make_refiner
 from .refiners.crf_torch import with_crf_backend
 from .refiners.par import par_iterations
 from .tagging import tagger_class, tagger_settings
 
 __all__ = ["LabelConfig", "RunSummary", "label_folder"]
+
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -60,16 +56,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def progress_label(dist_info: DistInfo) -> str:
-    """The name of a rank's progress bar: under torchrun each rank counts its own share, and says so."""
-    return "labelling" if dist_info.world == 1 else f"labelling, rank {dist_info.rank} of {dist_info.world}"
-
-
-def _progress(console: Console, dist_info: DistInfo) -> Progress:
-    return Progress(TextColumn(f"[bold]{progress_label(dist_info)}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]} img/s"), TimeRemainingColumn(), console=console)
-
-
 @contextmanager
 def _stage(console: Console, what: str, enabled: bool = True) -> Iterator[None]:
     """A spinner naming the stage (model load, text encoding) while nothing else moves; rank 0's only."""
@@ -78,79 +64,6 @@ def _stage(console: Console, what: str, enabled: bool = True) -> Iterator[None]:
         return
     with console.status(f"{what} ...", spinner="dots"):
         yield
-
-
-def _batch_sizer(labeler: Labeler, batch_size: int) -> HalvingBatches[PreparedImage, LabelResult]:
-    """The engine over a batch, halved for good on out-of-memory; an image too large alone is skipped."""
-    return HalvingBatches(partial(labeler.label_prepared, skip_unusable=True), batch_size,
-                          lambda p: tuple(p.tensor.shape[-2:]))
-
-
-def _write(out: RunOutput, item: Item, result: LabelResult | Future, class_names: tuple[str, ...],
-           image: Image.Image | None, crf: Future | None = None) -> None:
-    if crf is not None:
-        mask, confidence = crf.result()
-        result = replace(result, mask=mask, confidence=confidence)
-    out.write(item.stem, result, class_names, item.stamp, item.given, image)
-
-
-def _run_batches(loader: DataLoader, items: dict[str, Item], sizer: HalvingBatches, out: RunOutput,
-                 class_names: tuple[str, ...], summary: RunSummary, progress: Progress, flush, crf=None) -> None:
-    """Engine on the main thread, decoding in DataLoader workers, writing on background threads.
-
-    ``crf(rgb, result)``, when given, returns a future of (mask, confidence) computed in a process
-    pool; the writer waits for it, so the dense CRF never holds up the network.
-    """
-    task = progress.add_task("label", total=len(loader.dataset), rate="-")
-    start, done, last_flush = time.perf_counter(), 0, time.perf_counter()
-    # progress is saved every 10 s, or less often once labels.json is large (about 1 s for COCO's
-    # 118k images): at most 2% of the time goes to it
-    flush_every = 10.0
-    pending: list[Future] = []
-    # PIL lets go of the GIL while it compresses, so a few threads write PNGs in parallel
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="clipes-writer") as writer:
-        for batch in loader:
-            batch: list[Sample]
-            good = [s for s in batch if s.prepared is not None]
-            for s in batch:
-                if s.error is not None:
-                    summary.failed.append((s.path, s.error))
-                    progress.console.print(f"[yellow]skipped[/] {escape(s.error)}", highlight=False)
-            for s, res in zip(good, sizer([s.prepared for s in good]), strict=True):
-                if isinstance(res, str):
-                    summary.failed.append((s.path, f"{s.path}: {res}"))
-                    continue
-                image = None if s.prepared.rgb is None or not out.overlays else Image.fromarray(s.prepared.rgb)
-                pending.append(writer.submit(_write, out, items[s.stem], res, class_names, image,
-                                             None if crf is None else crf(s.prepared.rgb, res)))
-                summary.labelled += 1
-            while len(pending) > 4 * max(1, len(batch)):  # bound memory held by queued writes
-                pending.pop(0).result()
-            done += len(batch)
-            progress.update(task, advance=len(batch), rate=f"{done / max(time.perf_counter() - start, 1e-9):.2f}")
-            if time.perf_counter() - last_flush > flush_every:
-                for f in pending:
-                    f.result()
-                pending.clear()
-                began = time.perf_counter()
-                flush()
-                last_flush = time.perf_counter()
-                flush_every = max(10.0, 50 * (last_flush - began))
-        for f in pending:
-            f.result()
-
-
-def decode_workers(requested: int | None, device: torch.device, world: int = 1) -> int:
-    """DataLoader processes: as requested, else up to 8 per GPU process, 1 on the CPU.
-
-    Decoding and resizing take about 10 ms an image on one core, so two workers would hold a GPU
-    to some 200 images/s; on the CPU the engine needs the cores and takes a second an image.
-    """
-    if requested is not None:
-        return requested
-    if device.type != "cuda":
-        return 1
-    return max(1, min(8, (os.cpu_count() or 1) // world - 1))
 
 
 def _cam(cfg: LabelConfig) -> CamMethod:
@@ -178,17 +91,6 @@ def _refiner(cfg: LabelConfig, class_set) -> Refiner | None:
     return with_crf_backend(refiner, cfg.crf_backend, resolve_device(cfg.device))
 
 
-@contextmanager
-def _crf_pool(refiner: Refiner | None, cfg: LabelConfig, decoders: int) -> Iterator[ProcessPoolExecutor | None]:
-    """Processes for a host refiner such as the dense CRF (CPU-bound, one image each), else None."""
-    workers = cfg.crf_workers or (os.cpu_count() or 1) - decoders - 1
-    if not isinstance(refiner, HostRefiner) or workers < (1 if cfg.crf_workers else 2):
-        yield None  # none, on the device, or too few spare cores for a pool to pay off: the engine runs it
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
-
-
 def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[Item], class_set,
                 device: torch.device, dist_info: DistInfo, out: RunOutput, manifest: dict,
                 summary: RunSummary) -> None:
@@ -202,7 +104,7 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
                                  cfg.exif_transpose, keep_image=keep_image)
     loader = DataLoader(dataset, batch_sampler=size_batches(sizes, batch_size), collate_fn=collate_samples,
                         num_workers=decoders, pin_memory=device.type == "cuda")
-    with _crf_pool(refiner, cfg, decoders) as pool:
+    with crf_pool(refiner, cfg.crf_workers, decoders) as pool:
         with _stage(console, f"encoding the prompts of {len(class_set)} classes", dist_info.is_main):
             labeler = Labeler(clip, class_set, bg_power=cfg.bg_power, box_threshold=cfg.box_threshold,
                               attn_blocks=caa_blocks(cfg.caa_blocks, len(clip.visual.transformer.resblocks)),
@@ -213,8 +115,8 @@ def _label_todo(cfg: LabelConfig, console: Console, clip: ClipModel, todo: list[
         def crf(rgb, result: LabelResult) -> Future:
             return pool.submit(refiner.refine_image, rgb, result.cam_refined, result.labels, cfg.bg_power)
 
-        with _progress(console, dist_info) as progress:
-            _run_batches(loader, {it.stem: it for it in todo}, _batch_sizer(labeler, batch_size), out,
+        with progress_bar(console, dist_info) as progress:
+            run_batches(loader, {it.stem: it for it in todo}, batch_sizer(labeler, batch_size), out,
                          class_set.classes, summary, progress, lambda: out.flush(manifest),
                          None if pool is None else crf)
 

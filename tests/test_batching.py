@@ -15,7 +15,7 @@ from PIL import Image
 
 from clipes.batching import HalvingBatches
 from clipes.data import ImageFolderDataset, probe_input_size, size_batches
-from clipes.run import decode_workers
+from clipes.pipeline import decode_workers
 
 from .test_cli import _label, _labels_file, _tree_digest, images  # noqa: F401 - fixture reused
 

@@ -16,8 +16,10 @@ from torch import nn
 from clipes.errors import ClipesError
 from clipes.segment.data import SegDataset, deeplab_augment, pair_folders
 from clipes.segment.deeplabv2 import DeepLabV2MSC, caffe_input, msc_loss, resize_labels
-from clipes.segment.models import DeepLabV2, build_segmenter
-from clipes.segment.train import TrainConfig, _optimizer, load_checkpoint, load_config, poly_schedule, train
+from clipes.segment.optim import build_optimizer, poly_schedule
+from clipes.segment.registry import build_segmenter
+from clipes.segment.segmenters import DeepLabV2
+from clipes.segment.train import TrainConfig, load_checkpoint, load_config, train
 
 from .synthetic import make_dataset
 
@@ -58,7 +60,7 @@ def test_the_whole_network_trains_except_backbone_batchnorm(name):
 def test_deeplab_v2_parameter_groups_and_aspp():
     model, cfg = _build("deeplabv2-resnet101-torchvision")
     assert [c.dilation for c in model.head.branches] == [(6, 6), (12, 12), (18, 18), (24, 24)]
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
     groups = [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups]
     n_backbone = sum(1 for p in model.backbone.parameters() if p.requires_grad)
@@ -77,7 +79,7 @@ def test_frozen_batchnorm_statistics_do_not_move_in_training():
     model, cfg = _build("deeplabv2-resnet101-torchvision")
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     loss = model(torch.randn(2, 3, 33, 33)).square().mean()
     loss.backward()
     opt.step()
@@ -90,7 +92,7 @@ def test_frozen_batchnorm_statistics_do_not_move_in_training():
 
 def test_poly_schedule_keeps_the_head_multipliers():
     model, cfg = _build("deeplabv2-resnet101-torchvision", steps=10)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     sched = poly_schedule(opt, cfg.steps, cfg.poly_power)
     for _ in range(4):
         opt.step()
@@ -157,7 +159,7 @@ def test_msc_model_parameter_groups_are_main_pys():
     decay; BatchNorm in no group and in eval mode."""
     model, cfg = _build("deeplabv2-resnet101")
     assert isinstance(model, DeepLabV2MSC) and cfg.poly_step == 10 and model.scales == (0.5, 0.75)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     convs = [m for n, m in model.named_modules() if n.startswith("layer") and isinstance(m, nn.Conv2d)]
     aspp = [model.aspp.c0, model.aspp.c1, model.aspp.c2, model.aspp.c3]
     expected = [{id(m.weight) for m in convs}, {id(m.weight) for m in aspp}, {id(m.bias) for m in aspp}]
@@ -175,7 +177,7 @@ def test_poly_rate_changes_every_ten_iterations_as_deeplab_pytorch():
     """libs/utils/lr_scheduler.py's PolynomialLR, stepped by main.py with scheduler.step(epoch=iteration):
     after iteration i the rate becomes base * (1 - i / iter_max) ** 0.9 when i % 10 == 0, else stays."""
     model, cfg = _build("deeplabv2-resnet101", steps=100)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     sched = poly_schedule(opt, cfg.steps, cfg.poly_power, every=cfg.poly_step)
     ref_lr = 2e-4
     for i in range(1, 36):

@@ -19,7 +19,8 @@ import torch
 
 from clipes.segment.deeplabv2 import DeepLabV2MSC, caffe_input, msc_loss
 from clipes.segment.infer import segment_image
-from clipes.segment.train import _optimizer, load_config
+from clipes.segment.optim import build_optimizer
+from clipes.segment.train import load_config
 
 from .conftest import GOLDEN
 from .deeplab_golden import rebuild_weights
@@ -80,7 +81,7 @@ def trained(ref, weights):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     cfg = load_config(None, {"model": "deeplabv2-resnet101", "lr": LR, "backbone_weights": "random"})
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     opt.step()
     return model, outputs, parts, loss, grads
 

@@ -372,7 +372,7 @@ def test_miou_is_a_fraction_in_files_and_a_percentage_with_its_sign_on_screen(ru
 
 def test_each_rank_labels_its_bar():
     from clipes.distributed import DistInfo
-    from clipes.run import progress_label
+    from clipes.pipeline import progress_label
 
     assert progress_label(DistInfo()) == "labelling"
     assert progress_label(DistInfo(rank=1, world=4)) == "labelling, rank 1 of 4"

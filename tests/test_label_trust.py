@@ -175,7 +175,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_first(tmp_path, imag
         (tmp_path / "f").write_text("a file")
         out, expect = tmp_path / "f" / "out", "cannot be made"
     else:
-        monkeypatch.setattr("clipes.output.os.access", lambda path, mode: Path(path) != tmp_path)
+        monkeypatch.setattr("clipes.output.files.os.access", lambda path, mode: Path(path) != tmp_path)
         expect = "is not writable"
     loaded = []
     monkeypatch.setattr("clipes.run.load_clip", lambda *a, **k: loaded.append(1))
@@ -221,12 +221,12 @@ def test_a_full_disk_stops_with_a_message_and_a_rerun_resumes(tmp_path, images, 
             written.append(dst)
         replace(src, dst)
 
-    monkeypatch.setattr("clipes.output.os.replace", fill_up)
+    monkeypatch.setattr("clipes.output.files.os.replace", fill_up)
     res = _label(images, out, "--batch-size", "1", model=model)
     assert res.exit_code == 2 and "No space left on device" in res.output and "Traceback" not in res.output
     assert "cannot write" in res.output and "masks" in res.output
     assert not list(out.rglob("*.tmp"))
-    monkeypatch.setattr("clipes.output.os.replace", replace)
+    monkeypatch.setattr("clipes.output.files.os.replace", replace)
     res = _label(images, out, "--batch-size", "1", model=model)
     assert res.exit_code == 0 and "labelled 3 image(s)" in res.output and "1 already done" in res.output
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipes import model as model_mod
-from clipes.model import ModelLoadError, load_clip, resolve_device
+from clipes.model import ModelLoadError, hub, load_clip, named, resolve_device
 
 from .conftest import make_tiny_openclip
 
@@ -87,8 +86,8 @@ def test_missing_and_bad_checkpoints(tmp_path):
 
 def test_unavailable_default_weights_say_what_to_set(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: False)
-    monkeypatch.setattr(model_mod, "_cached_pretrained", lambda arch, tag: None)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(named, "cached_pretrained", lambda arch, tag: None)
     monkeypatch.delenv("CLIPES_MODEL", raising=False)
     with pytest.raises(ModelLoadError) as info:
         load_clip(None)

@@ -389,7 +389,7 @@ def test_host_out_of_memory_says_the_batch_to_use(data, tmp_path, monkeypatch):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
                            "tried to allocate 93312000000 bytes")
 
-    monkeypatch.setattr(seg_train, "cgl_loss", no_memory)
+    monkeypatch.setattr(seg_train, "segmentation_loss", no_memory)  # the loss train.py calls
     _fails(runner.invoke(app, _args(data, tmp_path / "o")), "out of host memory", "--batch-size 4",
            "use --accumulate 2 (the same --batch-size 4 in parts of 2")
 

@@ -32,9 +32,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from clipes.cli import app
-from clipes.segment.models import build_segmenter
-from clipes.segment.setr import SetrUpHead, setr_blocks
-from clipes.segment.train import _optimizer, load_checkpoint, load_config, poly_schedule, segmentation_loss
+from clipes.segment.heads.setr import SetrUpHead, setr_blocks
+from clipes.segment.losses import segmentation_loss
+from clipes.segment.optim import build_optimizer, poly_schedule
+from clipes.segment.registry import build_segmenter
+from clipes.segment.train import load_checkpoint, load_config
 
 from .synthetic import make_dataset
 
@@ -205,7 +207,7 @@ def test_training_steps_on_a_fixed_batch_lower_the_loss(model, tiny_clip_file):
     torch.manual_seed(0)
     m = build_segmenter(model, 3, clip_model=tiny_clip_file).train()
     cfg = load_config(None, {"model": model})
-    opt = _optimizer(m, cfg)
+    opt = build_optimizer(m, cfg)
     x, y, w = _fixed_batch()
     norm = ((y != 255) * w).sum()
     losses = []
@@ -235,7 +237,7 @@ def test_mla_neck_trains_at_the_backbone_rate_and_heads_at_ten_times(tiny_clip_f
     (backbone.mla, backbone.norm_k) keeps the base lr. The poly schedule is mmcv's, floor min_lr, per group."""
     m = build_segmenter("clip-setr-mla", 3, clip_model=tiny_clip_file)
     cfg = load_config(None, {"model": "clip-setr-mla", "steps": 10})
-    opt = _optimizer(m, cfg)
+    opt = build_optimizer(m, cfg)
     groups = [(g["lr"], {id(p) for p in g["params"]}) for g in opt.param_groups]
     assert [lr for lr, _ in groups] == [1e-3, pytest.approx(1e-2), pytest.approx(1e-2)]  # neck, head weights, biases
     assert groups[0][1] == {id(p) for p in m.neck.parameters()}

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from clipes.cli import app
-from clipes.segment.models import SEGMENTERS, build_segmenter
+from clipes.segment.registry import SEGMENTERS, build_segmenter
 from clipes.segment.train import TrainConfig, cgl_loss, load_checkpoint, load_config, train
 
 from .conftest import GOLDEN
@@ -136,7 +136,7 @@ def test_two_processes_follow_the_loss_curve_of_one(tmp_path):
 
 def _tiny_init() -> dict[str, torch.Tensor]:
     """The tiny model's weights at step 0 of a seed-0 run."""
-    from clipes.segment.models import TinySegmenter
+    from clipes.segment.segmenters import TinySegmenter
 
     torch.manual_seed(0)
     return TinySegmenter(3).state_dict()

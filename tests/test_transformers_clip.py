@@ -16,9 +16,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipes import model as model_mod
 from clipes.cli import app
-from clipes.model import ModelLoadError, load_clip
+from clipes.model import ModelLoadError, hub, load_clip
 from clipes.provenance import model_identity
 from clipes.text import encode_text
 from clipes.vit import cls_embedding, encode_trunk, interpolate_pos_embed
@@ -212,7 +211,7 @@ def test_hub_id_from_the_cache(tmp_path, monkeypatch, quick_folder):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: False)
     clip = load_clip("someone/tiny-clip")
     assert clip.arch == "transformers-clip" and clip.spec == "someone/tiny-clip"
     ref = load_clip(str(quick_folder[0]))
@@ -318,7 +317,7 @@ def test_hub_fetches_the_config_first_then_pytorch_weights(tmp_path, monkeypatch
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=3.0: True)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     clip = load_clip("someone/bin-only")
     assert fetched == [["config.json"], [], ["pytorch_model.bin"]]

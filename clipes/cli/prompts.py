@@ -175,6 +175,7 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
     from ..label_plan import lookup_labels
     from ..model import load_clip, resolve_device
     from ..output import check_not_inputs, named_file
+    from ..pipeline import decode_workers
     from ..prompt_selection import (
         candidate_templates,
         class_set_yaml,
@@ -186,7 +187,6 @@ def _rank(console: Console, *, images, labels, classes, templates, imagenet, mod
         validate_templates,
         with_template,
     )
-    from ..run import decode_workers
 
     inp = _inputs(images, root, dataset, split, classes, labels, gt)
     candidates = candidate_templates(inp.class_set, read_templates(templates) if templates else (), imagenet)

@@ -1,4 +1,5 @@
-"""The final segmenter of CLIP-ES: models, training with the confidence-guided loss, inference.
+"""The final segmenter of CLIP-ES: encoders, heads and the registry composing them, training with the
+confidence-guided loss, inference.
 
 ``SEGMENTERS`` and ``build_segmenter`` load torch on first use: ``clipes.segment.presets`` is read without it.
 """
@@ -12,7 +13,7 @@ __all__ = ["SEGMENTERS", "build_segmenter"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from . import models
+        from . import registry
 
-        return getattr(models, name)
+        return getattr(registry, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

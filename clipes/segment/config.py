@@ -16,8 +16,8 @@ import yaml
 
 from ..errors import ClipesError
 from .losses import LOSS_NORMS, LOSSES
-from .models import SEGMENTERS
 from .presets import PRESETS
+from .registry import SEGMENTERS
 
 __all__ = ["PRESETS", "ConfigError", "TrainConfig", "check_settings", "load_config"]
 

@@ -25,7 +25,7 @@ from .augment import short_side_size
 from .checkpoint import CheckpointError, read_checkpoint
 from .config import TrainConfig
 from .crf import DEEPLAB_CRF, crf_probabilities
-from .models import SEGMENTERS, build_segmenter
+from .registry import SEGMENTERS, build_segmenter
 from .slide import slide_logits
 from .train import predict_logits
 

@@ -1,5 +1,5 @@
 """The segmenter's loss choices: plain cross-entropy (the authors'), a class-balanced one, and what a loss is
-averaged over.
+averaged over; on one output or on a model's main and auxiliary outputs (``segmentation_loss``).
 
 - ``ce``: the confidence-guided cross-entropy of CLIP-ES (255 ignored, pixels weighted by the saved CRF
   confidence when given), as deeplab-pytorch and mmseg train.
@@ -15,13 +15,15 @@ the batch (CLIP-ES's CGL); ``all`` by every pixel of the crops, padding and igno
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..masks import IGNORE
 
-__all__ = ["LOSSES", "LOSS_NORMS", "balanced_ce", "loss_norm"]
+__all__ = ["LOSSES", "LOSS_NORMS", "balanced_ce", "cgl_loss", "loss_norm", "segmentation_loss"]
 
 LOSSES = ("ce", "balanced-ce")
 LOSS_NORMS = ("labelled", "all")
@@ -50,3 +52,23 @@ def loss_norm(labels: Tensor, weights: Tensor, mode: str, world: int = 1) -> Ten
 
         dist.all_reduce(valid)
     return valid.clamp_min(1e-6) / world
+
+
+def cgl_loss(logits: Tensor, labels: Tensor, weights: Tensor, norm: Tensor | float) -> Tensor:
+    """Sum of weighted per-pixel cross-entropy over pixels whose label is not 255, divided by ``norm``."""
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
+    return (ce * weights * (labels != IGNORE)).sum() / norm
+
+
+def segmentation_loss(out: Tensor | Sequence[tuple[float, Tensor]], labels: Tensor, weights: Tensor,
+                      norm: Tensor | float, loss: str = "ce") -> Tensor:
+    """CGL of a model's output: its logits, or the weighted sum over ``(loss weight, logits)`` pairs of a
+    model with auxiliary heads (mmseg's sum of each head's loss times its ``loss_weight``). ``loss``
+    "balanced-ce": the class-balanced cross-entropy of these pixels instead (``norm`` unused)."""
+    def one(logits: Tensor) -> Tensor:
+        return balanced_ce(logits, labels, weights) if loss == "balanced-ce" else cgl_loss(logits, labels, weights,
+                                                                                            norm)
+
+    if isinstance(out, Tensor):
+        return one(out)
+    return sum(w * one(logits) for w, logits in out)  # type: ignore[return-value]

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -32,41 +32,21 @@ from ..batching import is_out_of_memory
 from ..distributed import DistInfo, process_group
 from ..errors import ClipesError
 from ..evaluate import confusion, scores
-from ..masks import IGNORE, class_argmax
+from ..masks import class_argmax
 from ..model import DEFAULT_MODEL, MODEL_ENV, resolve_device
-from ..output import atomic_write, check_not_inputs, check_writable, folder_lock, named_file
+from ..output import atomic_write
 from ..prompts import load_class_set
 from .augment import MmsegAugment
 from .checkpoint import read_checkpoint, vision_spec, write_checkpoint
 from .config import PRESETS, TrainConfig, load_config
 from .data import PositionSampler, SegDataset, SegItem, check_training_data, pair_folders
 from .deeplabv2 import msc_loss
-from .losses import balanced_ce, loss_norm
-from .models import SEGMENTERS, build_segmenter, head_parameters
+from .losses import cgl_loss, loss_norm, segmentation_loss
+from .optim import build_optimizer, poly_schedule
+from .registry import SEGMENTERS, build_segmenter
+from .run_folder import check_resumable, check_run_folder, claim_run_folder, resumed_log, settings_changed
 
 __all__ = ["PRESETS", "TrainConfig", "cgl_loss", "load_checkpoint", "load_config", "segmentation_loss", "train"]
-
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "config.yaml")
-
-
-def cgl_loss(logits: Tensor, labels: Tensor, weights: Tensor, norm: Tensor | float) -> Tensor:
-    """Sum of weighted per-pixel cross-entropy over pixels whose label is not 255, divided by ``norm``."""
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE, reduction="none")
-    return (ce * weights * (labels != IGNORE)).sum() / norm
-
-
-def segmentation_loss(out: Tensor | Sequence[tuple[float, Tensor]], labels: Tensor, weights: Tensor,
-                      norm: Tensor | float, loss: str = "ce") -> Tensor:
-    """CGL of a model's output: its logits, or the weighted sum over ``(loss weight, logits)`` pairs of a
-    model with auxiliary heads (mmseg's sum of each head's loss times its ``loss_weight``). ``loss``
-    "balanced-ce": the class-balanced cross-entropy of these pixels instead (``norm`` unused)."""
-    def one(logits: Tensor) -> Tensor:
-        return balanced_ce(logits, labels, weights) if loss == "balanced-ce" else cgl_loss(logits, labels, weights,
-                                                                                            norm)
-
-    if isinstance(out, Tensor):
-        return one(out)
-    return sum(w * one(logits) for w, logits in out)  # type: ignore[return-value]
 
 
 def mmseg_settings(cfg: TrainConfig) -> MmsegAugment | None:
@@ -108,36 +88,6 @@ def _items(cfg: TrainConfig, val: bool) -> list[SegItem]:
     return pair_folders(Path(images), Path(masks), conf)
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """The backbone at ``lr``; the head's weights at ``head_lr_mult`` x lr and its biases at
-    ``head_bias_lr_mult`` x lr, without weight decay unless ``head_bias_decay`` (DeepLab's 1x/10x/20x)."""
-    backbone, weights, biases = head_parameters(model)
-    groups = [{"params": backbone, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-              {"params": weights, "lr": cfg.lr * cfg.head_lr_mult, "weight_decay": cfg.weight_decay},
-              {"params": biases, "lr": cfg.lr * cfg.head_bias_lr_mult,
-               "weight_decay": cfg.weight_decay if cfg.head_bias_decay else 0.0}]
-    return [g for g in groups if g["params"]]
-
-
-def poly_schedule(opt: torch.optim.Optimizer, steps: int, power: float, min_lr: float = 0.0,
-                  every: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
-    """DeepLab's poly learning rate: every group's own lr times ``(1 - s / steps) ** power``; with
-    ``min_lr``, mmcv's form (SETR's): ``(lr - min_lr) * (1 - s / steps) ** power + min_lr`` per group.
-    ``s`` is the number of steps done rounded down to a multiple of ``every`` (deeplab-pytorch's
-    ``PolynomialLR`` with ``step_size`` 10 changes the rate after iterations 10, 20, ... only)."""
-    def factor(lr: float):
-        return lambda s: (c := max(0.0, 1 - (s - s % every) / steps) ** power) + min_lr / lr * (1 - c)
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, [factor(g["lr"]) for g in opt.param_groups])
-
-
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -159,99 +109,6 @@ def _save(path: Path, model: nn.Module, opt, sched, step: int, best: float, cfg:
 def load_checkpoint(path: str | Path) -> dict:
     """A train-seg checkpoint, checked (see ``clipes.segment.checkpoint.read_checkpoint``)."""
     return read_checkpoint(path)
-
-
-def _check_run_folder(out: Path, cfg: TrainConfig, config_file: Path | None) -> None:
-    """Refuse to restart over an earlier run unless asked (--resume continues it, --overwrite replaces it),
-    an --out that is or holds an input, and one that cannot be written; writes nothing."""
-    conf = Path(cfg.confidence) / "cams" if cfg.confidence else None
-    check_not_inputs({"--out": out}, {"--config": config_file, "--images": cfg.images, "--masks": cfg.masks,
-                                      "--val-images": cfg.val_images, "--val-masks": cfg.val_masks,
-                                      "--confidence": conf, "--root": cfg.root, "--classes": named_file(cfg.classes),
-                                      "--clip-model": named_file(cfg.clip_model),
-                                      "--backbone-weights": named_file(cfg.backbone_weights)})
-    check_writable(out)  # a file, a file above it or a read-only place
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if cfg.resume:
-        if not (out / "last.pt").is_file():
-            raise ClipesError(f"--resume: {out / 'last.pt'} not found, nothing to continue; drop --resume to start "
-                              "a new run")
-    elif found and not cfg.overwrite:
-        raise ClipesError(f"--out {out} already holds a training run ({', '.join(found)}); use --resume to continue "
-                          "it, --overwrite to replace it, or another --out")
-
-
-def _claim_run_folder(out: Path, cfg: TrainConfig, info: DistInfo, held: ExitStack) -> None:
-    """Once the inputs and the model have checked out: rank 0 locks the folder for the rest of the run
-    (``held``; one run writes into it at a time) and, for --overwrite, removes the earlier run's files."""
-    if info.is_main:
-        held.enter_context(folder_lock(out))
-    if info.world > 1:
-        dist.barrier()  # every rank has looked before rank 0 removes or writes anything
-    if cfg.overwrite and info.is_main:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-
-
-# settings a resumed run takes up as given: where it writes, how it runs, when it stops, logs and validates
-_RESUME_FREE = {"out", "resume", "allow_changes", "overwrite", "stop_at", "workers", "device", "log_every",
-                "val_every", "val_images", "val_masks", "val_split"}
-
-
-def _same_setting(a: Any, b: Any) -> bool:
-    """Equal, or two spellings of one existing path."""
-    if a == b:
-        return True
-    return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists() and \
-        os.path.samefile(a, b)
-
-
-def _changes(ckpt: dict[str, Any], cfg: TrainConfig) -> dict[str, list[Any]]:
-    """The settings that shape the weights and differ from the checkpoint's run: name -> [then, now]."""
-    now = asdict(cfg)
-    return {k: [v, now[k]] for k, v in ckpt["config"].items()
-            if k in now and k not in _RESUME_FREE and not _same_setting(v, now[k])}
-
-
-def _check_resumable(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, classes: list[str]) -> None:
-    """The checkpoint continues this run: same model and class set, and the same settings unless
-    ``allow_changes``."""
-    if ckpt["config"].get("model") != cfg.model:
-        raise ClipesError(f"--resume: {path} is a {ckpt['config'].get('model')} run, not --model {cfg.model}")
-    if list(ckpt["classes"]) != list(classes):
-        raise ClipesError(f"--resume: {path} was trained on another class set ({len(ckpt['classes'])} classes: "
-                          f"{', '.join(ckpt['classes'][:4])}{' ...' if len(ckpt['classes']) > 4 else ''}) than "
-                          f"--classes {cfg.classes} ({len(classes)} classes)")
-    for key in ("optimizer", "scheduler", "step", "best_miou"):
-        if key not in ckpt:
-            raise ClipesError(f"--resume: {path} holds no {key}, it is not a last.pt of train-seg")
-    changed = _changes(ckpt, cfg)
-    if changed and not cfg.allow_changes:
-        said = ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items())
-        raise ClipesError(f"--resume: {path} was trained with other settings ({said}); give the run's settings, or "
-                          "--allow-changes to continue with these (log.jsonl records the change)")
-
-
-def _resumed_log(path: Path, step: int) -> float:
-    """Cut ``log.jsonl`` back to the checkpoint's ``step`` (a killed run logged steps that it did not save and
-    the resumed run redoes); returns the last loss logged by then (NaN if none)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return float("nan")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ClipesError(f"--resume: cannot read {path} ({e})") from None
-    kept, loss = [], float("nan")
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by the kill
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
-            kept.append(line + "\n")
-            loss = rec["loss"] if isinstance(rec.get("loss"), float) else loss
-    atomic_write(path, "".join(kept).encode())
-    return loss
 
 
 _WORKER_TRACE = re.compile(r"^[\w.]+(?:Error|Exception): (.*)$", re.MULTILINE)
@@ -372,11 +229,11 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
                           "of these images made with --crf --save-cams")
     val_items = _items(cfg, val=True)
     check_training_data(items, num_classes)
-    _check_run_folder(out, cfg, config_file)
+    check_run_folder(out, cfg, config_file)
     last = out / "last.pt"
     ckpt = load_checkpoint(last) if cfg.resume else None
     if ckpt is not None:
-        _check_resumable(ckpt, last, cfg, list(class_set.classes))
+        check_resumable(ckpt, last, cfg, list(class_set.classes))
 
     _seed_everything(cfg.seed)
     model = build_segmenter(cfg.model, num_classes, clip_model=cfg.clip_model, freeze_backbone=cfg.freeze_backbone,
@@ -387,7 +244,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
     if report is not None and info.is_main:  # which keys of a deeplab-pytorch init file were used, which not
         console.print(escape(report.summary()), highlight=False)
     arch = _arch(model, cfg, num_classes)
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     sched = poly_schedule(opt, cfg.steps, cfg.poly_power, cfg.min_lr or 0.0, cfg.poly_step or 1)
     start, best = 0, float("-inf")
     if ckpt is not None:
@@ -401,7 +258,7 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
         start, best = int(ckpt["step"]), float(ckpt["best_miou"])
         if info.is_main:
             console.print(f"resumed from {escape(str(last))} at step {start}")
-    _claim_run_folder(out, cfg, info, held)
+    claim_run_folder(out, cfg, info, held)
     if info.world > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -420,13 +277,13 @@ def _train(cfg: TrainConfig, console: Console, device: torch.device, info: DistI
 
     log_path = out / "log.jsonl"
     loss_value = float("nan")
-    changed = _changes(ckpt, cfg) if ckpt is not None else {}
+    changed = settings_changed(ckpt, cfg) if ckpt is not None else {}
     note = {"changed": changed} if changed else {}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False).encode())
         if ckpt is not None:
-            loss_value = _resumed_log(log_path, start)
+            loss_value = resumed_log(log_path, start)
     history: list[dict[str, Any]] = []
     model.train()
     columns = (TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),

@@ -21,7 +21,7 @@ Where this differs, and why:
 - Block indices: the ViT-B/DeiT configs' (12 blocks) scaled to the encoder's depth, see ``setr_blocks``.
 
 In training mode the model returns ``[(1.0, logits), (0.4, aux logits), ...]`` (mmseg's loss weights;
-``train.segmentation_loss`` sums them under the confidence-guided loss); in eval mode the logits alone.
+``losses.segmentation_loss`` sums them under the confidence-guided loss); in eval mode the logits alone.
 """
 
 from __future__ import annotations
@@ -35,17 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..vit import block_forward, embed
-from .models import ClipDenseEncoder, clip_visual
-from .presets import SETR_PRESETS
-
-__all__ = ["SETR_DECODERS", "SETR_PRESETS", "ClipBlockEncoder", "MlaAuxHead", "MlaHead", "MlaNeck", "Setr",
-           "SetrDecoder", "SetrUpHead", "build_setr", "setr_blocks"]
+__all__ = ["AUX_WEIGHT", "SETR_DECODERS", "ConvMla", "MlaAuxHead", "MlaHead", "MlaNeck", "SetrDecoder", "SetrUpHead",
+           "setr_blocks", "setr_heads"]
 
 SETR_DECODERS = ("naive", "pup", "mla")
 
-# SETR_PRESETS (SETR's SGD recipe, loss averaging and mmseg pipeline) live in segment/presets.py, beside the
-# others: read without torch for --help
+# SETR's training recipe (SGD, loss averaging, mmseg pipeline) is SETR_PRESETS in segment/presets.py, beside the
+# other presets: read without torch for --help
 
 AUX_WEIGHT = 0.4  # loss_weight of every auxiliary head in the configs (the decode head's: 1.0)
 CHANNELS = 256  # VisionTransformerUpHead's conv width; VIT_MLA's mla_channels
@@ -77,30 +73,6 @@ def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
 
 def _channels_first(tokens: Tensor) -> Tensor:
     return tokens.permute(0, 3, 1, 2)
-
-
-class ClipBlockEncoder(ClipDenseEncoder):
-    """Patch tokens of a CLIP ViT after the chosen blocks, raw (no ``ln_post``: SETR's heads and neck norm
-    what they read), as ``{block: (B, H/p, W/p, D)}``; blocks after the last one chosen are not run."""
-
-    def __init__(self, visual: nn.Module, blocks: Sequence[int], frozen: bool = True) -> None:
-        depth = len(visual.transformer.resblocks)
-        if not blocks or not all(0 <= b < depth for b in blocks):
-            raise ValueError(f"blocks {tuple(blocks)} are not among the encoder's {depth}")
-        blocks = tuple(sorted(set(blocks)))
-        super().__init__(visual, frozen=frozen, depth=blocks[-1] + 1, ln_post=False)
-        self.blocks = blocks
-
-    def forward(self, x: Tensor) -> dict[int, Tensor]:  # type: ignore[override]
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
-        out = {}
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            t = embed(self.visual, x)
-            for i, blk in enumerate(self.visual.transformer.resblocks[: self.blocks[-1] + 1]):
-                t, _ = block_forward(blk, t)
-                if i in self.blocks:
-                    out[i] = t[:, 1:].reshape(x.shape[0], h, w, self.dim)
-        return out
 
 
 class SetrUpHead(nn.Module):
@@ -241,29 +213,12 @@ class SetrDecoder(nn.Module):
         return [(1.0, logits)] + [(self.aux_weight, fit(head(feats, size))) for head in self.auxiliary]
 
 
-class Setr(nn.Module):
-    """CLIP ViT encoder -> (MLA neck) -> SETR decoder."""
-
-    def __init__(self, encoder: ClipBlockEncoder, head: SetrDecoder, neck: nn.Module | None = None) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.neck = neck
-        self.head = head
-
-    def forward(self, x: Tensor) -> Tensor | list[tuple[float, Tensor]]:
-        feats = self.encoder(x)
-        return self.head(self.neck(feats) if self.neck is not None else feats, x.shape[-2:])
-
-
-def build_setr(decoder: str, num_classes: int, clip_model: str | None = None, freeze_backbone: bool = True,
-               backbone_weights: str | None = None, freeze_bn: bool = False, clip_vision: dict | None = None
-               ) -> Setr:
-    """``clip-setr-{naive,pup,mla}``: the CLIP ViT (frozen unless ``freeze_backbone`` is False) with SETR's
-    ``decoder``; ``backbone_weights`` and ``freeze_bn`` concern the ResNet models and are ignored."""
+def setr_heads(decoder: str, num_classes: int, depth: int, dim: int
+               ) -> tuple[tuple[int, ...], MlaNeck | None, SetrDecoder]:
+    """SETR's ``decoder`` for a CLIP ViT of ``depth`` blocks of width ``dim``: the blocks the encoder must
+    tap, the MLA neck (None for naive and PUP) and the decode head with its auxiliary heads."""
     if decoder not in SETR_DECODERS:
         raise ValueError(f"unknown SETR decoder {decoder!r}; one of {', '.join(SETR_DECODERS)}")
-    visual = clip_visual(clip_model, clip_vision)
-    depth, dim = len(visual.transformer.resblocks), int(visual.ln_post.weight.shape[0])
     last = depth - 1
     neck = None
     if decoder == "naive":
@@ -281,5 +236,4 @@ def build_setr(decoder: str, num_classes: int, clip_model: str | None = None, fr
         neck = MlaNeck(dim, blocks)
         decode = MlaHead(num_classes)
         aux = [MlaAuxHead(num_classes, k) for k in range(4)]
-    encoder = ClipBlockEncoder(visual, blocks, frozen=freeze_backbone)
-    return Setr(encoder, SetrDecoder(decode, aux), neck)
+    return blocks, neck, SetrDecoder(decode, aux)

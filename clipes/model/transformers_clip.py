@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import brief
-from .images import CLIP_MEAN, CLIP_STD
-from .model import ModelLoadError, _read_checkpoint
-from .vit import mlp_ratio
+from ..errors import brief
+from ..images import CLIP_MEAN, CLIP_STD
+from ..vit import mlp_ratio
+from . import hub
+from .base import ModelLoadError, how_to
+from .checkpoint import read_state_dict
 
-__all__ = ["ACTIVATIONS", "build_open_clip", "hub_folder", "is_hub_id", "load_folder", "model_files",
+__all__ = ["ACTIVATIONS", "build_open_clip", "hub_folder", "is_hub_id", "load_folder", "load_hub_id", "model_files",
            "state_from_transformers", "weight_files"]
 
 CONFIG = "config.json"
@@ -312,7 +314,7 @@ def load_folder(folder: Path) -> tuple[nn.Module, Callable[[list[str]], torch.Te
         raise ModelLoadError(f"{folder / CONFIG}: not a valid CLIP config ({brief(e)})") from None
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(folder):
-        state.update(_read_checkpoint(path))
+        state.update(read_state_dict(path))
     check_config_against_weights(config, state, folder)
     model = build_open_clip(config, folder)
     try:
@@ -324,3 +326,17 @@ def load_folder(folder: Path) -> tuple[nn.Module, Callable[[list[str]], torch.Te
     except (ValueError, RuntimeError) as e:
         raise ModelLoadError(f"{folder}: the weights do not fit its config's CLIP ({brief(e, 300)})") from None
     return model, _tokenizer(folder, config)
+
+
+def load_hub_id(repo_id: str, flag: str = "--model") -> tuple[nn.Module, Callable[[list[str]], torch.Tensor]]:
+    """A transformers CLIP from the hub: the cached copy when the hub cannot be reached or
+    ``HF_HUB_OFFLINE`` is set, else fetched (only the files it needs)."""
+    offline = hub.offline() or not hub.reachable()
+    try:
+        folder = hub_folder(repo_id, local_only=offline)
+    except OSError as e:  # not cached, not on the hub, no access, no network (huggingface_hub's are OSErrors)
+        where = "in the Hugging Face cache (the hub cannot be reached)" if offline else "on the Hugging Face hub"
+        raise ModelLoadError(f"{repo_id!r}: no such folder, no transformers CLIP of that id {where} ({brief(e)}), "
+                             f"nor an open_clip name (unknown open_clip architecture {repo_id.partition('/')[0]!r}; "
+                             "see open_clip.list_models()). " + how_to(flag, repo_id)) from None
+    return load_folder(folder)
