@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..refiners.pamr import PAMR_DILATIONS, pamr
+from ..windows import sliding_windows
 from .dense import DenseCam, DenseProtocol
 from .dense_queries import Queries
 
@@ -79,16 +80,7 @@ def normalise(x: Tensor) -> Tensor:
 
 def window_boxes(height: int, width: int, window: int, stride: int) -> list[tuple[int, int, int, int]]:
     """The authors' ``forward_slide`` windows (y1, y2, x1, x2) in raster order; ``window`` 0: the image."""
-    if window == 0:
-        return [(0, height, 0, width)]
-    rows = max(height - window + stride - 1, 0) // stride + 1
-    cols = max(width - window + stride - 1, 0) // stride + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + window, height), min(c * stride + window, width)
-            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
-    return boxes
+    return [(0, height, 0, width)] if window == 0 else sliding_windows(height, width, window, stride)
 
 
 def pad_to_patch(height: int, width: int, patch: int) -> tuple[int, int, int, int]:

@@ -12,19 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..windows import sliding_windows as slide_windows
+
 __all__ = ["slide_logits", "slide_windows"]
-
-
-def slide_windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
-    """(y1, y2, x1, x2) of every window: grid count max(side - crop + stride - 1, 0) // stride + 1 per axis."""
-    rows = max(h - crop + stride - 1, 0) // stride + 1
-    cols = max(w - crop + stride - 1, 0) // stride + 1
-    out = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
-            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    return out
 
 
 def slide_logits(predict: Callable[[Tensor], Tensor], x: Tensor, crop: int, stride: int) -> Tensor:
